@@ -1,0 +1,204 @@
+"""The typed 3D volume every other part of the package works on, and loading it from disk.
+
+Geometry follows ITK exactly: ``physical = origin + direction @ (spacing * index)``, with
+``index = (i, j, k)`` in (x, y, z) order, ``direction`` a 3x3 matrix whose columns are the
+index axes expressed in LPS, and all physical coordinates in LPS millimetres. The voxel
+array is stored (k, j, i) = (z, y, x), as SimpleITK's ``GetArrayFromImage`` returns it.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+
+class Modality(str, enum.Enum):
+    CT = "CT"
+    MR = "MR"
+
+    @classmethod
+    def parse(cls, value: "str | Modality") -> "Modality":
+        if isinstance(value, Modality):
+            return value
+        key = str(value).strip().upper()
+        aliases = {"CT": cls.CT, "MR": cls.MR, "MRI": cls.MR}
+        if key not in aliases:
+            raise InputError(f"unknown modality {value!r}: use 'CT' or 'MR' (or 'auto' when loading)")
+        return aliases[key]
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A scalar 3D image with full geometry. Immutable: the array is a read-only copy."""
+
+    array: np.ndarray  # (z, y, x) float32
+    spacing: tuple[float, float, float]  # (x, y, z) mm
+    origin: tuple[float, float, float]  # LPS mm of voxel (0, 0, 0)
+    direction: np.ndarray  # 3x3, columns = index axes in LPS
+    modality: Modality = Modality.CT
+    name: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        arr = np.array(self.array, dtype=np.float32, copy=True)
+        arr.setflags(write=False)
+        d = np.array(self.direction, dtype=np.float64, copy=True).reshape(3, 3)
+        d.setflags(write=False)
+        object.__setattr__(self, "array", arr)
+        object.__setattr__(self, "direction", d)
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(o) for o in self.origin))
+        object.__setattr__(self, "modality", Modality.parse(self.modality))
+        validate_geometry(arr.shape, self.spacing, d, self.name)
+
+    # --- geometry -------------------------------------------------------------------
+    @property
+    def size_xyz(self) -> tuple[int, int, int]:
+        z, y, x = self.array.shape
+        return (x, y, z)
+
+    @property
+    def index_to_lps_matrix(self) -> np.ndarray:
+        """4x4 homogeneous matrix mapping (i, j, k, 1) to (L, P, S, 1)."""
+        m = np.eye(4)
+        m[:3, :3] = self.direction @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def index_to_lps(self, ijk) -> np.ndarray:
+        """Continuous index/indices (..., 3) in (i, j, k) order -> LPS mm (..., 3)."""
+        ijk = np.asarray(ijk, dtype=np.float64)
+        return ijk @ (self.direction @ np.diag(self.spacing)).T + np.asarray(self.origin)
+
+    def lps_to_index(self, lps) -> np.ndarray:
+        """LPS mm (..., 3) -> continuous (i, j, k) index/indices (..., 3)."""
+        lps = np.asarray(lps, dtype=np.float64)
+        inv = np.linalg.inv(self.direction @ np.diag(self.spacing))
+        return (lps - np.asarray(self.origin)) @ inv.T
+
+    def contains_lps(self, lps, tolerance_voxels: float = 0.5) -> np.ndarray:
+        """True where a point lies inside the image's voxel extent (half a voxel of slack)."""
+        ijk = self.lps_to_index(lps)
+        size = np.asarray(self.size_xyz, dtype=np.float64)
+        return np.all((ijk >= -tolerance_voxels) & (ijk <= size - 1 + tolerance_voxels), axis=-1)
+
+    def corners_lps(self) -> np.ndarray:
+        """The 8 corner voxel centres in LPS, (8, 3)."""
+        size = np.asarray(self.size_xyz) - 1
+        corners = np.array([[a, b, c] for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])], float)
+        return self.index_to_lps(corners)
+
+    # --- conversion -----------------------------------------------------------------
+    def to_sitk(self) -> sitk.Image:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        img.SetSpacing(self.spacing)
+        img.SetOrigin(self.origin)
+        img.SetDirection(tuple(self.direction.ravel()))
+        return img
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, modality: "str | Modality" = "auto", name: str = "") -> "Volume":
+        if image.GetDimension() != 3:
+            raise InputError(f"{name or 'image'}: expected a 3D image, got {image.GetDimension()}D")
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(
+                f"{name or 'image'}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} "
+                "components per voxel (RGB or vector images are not supported)")
+        arr = sitk.GetArrayFromImage(image)
+        mod = guess_modality(arr) if str(modality).lower() == "auto" else Modality.parse(modality)
+        return cls(arr, image.GetSpacing(), image.GetOrigin(),
+                   np.array(image.GetDirection()).reshape(3, 3), mod, name)
+
+    def with_array(self, array: np.ndarray, name: str | None = None) -> "Volume":
+        """A new volume on the same grid with other voxel values."""
+        if tuple(array.shape) != self.array.shape:
+            raise InputError(f"array shape {array.shape} does not match the volume grid {self.array.shape}")
+        return Volume(array, self.spacing, self.origin, self.direction, self.modality,
+                      self.name if name is None else name, dict(self.meta))
+
+    def validated(self) -> "Volume":
+        """Return self after checking voxel values are usable (finite, not constant)."""
+        validate_intensities(self.array, self.name)
+        return self
+
+
+def validate_geometry(shape, spacing, direction: np.ndarray, name: str = "") -> None:
+    label = name or "volume"
+    if len(shape) != 3:
+        raise InputError(f"{label}: expected a 3D volume, got {len(shape)} dimensions (shape {tuple(shape)})")
+    if min(shape) < 1 or int(np.prod(shape)) == 0:
+        raise InputError(f"{label}: the volume is empty (shape {tuple(shape)})")
+    if any((not np.isfinite(s)) or s <= 0 for s in spacing):
+        raise InputError(f"{label}: spacing must be positive and finite, got {spacing}")
+    if not np.all(np.isfinite(direction)) or abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
+        raise InputError(f"{label}: direction matrix is not orthonormal: {direction.tolist()}")
+
+
+def validate_intensities(array: np.ndarray, name: str = "") -> None:
+    label = name or "volume"
+    if not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise InputError(f"{label}: contains {bad} NaN/Inf voxels")
+    if array.size == 0 or float(array.max()) == float(array.min()):
+        raise InputError(f"{label}: the image is constant (every voxel = {float(array.flat[0]) if array.size else 'n/a'})")
+
+
+def guess_modality(array: np.ndarray) -> Modality:
+    """CT when a large share of voxels look like Hounsfield air/soft tissue, else MR."""
+    sample = array.ravel()[:: max(1, array.size // 200000)]
+    lo = float(np.percentile(sample, 1))
+    return Modality.CT if lo < -500 else Modality.MR
+
+
+def _read_dicom_series(folder: Path) -> tuple[sitk.Image, str | None]:
+    reader = sitk.ImageSeriesReader()
+    ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise InputError(f"{folder}: no DICOM series found in this folder")
+    # several series: take the one with most slices, the usual main acquisition
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids), key=len)
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.LoadPrivateTagsOn()
+    image = reader.Execute()
+    modality = None
+    try:
+        modality = reader.GetMetaData(0, "0008|0060").strip() or None
+    except RuntimeError:
+        pass
+    return image, modality
+
+
+def load_volume(path: "str | os.PathLike", modality: "str | Modality" = "auto") -> Volume:
+    """Load NIfTI / NRRD / MHA / any SimpleITK format, or a DICOM series folder, as a Volume.
+
+    ``modality`` is 'CT', 'MR' or 'auto' (DICOM tag, then an intensity heuristic).
+    Raises InputError with the problem named for a missing/unreadable/non-3D/constant file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    dicom_modality = None
+    try:
+        if p.is_dir():
+            image, dicom_modality = _read_dicom_series(p)
+        else:
+            image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((l for l in first if "ERROR" in l or "Exception" in l or "Unable" in l), first[-1] if first else "")
+        raise InputError(f"{p}: cannot read as an image ({detail.strip()[:200]})") from None
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if str(modality).lower() == "auto" and dicom_modality in ("CT", "MR"):
+        modality = dicom_modality
+    name = p.name.split(".")[0] if p.is_file() else p.name
+    vol = Volume.from_sitk(image, modality, name=name)
+    vol.meta["source"] = str(p)
+    return vol.validated()
