@@ -138,6 +138,10 @@ def _atomic_write(target: Path, write) -> None:
     tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         write(Path(tmp))
+        # safetensors creates its files 0600; give the result the usual umask-based mode.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -272,6 +276,16 @@ def default_model(device: "str | torch.device" = "cpu") -> LoadedModel:
 # Official (mmcv) checkpoints
 # --------------------------------------------------------------------------------------------
 
+def _unpickler_reason(exc: BaseException) -> str:
+    """The informative line of torch's long weights_only error text."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[-1].strip()
+            return (rest or (lines[i + 1] if i + 1 < len(lines) else ln))[:200]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
 def _torch_load_safely(src: Path) -> Any:
     """torch.load with weights_only=True; numpy scalars in metadata are the only extra allowed."""
     try:
@@ -284,7 +298,10 @@ def _torch_load_safely(src: Path) -> Any:
     try:
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(src)))
     except Exception:
-        unsafe = {"<unknown>"}
+        unsafe = set()
+    if not unsafe:  # no foreign classes: the bytes themselves are not a valid checkpoint
+        raise CheckpointError(f"{src.name} is not a readable PyTorch checkpoint: "
+                              f"{_unpickler_reason(first_error)}") from None
     if unsafe and unsafe <= _NUMPY_SAFE_GLOBALS:
         import numpy as np
 
@@ -300,7 +317,7 @@ def _torch_load_safely(src: Path) -> Any:
                 return torch.load(src, map_location="cpu", weights_only=True)
         except Exception as exc:
             first_error = exc
-    names = ", ".join(sorted(unsafe)[:5]) or str(first_error).splitlines()[0]
+    names = ", ".join(sorted(unsafe)[:5])
     raise CheckpointError(f"refusing to unpickle {src.name}: it contains non-tensor objects ({names}); "
                           f"re-save only its state_dict") from None
 
