@@ -1,0 +1,98 @@
+"""Training checkpoints: atomic writes, integrity check on read, newest-valid-first discovery.
+
+A checkpoint holds only plain tensors, numbers and strings (model + optimizer state, step,
+config hash), so it is read with ``torch.load(weights_only=True)``: nothing is unpickled.
+Writes go to a temporary file in the same folder, are fsync'ed and then renamed, so a crash
+mid-write leaves the previous checkpoint intact. A SHA-256 of the payload file sits next to
+it (``.sha256``); a checkpoint whose digest does not match is skipped, never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from samv2core.errors import CheckpointError
+
+CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_torch_save(obj, path: "str | os.PathLike") -> None:
+    """torch.save to ``path`` via temp file + fsync + rename, plus a ``.sha256`` side file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = _sha256(tmp)
+    side_tmp = path.with_name(f".{path.name}.sha256.tmp{os.getpid()}")
+    side_tmp.write_text(digest + "\n")
+    # payload first, then its digest: a crash in between leaves a mismatch -> skipped, and
+    # the previous checkpoint (different file name) is still intact.
+    os.replace(tmp, path)
+    os.replace(side_tmp, path.with_name(path.name + ".sha256"))
+
+
+def load_checked(path: "str | os.PathLike") -> dict:
+    """Load a checkpoint written by atomic_torch_save; CheckpointError if missing/corrupt."""
+    path = Path(path)
+    side = path.with_name(path.name + ".sha256")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if not side.is_file():
+        raise CheckpointError(f"{path}: checksum file missing (incomplete write?)")
+    if side.read_text().strip() != _sha256(path):
+        raise CheckpointError(f"{path}: checksum mismatch (file corrupt or truncated)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(obj, dict) or "step" not in obj or "model" not in obj:
+        raise CheckpointError(f"{path}: not a samv2-train checkpoint")
+    return obj
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step checkpoint in ``ckpt_dir``, newest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def latest_valid(ckpt_dir: Path, log=print) -> "tuple[dict, Path] | None":
+    """The newest checkpoint that passes its integrity check; corrupt ones are reported and skipped."""
+    for step, p in list_checkpoints(ckpt_dir):
+        try:
+            return load_checked(p), p
+        except CheckpointError as exc:
+            log(f"warning: skipping checkpoint: {exc}")
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest step checkpoints (and their digests)."""
+    for _, p in list_checkpoints(ckpt_dir)[keep:]:
+        for q in (p, p.with_name(p.name + ".sha256")):
+            try:
+                q.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,99 @@
+"""samv2-train: train, resume, or export an embedding model.
+
+    samv2-train --config run.yaml            start a run (run dir = run.output_dir/run.name)
+    samv2-train --resume RUN_DIR             continue from the newest valid checkpoint
+    samv2-train --resume RUN_DIR --config run.yaml   same, but refuse if run.yaml differs
+    samv2-train --export RUN_DIR --out model.safetensors [--which best|last]
+    samv2-train --check-config run.yaml      validate the config and the data, then exit
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m samv2train.cli --config run.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from samv2core.errors import SAMv2Error
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="samv2-train", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", help="run config (.yaml/.json/.toml)")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="resume the run in RUN_DIR")
+    ap.add_argument("--iterations", type=int, help="override run.iterations (e.g. to extend a resumed run)")
+    ap.add_argument("--threads", type=int, help="override runtime.num_threads")
+    ap.add_argument("--export", metavar="RUN_DIR", help="export a run's weights with samv2core.model_io")
+    ap.add_argument("--out", help="output .safetensors path for --export")
+    ap.add_argument("--which", choices=("best", "last"), default="best")
+    ap.add_argument("--check-config", metavar="CONFIG", help="validate a config and its data, then exit")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    args = ap.parse_args(argv)
+    try:
+        return _run(args, ap)
+    except SAMv2Error as exc:
+        print(f"samv2-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("samv2-train: interrupted (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+def _run(args, ap) -> int:
+    from .config import load_config
+
+    if args.check_config:
+        from .data import load_dataset
+
+        cfg = load_config(args.check_config)
+        load_dataset(cfg.data, log=lambda m: print(m, file=sys.stderr))
+        print(f"config OK: {args.check_config} (identity {cfg.identity_hash()}, run dir {cfg.run_dir})")
+        return 0
+    if args.export:
+        if not args.out:
+            ap.error("--export needs --out PATH.safetensors")
+        from .export import export_run
+
+        path = export_run(Path(args.export), Path(args.out), which=args.which)
+        print(f"exported {path}")
+        return 0
+    if not args.config and not args.resume:
+        ap.error("give --config FILE to start a run or --resume RUN_DIR to continue one")
+    from .trainer import train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            from samv2core.errors import InputError
+
+            raise InputError(f"{run_dir}: not a run directory (no config.yaml)")
+        cfg = load_config(saved)
+        if args.config:
+            other = load_config(args.config)
+            if other.identity_hash() != cfg.identity_hash():
+                from samv2core.errors import InputError
+
+                raise InputError(f"{run_dir}: was created by a different config than {args.config} "
+                                 f"({cfg.identity_hash()} != {other.identity_hash()}); refusing to resume")
+        # the run may have been moved: the run dir given on the command line wins
+        cfg.run.output_dir = str(run_dir.resolve().parent)
+        cfg.run.name = run_dir.resolve().name
+    else:
+        cfg = load_config(args.config)
+    if args.iterations:
+        cfg.run.iterations = args.iterations
+    if args.threads:
+        cfg.runtime.num_threads = args.threads
+    if args.no_progress:
+        cfg.runtime.progress = False
+    trainer = train(cfg, resume=bool(args.resume))
+    st = trainer.state
+    print(f"done: step {st.step}/{cfg.run.iterations}, best validation {st.best_metric:.2f} mm at step "
+          f"{st.best_step}; run dir {trainer.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
