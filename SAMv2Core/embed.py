@@ -1,0 +1,275 @@
+"""Embedding inference: volume -> per-voxel anatomical embeddings on the model grid.
+
+The network runs on the canonical 2 mm LPS grid (see preprocess). Long scans are processed
+in overlapping slabs along z so peak memory stays bounded; results are cached per volume
+content + model id so repeated clicks only pay for matching.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .device import select_device
+from .errors import InputError
+from .preprocess import normalize_intensity, resample_to_model_grid
+from .volume import Volume
+
+Progress = Optional[Callable[[float, str], None]]
+
+
+@dataclass(frozen=True)
+class EmbeddingGrid:
+    """An identity-direction LPS grid: voxel centre (i, j, k) is at origin + spacing * (i, j, k)."""
+
+    origin: tuple[float, float, float]  # LPS mm
+    spacing: tuple[float, float, float]  # (x, y, z) mm
+    shape: tuple[int, int, int]  # (z, y, x)
+
+    def index_to_lps(self, ijk) -> np.ndarray:
+        return np.asarray(ijk, dtype=np.float64) * np.asarray(self.spacing) + np.asarray(self.origin)
+
+    def lps_to_index(self, lps) -> np.ndarray:
+        return (np.asarray(lps, dtype=np.float64) - np.asarray(self.origin)) / np.asarray(self.spacing)
+
+    def contains_index(self, ijk, slack: float = 0.5) -> np.ndarray:
+        ijk = np.asarray(ijk, dtype=np.float64)
+        hi = np.asarray(self.shape[::-1], dtype=np.float64) - 1 + slack
+        return np.all((ijk >= -slack) & (ijk <= hi), axis=-1)
+
+    def all_index_xyz(self) -> np.ndarray:
+        """(N, 3) integer (i, j, k) of every voxel in C order of the (z, y, x) array."""
+        z, y, x = np.meshgrid(*(np.arange(s) for s in self.shape), indexing="ij")
+        return np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class Embeddings:
+    """Per-voxel embeddings of one volume. Tensors are (C, z, y, x), L2-normalised over C."""
+
+    fine: torch.Tensor  # appearance, fine level (4 mm at the default 2 mm model grid)
+    coarse: torch.Tensor  # appearance, coarse level (8 x 32 x 32 mm cells)
+    semantic: Optional[torch.Tensor]  # semantic head, on the fine grid (None for SAM / CrossSAM)
+    fine_grid: EmbeddingGrid
+    coarse_grid: EmbeddingGrid
+    model_volume: Volume  # the resampled model-grid volume (raw intensities)
+    model_id: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return ("fine", "coarse") + (("semantic",) if self.semantic is not None else ())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.fine, self.coarse, self.semantic) if t is not None)
+
+
+def _volume_key(volume: Volume) -> str:
+    h = hashlib.sha1()
+    h.update(np.ascontiguousarray(volume.array).tobytes())
+    h.update(json.dumps([volume.spacing, volume.origin, volume.direction.round(9).tolist(),
+                         volume.modality.value]).encode())
+    return h.hexdigest()
+
+
+def _resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and torch.backends.mkldnn.is_available() and _cpu_has_fast_bf16():
+            return torch.bfloat16
+        return None
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise InputError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+    return table[precision]
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # bf16 convolutions only beat fp32 on CPUs with native bf16 (AVX512-BF16 / AMX).
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - older torch
+        return False
+
+
+class Embedder:
+    """Runs a SAMv2 network over volumes, with tiling and a per-volume cache.
+
+    ``model`` is a ``model_io.LoadedModel`` (or a bare SAMv2Net, then ``model_id`` names it).
+    Embeddings are stored on the CPU in bf16 (half the memory of fp32, fast matmuls with
+    AMX/AVX512-BF16) unless ``storage_dtype`` says otherwise.
+    """
+
+    def __init__(self, model, device: "str | torch.device" = "auto", precision: str = "auto",
+                 spacing_mm: Optional[float] = None, slab_voxels: Optional[int] = None,
+                 memory_budget_gb: float = 1.5, cache_size: int = 4, cache_dir: "str | Path | None" = None,
+                 storage_dtype: torch.dtype = torch.bfloat16, model_id: Optional[str] = None):
+        card = getattr(model, "card", None)
+        net = getattr(model, "model", model)
+        self.net = net
+        self.card = card
+        self.device = select_device(device)
+        self.net.to(self.device).eval()
+        self.autocast_dtype = _resolve_precision(precision, self.device)
+        card_spacing = getattr(card, "spacing_mm", None) if card is not None else None
+        self.spacing_mm = float(spacing_mm or card_spacing or 2.0)
+        self.model_id = model_id or (getattr(card, "sha256", None) or getattr(card, "name", None) or "unnamed-model")
+        self.slab_voxels = slab_voxels
+        self.memory_budget_gb = memory_budget_gb
+        self.storage_dtype = storage_dtype
+        self.cache_size = cache_size
+        self._cache: "OrderedDict[str, Embeddings]" = OrderedDict()
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.multiple = tuple(getattr(net, "input_multiple", (4, 16, 16)))
+        self.fine_stride = tuple(getattr(net, "fine_stride", (2, 2, 2)))
+        self.coarse_stride = tuple(getattr(net, "coarse_stride", (4, 16, 16)))
+        cfg = getattr(net, "config", None)
+        self._first_channels = int(cfg.stage_channels[0]) if cfg is not None else 64
+
+    # --- public -----------------------------------------------------------------------
+    def embed(self, volume: Volume, progress: Progress = None) -> Embeddings:
+        """Embeddings of ``volume`` (from the cache when the same content was embedded before)."""
+        volume.validated()
+        key = f"{_volume_key(volume)}-{self.model_id}-{self.spacing_mm}"
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        emb = self._load_disk(key, volume)
+        if emb is None:
+            emb = self._compute(volume, progress)
+            self._save_disk(key, emb)
+        self._cache[key] = emb
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return emb
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # --- computation --------------------------------------------------------------------
+    def _compute(self, volume: Volume, progress: Progress) -> Embeddings:
+        report = progress or (lambda f, m: None)
+        report(0.0, "resampling to the model grid")
+        mv = resample_to_model_grid(volume, self.spacing_mm)
+        image = normalize_intensity(mv.array, volume.modality)
+        z, y, x = image.shape
+        mz, my, mx = self.multiple
+        py, px = math.ceil(y / my) * my, math.ceil(x / mx) * mx
+        pad_value = float(image.min())
+        slab = self._slab_depth(py, px)
+        margin = 8 * mz  # context on each side of a slab: 64 mm at 2 mm
+        starts = _slab_starts(z, slab, margin, mz)
+        fine_parts, coarse_parts, sem_parts = [], [], []
+        fz, fy, fx = self.fine_stride
+        cz = self.coarse_stride[0]
+        for n, (keep0, keep1) in enumerate(starts):
+            report(0.05 + 0.9 * n / len(starts), f"embedding slab {n + 1}/{len(starts)}")
+            lo = max(0, keep0 - margin)
+            hi = min(z, keep1 + margin)
+            lo = (lo // mz) * mz
+            depth = math.ceil((hi - lo) / mz) * mz
+            block = np.full((depth, py, px), pad_value, dtype=np.float32)
+            block[: min(depth, z - lo), :y, :x] = image[lo: lo + depth][:, :y, :x]
+            out = self._run(block)
+            # keep the slab's own slices: fine rows [keep0, keep1) / fz, coarse likewise / cz
+            f0, f1 = (keep0 - lo) // fz, (keep1 - lo + fz - 1) // fz
+            c0, c1 = (keep0 - lo) // cz, (keep1 - lo + cz - 1) // cz
+            fine_parts.append(out["fine"][:, f0:f1])
+            coarse_parts.append(out["coarse"][:, c0:c1])
+            if "semantic" in out:
+                sem_parts.append(out["semantic"][:, f0:f1])
+        fine = torch.cat(fine_parts, 1)
+        coarse = torch.cat(coarse_parts, 1)
+        semantic = torch.cat(sem_parts, 1) if sem_parts else None
+        # crop the fine grid to the image extent (padding adds air voxels)
+        nfz, nfy, nfx = math.ceil(z / fz), math.ceil(y / fy), math.ceil(x / fx)
+        fine = fine[:, :nfz, :nfy, :nfx].contiguous()
+        if semantic is not None:
+            semantic = semantic[:, :nfz, :nfy, :nfx].contiguous()
+        sp = np.asarray(mv.spacing)
+        org = np.asarray(mv.origin)
+        # Output voxel n of a stride-s level covers input voxels [s*n, s*n + s): its centre
+        # sits at s*n + (s - 1)/2 in model-grid index units.
+        fs = np.array([fx, fy, fz], float)
+        cs = np.array(self.coarse_stride[::-1], float)
+        fine_grid = EmbeddingGrid(tuple(org + sp * (fs - 1) / 2), tuple(sp * fs), tuple(fine.shape[1:]))
+        coarse_grid = EmbeddingGrid(tuple(org + sp * (cs - 1) / 2), tuple(sp * cs), tuple(coarse.shape[1:]))
+        report(1.0, "done")
+        return Embeddings(fine, coarse.contiguous(), semantic, fine_grid, coarse_grid, mv, self.model_id,
+                          {"slabs": len(starts), "input_shape": (z, y, x)})
+
+    def _slab_depth(self, py: int, px: int) -> int:
+        if self.slab_voxels:
+            return max(self.multiple[0], (self.slab_voxels // self.multiple[0]) * self.multiple[0])
+        # Peak memory is dominated by the full-resolution first stage (a few live copies).
+        bytes_per_slice = py * px * self._first_channels * 4 * 6
+        depth = int(self.memory_budget_gb * 1e9 // bytes_per_slice)
+        return max(32, (depth // self.multiple[0]) * self.multiple[0])
+
+    @torch.inference_mode()
+    def _run(self, block: np.ndarray) -> dict:
+        x = torch.from_numpy(block)[None, None].to(self.device)
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                out = self.net(x)
+        else:
+            out = self.net(x)
+        # re-normalise after reduced precision, store compactly on the CPU
+        return {k: F.normalize(v[0].float(), dim=0).to("cpu", self.storage_dtype) for k, v in out.items()}
+
+    # --- disk cache ---------------------------------------------------------------------
+    def _disk_path(self, key: str) -> Optional[Path]:
+        return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors" if self.cache_dir else None
+
+    def _save_disk(self, key: str, emb: Embeddings) -> None:
+        path = self._disk_path(key)
+        if path is None:
+            return
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"fine": emb.fine, "coarse": emb.coarse}
+        if emb.semantic is not None:
+            tensors["semantic"] = emb.semantic
+        meta = {"key": key, "fine_grid": json.dumps(emb.fine_grid.__dict__),
+                "coarse_grid": json.dumps(emb.coarse_grid.__dict__)}
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    def _load_disk(self, key: str, volume: Volume) -> Optional[Embeddings]:
+        path = self._disk_path(key)
+        if path is None or not path.exists():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+                if meta.get("key") != key:
+                    return None
+                t = {k: f.get_tensor(k) for k in f.keys()}
+            grids = [EmbeddingGrid(**{k: tuple(v) for k, v in json.loads(meta[g]).items()})
+                     for g in ("fine_grid", "coarse_grid")]
+        except Exception:
+            return None  # unreadable cache entries are recomputed, never trusted
+        mv = resample_to_model_grid(volume, self.spacing_mm)
+        return Embeddings(t["fine"], t["coarse"], t.get("semantic"), grids[0], grids[1], mv, self.model_id,
+                          {"from_disk_cache": True})
+
+
+def _slab_starts(z: int, slab: int, margin: int, multiple: int) -> list[tuple[int, int]]:
+    """Split [0, z) into kept ranges of at most ``slab - 2*margin`` slices, aligned to ``multiple``."""
+    if z <= slab:
+        return [(0, z)]
+    keep = max(multiple, ((slab - 2 * margin) // multiple) * multiple)
+    return [(s, min(z, s + keep)) for s in range(0, z, keep)]

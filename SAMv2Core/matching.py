@@ -1,0 +1,345 @@
+"""Point matching between two embedded volumes.
+
+* NN: the query voxel whose combined similarity to the template point is highest. The combined
+  score is the mean of the per-head cosines (fine + coarse + semantic, as available), as in SAMv2.
+* Fixed-point (SAMv2): iterate forward/backward NN from every point of an L^3 cube around the
+  template point, keep the fixed points (exact round trips with a high score), fit a robust affine
+  between the template and query fixed points and map the template point through it.
+* Stable matches (SAME++): fixed points of a point set, used by registration.
+
+All points in and out are LPS millimetres.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .coords import PhysicalPoint
+from .embed import EmbeddingGrid, Embeddings
+from .errors import InputError, MatchingError
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    min_score: float = 0.5  # below this a match is "not confident"
+    cycle_tolerance_mm: float = 10.0  # NN round trip must return this close to the template point
+    cube_size: int = 5  # L: fixed-point neighbourhood is L^3 fine voxels
+    iterations: int = 4  # forward/backward iterations per start point
+    fixed_point_min_score: float = 0.5  # keep fixed points scoring above this
+    fixed_point_max_distance_mm: float = 100.0
+    min_fixed_points: int = 4
+    subvoxel: bool = True  # parabolic refinement of the similarity peak
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    template_point: PhysicalPoint
+    query_point: PhysicalPoint
+    score: float
+    confident: bool
+    reason: Optional[str]
+    method: str
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self, system: str = "LPS") -> dict:
+        return {"template_point": list(self.template_point.to(system).xyz),
+                "query_point": list(self.query_point.to(system).xyz), "coordinate_system": system,
+                "score": round(self.score, 4), "confident": self.confident, "reason": self.reason,
+                "method": self.method, "details": self.details}
+
+
+@dataclass(frozen=True)
+class StableMatches:
+    template_lps: np.ndarray  # (M, 3)
+    query_lps: np.ndarray  # (M, 3)
+    scores: np.ndarray  # (M,)
+
+
+# --------------------------------------------------------------------------------------------
+class _Index:
+    """One volume's descriptors as a (N, D) matrix for fast similarity search.
+
+    Row n of ``rows`` concatenates the fine, semantic and (upsampled) coarse embeddings of
+    fine voxel n, each scaled by 1/n_heads, so a dot product between two rows is the SAMv2
+    combined score (mean of the per-head cosines). Search is coarse-to-fine: exhaustive on a
+    stride-2 subgrid, then exact in small windows around the best candidates.
+    """
+
+    SUB = 2  # subgrid stride of the exhaustive pass
+    TOPK = 8  # candidates refined at full resolution
+
+    def __init__(self, emb: Embeddings):
+        self.emb = emb
+        self.grid: EmbeddingGrid = emb.fine_grid
+        self.shape = tuple(emb.fine.shape[1:])
+        z, y, x = self.shape
+        ratio = np.round(np.asarray(emb.coarse_grid.spacing[::-1]) / np.asarray(self.grid.spacing[::-1])).astype(int)
+        up_shape = tuple(int(s * r) for s, r in zip(emb.coarse.shape[1:], ratio))
+        coarse_up = F.interpolate(emb.coarse[None].float(), size=up_shape, mode="trilinear",
+                                  align_corners=False)[0, :, :z, :y, :x]
+        parts = [emb.fine, coarse_up.to(emb.fine.dtype)] + ([emb.semantic] if emb.semantic is not None else [])
+        self.n_heads = len(parts)
+        self.head_dims = [p.shape[0] for p in parts]
+        vol = torch.cat(parts, 0) / self.n_heads  # (D, z, y, x)
+        self.rows = vol.reshape(vol.shape[0], -1).T.contiguous()  # (N, D)
+        s = self.SUB
+        sub = vol[:, ::s, ::s, ::s]
+        self.sub_shape = tuple(sub.shape[1:])
+        self.sub_rows_t = sub.reshape(sub.shape[0], -1).contiguous()  # (D, Nsub)
+
+    # --- descriptors --------------------------------------------------------------------------
+    def _flat(self, zyx: np.ndarray) -> np.ndarray:
+        z, y, x = self.shape
+        return (zyx[..., 0] * y + zyx[..., 1]) * x + zyx[..., 2]
+
+    def descriptors(self, idx_xyz: np.ndarray) -> torch.Tensor:
+        """Trilinearly interpolated, per-head unit descriptors (Q, D) at fine indices.
+
+        Dotted with ``rows`` (scaled by 1/n_heads) this gives the mean per-head cosine."""
+        p = np.asarray(idx_xyz, dtype=np.float64).reshape(-1, 3)[:, ::-1]  # -> (z, y, x)
+        hi = np.asarray(self.shape) - 1
+        p = np.clip(p, 0, hi)
+        if np.all(p == np.round(p)):  # voxel centres (fixed-point iterations): a plain gather
+            acc = self.rows[torch.from_numpy(self._flat(p.astype(np.int64)))].float()
+            heads = torch.split(acc, self.head_dims, dim=1)
+            return torch.cat([F.normalize(h, dim=1) for h in heads], 1)
+        base = np.minimum(np.floor(p).astype(np.int64), np.maximum(hi - 1, 0))
+        frac = p - base
+        acc = 0
+        for corner in np.ndindex(2, 2, 2):
+            c = np.asarray(corner)
+            w = np.prod(np.where(c == 1, frac, 1 - frac), axis=1)
+            pos = np.minimum(base + c, hi)
+            acc = acc + torch.from_numpy(w).float()[:, None] * self.rows[torch.from_numpy(self._flat(pos))].float()
+        heads = torch.split(acc, self.head_dims, dim=1)
+        return torch.cat([F.normalize(h, dim=1) for h in heads], 1)
+
+    # --- search -------------------------------------------------------------------------------
+    def search(self, desc: torch.Tensor, subvoxel: bool, chunk_elems: int = 20_000_000):
+        """Best fine index (Q, 3) float (i, j, k) and combined score (Q,) per descriptor."""
+        q = desc.shape[0]
+        idx_out = np.zeros((q, 3))
+        score_out = np.zeros(q)
+        nsub = self.sub_rows_t.shape[1]
+        step = max(1, chunk_elems // nsub)
+        d_low = desc.to(self.rows.dtype)
+        for s in range(0, q, step):
+            part = d_low[s: s + step]
+            sim = part @ self.sub_rows_t  # low precision is enough to pick candidates
+            k = min(self.TOPK, nsub)
+            cand = torch.topk(sim, k, dim=1, sorted=False).indices.numpy()  # (q, k) subgrid flat indices
+            zyx = np.stack(np.unravel_index(cand, self.sub_shape), -1) * self.SUB  # (q, k, 3)
+            best_zyx, best = self._refine(desc[s: s + step], zyx)
+            ijk = best_zyx[:, ::-1].astype(np.float64)
+            if subvoxel:
+                ijk += self._parabolic(desc[s: s + step], best_zyx, best)
+            idx_out[s: s + step] = ijk
+            score_out[s: s + step] = best
+        return idx_out, score_out
+
+    _WINDOW = np.stack(np.meshgrid(*([np.arange(-1, 2)] * 3), indexing="ij"), -1).reshape(-1, 3)
+
+    def _refine(self, desc: torch.Tensor, cand_zyx: np.ndarray):
+        """Exact scores in 3^3 windows around candidates; returns best (q, 3) zyx and scores."""
+        q = cand_zyx.shape[0]
+        pos = (cand_zyx[:, :, None, :] + self._WINDOW[None, None]).reshape(q, -1, 3)
+        pos = np.clip(pos, 0, np.asarray(self.shape) - 1)
+        rows = self.rows[torch.from_numpy(self._flat(pos))].float()  # (q, m, D)
+        scores = torch.einsum("qmd,qd->qm", rows, desc.float())
+        best, arg = scores.max(dim=1)
+        return pos[np.arange(q), arg.numpy()], best.numpy().astype(np.float64)
+
+    def _parabolic(self, desc: torch.Tensor, zyx: np.ndarray, f0: np.ndarray) -> np.ndarray:
+        """Sub-voxel offsets (q, 3) in (i, j, k) from a parabola through each axis' neighbours."""
+        offs = np.zeros((len(zyx), 3))
+        hi = np.asarray(self.shape) - 1
+        d = desc.float()
+        for axis in range(3):  # zyx axis
+            step = np.zeros(3, np.int64)
+            step[axis] = 1
+            ok = (zyx[:, axis] > 0) & (zyx[:, axis] < hi[axis])
+            if not ok.any():
+                continue
+            fm = (self.rows[torch.from_numpy(self._flat(zyx[ok] - step))].float() * d[ok]).sum(1).numpy()
+            fp = (self.rows[torch.from_numpy(self._flat(zyx[ok] + step))].float() * d[ok]).sum(1).numpy()
+            den = fm - 2 * f0[ok] + fp
+            with np.errstate(divide="ignore", invalid="ignore"):
+                o = np.where(den < -1e-9, 0.5 * (fm - fp) / den, 0.0)
+            offs[ok, 2 - axis] = np.clip(o, -0.5, 0.5)
+        return offs
+
+
+_INDEX_CACHE: "weakref.WeakKeyDictionary[Embeddings, _Index]" = weakref.WeakKeyDictionary()
+
+
+def _index_for(emb: Embeddings) -> _Index:
+    """The search index of ``emb``, built once and kept as long as the embeddings live."""
+    index = _INDEX_CACHE.get(emb)
+    if index is None:
+        index = _INDEX_CACHE[emb] = _Index(emb)
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+class Matcher:
+    """Matches points of a template volume on a query volume (both already embedded)."""
+
+    def __init__(self, template: Embeddings, query: Embeddings, options: Optional[MatchOptions] = None):
+        if (template.semantic is None) != (query.semantic is None) or template.fine.shape[0] != query.fine.shape[0]:
+            raise MatchingError("template and query were embedded with different models")
+        self.t = _index_for(template)
+        self.q = _index_for(query)
+        self.opt = options or MatchOptions()
+
+    def _template_index(self, points_lps: np.ndarray) -> np.ndarray:
+        pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+        if not np.all(np.isfinite(pts)):
+            raise InputError("template points contain NaN/Inf coordinates")
+        src = self.t.emb.model_volume
+        inside = src.contains_lps(pts)
+        if not inside.all():
+            bad = pts[~inside][0]
+            raise InputError(f"point ({bad[0]:.1f}, {bad[1]:.1f}, {bad[2]:.1f}) LPS mm is outside the template image")
+        return self.t.grid.lps_to_index(pts)
+
+    def _forward(self, t_idx: np.ndarray, subvoxel: bool):
+        return self.q.search(self.t.descriptors(t_idx), subvoxel)
+
+    def _backward(self, q_idx: np.ndarray, subvoxel: bool):
+        return self.t.search(self.q.descriptors(q_idx), subvoxel)
+
+    # --- NN ---------------------------------------------------------------------------------
+    def nn(self, points_lps) -> list[MatchResult]:
+        t_idx = self._template_index(points_lps)
+        q_idx, score = self._forward(t_idx, self.opt.subvoxel)
+        back_idx, _ = self._backward(np.round(q_idx), False)
+        back_mm = np.linalg.norm(self.t.grid.index_to_lps(back_idx) - self.t.grid.index_to_lps(t_idx), axis=1)
+        return [self._result(t_idx[n], q_idx[n], score[n], back_mm[n], "nn", {}) for n in range(len(t_idx))]
+
+    def _result(self, t_i, q_i, score, cycle_mm, method, details) -> MatchResult:
+        reasons = []
+        if score < self.opt.min_score:
+            reasons.append(f"similarity {score:.2f} below {self.opt.min_score:.2f}")
+        if cycle_mm > self.opt.cycle_tolerance_mm:
+            reasons.append(f"not cycle-consistent (round trip lands {cycle_mm:.1f} mm away)")
+        details = dict(details, cycle_error_mm=round(float(cycle_mm), 2))
+        return MatchResult(PhysicalPoint(tuple(self.t.grid.index_to_lps(t_i)), "LPS"),
+                           PhysicalPoint(tuple(self.q.grid.index_to_lps(q_i)), "LPS"),
+                           float(score), not reasons, "; ".join(reasons) or None, method, details)
+
+    # --- fixed points -------------------------------------------------------------------------
+    def fixed_points(self, start_idx: np.ndarray, iterations: int):
+        """Iterate t -> NN in query -> NN back in template from integer fine indices.
+
+        Returns (template_idx, query_idx, score, converged) for every start point.
+        """
+        t_cur = np.round(start_idx).astype(np.float64)
+        q_cur = np.zeros_like(t_cur)
+        score = np.zeros(len(t_cur))
+        converged = np.zeros(len(t_cur), bool)
+        active = np.arange(len(t_cur))
+        for _ in range(max(1, iterations)):
+            if active.size == 0:
+                break
+            q_i, s = self._forward(t_cur[active], False)
+            t_back, _ = self._backward(q_i, False)
+            q_cur[active], score[active] = q_i, s
+            same = np.all(t_back == t_cur[active], axis=1)
+            converged[active[same]] = True
+            t_cur[active[~same]] = t_back[~same]
+            active = active[~same]
+        return t_cur, q_cur, score, converged
+
+    def fixed_point(self, points_lps) -> list[MatchResult]:
+        t_idx = self._template_index(points_lps)
+        half = self.opt.cube_size // 2
+        offs = np.stack(np.meshgrid(*([np.arange(-half, half + 1)] * 3), indexing="ij"), -1).reshape(-1, 3)
+        hi = np.asarray(self.t.shape[::-1]) - 1
+        results = []
+        for t in t_idx:
+            starts = np.clip(np.round(t) + offs, 0, hi)
+            tp, qp, sc, conv = self.fixed_points(starts, self.opt.iterations)
+            tp_mm = self.t.grid.index_to_lps(tp)
+            qp_mm = self.q.grid.index_to_lps(qp)
+            t_mm = self.t.grid.index_to_lps(t)
+            keep = conv & (sc > self.opt.fixed_point_min_score)
+            keep &= np.linalg.norm(tp_mm - t_mm, axis=1) <= self.opt.fixed_point_max_distance_mm
+            _, uniq = np.unique(tp[keep], axis=0, return_index=True)
+            sel = np.flatnonzero(keep)[uniq]
+            details = {"fixed_points": int(sel.size)}
+            if sel.size >= self.opt.min_fixed_points:
+                q_mm, fit = _robust_map(tp_mm[sel], qp_mm[sel], t_mm)
+                details["fit"] = fit
+                q_i = self.q.grid.lps_to_index(q_mm)
+                q_i = np.clip(q_i, 0, np.asarray(self.q.shape[::-1]) - 1)
+                score = self._score_at(t, q_i)
+                back, _ = self._backward(np.round(q_i)[None], False)
+                cyc = float(np.linalg.norm(self.t.grid.index_to_lps(back[0]) - t_mm))
+                # a structure-based answer far from any fixed point's NN is still cycle-checked
+                results.append(self._result(t, q_i, score, cyc, "fixed_point", details))
+            else:
+                nn = self.nn(t_mm[None])[0]
+                reason = f"only {sel.size} fixed points (need {self.opt.min_fixed_points}); NN fallback"
+                results.append(MatchResult(nn.template_point, nn.query_point, nn.score, False,
+                                           "; ".join(r for r in (reason, nn.reason) if r), "fixed_point",
+                                           dict(nn.details, **details)))
+        return results
+
+    def _score_at(self, t_idx: np.ndarray, q_idx: np.ndarray) -> float:
+        a = self.t.descriptors(t_idx[None])
+        b = self.q.descriptors(q_idx[None])
+        return float((a * b).sum() / self.t.n_heads)
+
+    # --- stable matches for registration ------------------------------------------------------
+    def stable(self, points_lps, iterations: int = 5, min_score: float = 0.7) -> StableMatches:
+        pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+        start = np.clip(np.round(self.t.grid.lps_to_index(pts)), 0, np.asarray(self.t.shape[::-1]) - 1)
+        start = np.unique(start, axis=0)
+        tp, qp, sc, conv = self.fixed_points(start, iterations)
+        keep = conv & (sc > min_score)
+        tp, qp, sc = tp[keep], qp[keep], sc[keep]
+        _, uniq = np.unique(tp, axis=0, return_index=True)
+        return StableMatches(self.t.grid.index_to_lps(tp[uniq]), self.q.grid.index_to_lps(qp[uniq]), sc[uniq])
+
+
+def _robust_map(src: np.ndarray, dst: np.ndarray, point: np.ndarray, iterations: int = 10):
+    """Map ``point`` by a Huber-IRLS affine fitted src -> dst (translation only when degenerate)."""
+    centre = src.mean(0)
+    a = src - centre
+    sv = np.linalg.svd(a, compute_uv=False) if len(a) >= 3 else np.zeros(3)
+    if len(src) < 8 or sv[-1] < 1e-3 * max(sv[0], 1e-9) or sv[-1] < 1.0:
+        shift = np.median(dst - src, axis=0)
+        return point + shift, {"model": "translation", "points": int(len(src))}
+    x = np.hstack([a, np.ones((len(a), 1))])
+    w = np.ones(len(a))
+    for _ in range(iterations):
+        coef, *_ = np.linalg.lstsq(x * w[:, None], dst * w[:, None], rcond=None)
+        r = np.linalg.norm(x @ coef - dst, axis=1)
+        delta = max(1.345 * np.median(r) / 0.6745, 1e-3)
+        w = np.sqrt(np.where(r <= delta, 1.0, delta / np.maximum(r, 1e-12)))
+    mapped = np.append(point - centre, 1.0) @ coef
+    return mapped, {"model": "affine", "points": int(len(src)),
+                    "residual_mm": round(float(np.median(r)), 2)}
+
+
+# --------------------------------------------------------------------------------------------
+def match_points(template: Embeddings, query: Embeddings, points_lps, method: str = "fixed_point",
+                 options: Optional[MatchOptions] = None) -> list[MatchResult]:
+    """Match template points (N, 3) LPS onto the query volume. Returns one MatchResult per point."""
+    matcher = Matcher(template, query, options)
+    if method == "nn":
+        return matcher.nn(points_lps)
+    if method in ("fixed_point", "fixed-point", "fp"):
+        return matcher.fixed_point(points_lps)
+    raise InputError(f"unknown matching method {method!r}: use 'nn' or 'fixed_point'")
+
+
+def stable_matches(template: Embeddings, query: Embeddings, points_lps, passes: int = 5,
+                   min_score: float = 0.7) -> StableMatches:
+    """Cycle-consistent (forward-backward fixed point) matches of ``points_lps`` for registration."""
+    return Matcher(template, query).stable(points_lps, passes, min_score)
