@@ -1,0 +1,11 @@
+"""Choices and names shared by the widget, the parameter node and the logic (no heavy imports)."""
+
+METHODS = ("fixed_point", "nn")  # point matching: SAMv2 fixed-point, or plain nearest neighbour
+REGISTRATION_MODES = ("rigid", "affine")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+ATTRIBUTE_PREFIX = "SAMv2."
+FIXED_REFERENCE_ROLE = "fixedVolume"
+MOVING_REFERENCE_ROLE = "movingVolume"
+SOURCE_POINTS_ROLE = "sourcePoints"
+SOURCE_VOLUME_ROLE = "sourceVolume"
+FLAGGED_SUFFIX = " (?)"  # label suffix of matches that are not confident

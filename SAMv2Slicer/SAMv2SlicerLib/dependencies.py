@@ -1,0 +1,142 @@
+"""Python dependencies of the module, installed the way Slicer users expect.
+
+* torch comes from the PyTorch extension (``PyTorchUtils``), which picks the right CUDA or
+  CPU build for the machine; without that extension the user is told to install it.
+* everything else comes from ``requirements.txt`` next to the module: with
+  ``slicer.packaging.pip_ensure`` on Slicer 5.12+ (it asks, installs with progress and
+  offers a restart), else with ``slicer.util.pip_install`` after a confirmation dialog.
+* Slicer's own SimpleITK, numpy and vtk are never replaced: they are skipped / pinned with a
+  constraints file holding the versions Slicer ships.
+
+Only ``missing_requirements`` and ``read_requirements`` run outside Slicer (tests); the
+install functions need the Slicer application and are called from the widget.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "requirements.txt"
+# Packages Slicer ships (or the PyTorch extension manages): never (re)installed from here.
+PROTECTED = ("SimpleITK", "numpy", "vtk", "torch")
+_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def read_requirements(path: "str | Path" = REQUIREMENTS_FILE) -> list[str]:
+    """Requirement lines (comments and blanks dropped)."""
+    lines = []
+    for raw in Path(path).read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def requirement_name(line: str) -> str:
+    m = _NAME.match(line)
+    return m.group(1) if m else line.strip()
+
+
+def _satisfied(line: str) -> bool:
+    name = requirement_name(line)
+    try:
+        installed = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    try:
+        from packaging.requirements import Requirement
+
+        return Requirement(line).specifier.contains(installed, prereleases=True)
+    except Exception:  # packaging absent or unusual line: presence is enough
+        return True
+
+
+def missing_requirements(path: "str | Path" = REQUIREMENTS_FILE) -> list[str]:
+    """Requirement lines of the file that are not satisfied in this Python (torch is checked separately)."""
+    return [line for line in read_requirements(path) if not _satisfied(line)]
+
+
+def torch_available() -> bool:
+    try:
+        importlib.import_module("torch")
+        return True
+    except Exception:
+        return False
+
+
+def _constraints_file() -> str:
+    """A pip constraints file pinning the protected packages to the versions already installed."""
+    pins = []
+    for name in PROTECTED:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    handle = tempfile.NamedTemporaryFile("w", suffix="-samv2-constraints.txt", delete=False)
+    handle.write("\n".join(pins) + "\n")
+    handle.close()
+    return handle.name
+
+
+def ensure_torch(slicer, confirm: Callable[[str], bool]) -> bool:
+    """Make torch importable through the PyTorch extension. Returns True when torch is ready."""
+    if torch_available():
+        return True
+    try:
+        import PyTorchUtils  # provided by the PyTorch extension (listed in EXTENSION_DEPENDS)
+    except ImportError:
+        slicer.util.errorDisplay(
+            "SAMv2 needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart Slicer, "
+            "then try again.")
+        return False
+    torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+    if torch_logic.torchInstalled():
+        return True
+    if not confirm("SAMv2 needs PyTorch, which is not installed yet. Install it now (this can take several minutes)?"):
+        return False
+    return torch_logic.installTorch(askConfirmation=False) is not None
+
+
+def ensure_requirements(slicer, confirm: Callable[[str], bool], requester: str = "SAMv2Slicer",
+                        path: "str | Path" = REQUIREMENTS_FILE) -> bool:
+    """Install missing requirements (asking first). Returns True when all are satisfied."""
+    missing = missing_requirements(path)
+    if not missing:
+        return True
+    packaging_api = _slicer_packaging()
+    if packaging_api is not None and hasattr(packaging_api, "pip_ensure"):
+        # Slicer 5.12+: one call checks, asks, installs with progress and offers a restart.
+        from packaging.requirements import Requirement
+
+        reqs = [Requirement(line) for line in missing]
+        kwargs = dict(requester=requester)
+        try:
+            packaging_api.pip_ensure(reqs, constraints=_constraints_file(), skip_packages=list(PROTECTED), **kwargs)
+        except TypeError:  # an early 5.11 preview without constraints/skip_packages
+            packaging_api.pip_ensure(reqs, **kwargs)
+        return not missing_requirements(path)
+    if not confirm("SAMv2 needs these Python packages: " + ", ".join(missing) + ". Install them now?"):
+        return False
+    # a list of arguments: no shell quoting issues with version specifiers such as ">="
+    slicer.util.pip_install(list(missing) + ["-c", _constraints_file()])
+    importlib.invalidate_caches()
+    return not missing_requirements(path)
+
+
+def _slicer_packaging():
+    for name in ("slicer.packaging", "slicer.pydeps"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def ensure_all(slicer, confirm: Optional[Callable[[str], bool]] = None) -> bool:
+    """torch (PyTorch extension) then requirements.txt; asks before any install."""
+    confirm = confirm or (lambda text: slicer.util.confirmOkCancelDisplay(text, "SAMv2Slicer"))
+    return ensure_torch(slicer, confirm) and ensure_requirements(slicer, confirm)

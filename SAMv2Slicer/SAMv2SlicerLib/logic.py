@@ -1,0 +1,583 @@
+"""Qt-free logic of the SAMv2Slicer module: MRML nodes in, samv2core in the middle, new nodes out.
+
+Every action is split in three phases so that the GUI never freezes:
+
+* ``prepare_*`` (main thread): validate the selected nodes and copy them into core objects.
+  Bad input raises a samv2core error here, before anything runs or changes.
+* ``Job.compute(progress)`` (any thread): embeddings, matching, registration. Touches no
+  MRML node; ``progress`` may raise ``worker.Cancelled``.
+* ``Job.apply(payload)`` (main thread): add the output nodes. Runs in a scene transaction:
+  if anything fails, every node it added is removed and input nodes are restored.
+
+Inputs are never modified, except that "Register volumes" places the moving volume under
+the new transform (that is its purpose; undone on failure). Synchronous wrappers
+(:meth:`SAMv2Logic.match_points` etc.) run the three phases in a row for scripts and tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+
+from samv2core.coords import lps_to_ras, ras_to_lps
+from samv2core.errors import InputError, MatchingError, RegistrationError, SAMv2Error
+from samv2core.volume import Volume
+
+from . import nodes
+from .constants import (ATTRIBUTE_PREFIX, DEVICES, FIXED_REFERENCE_ROLE, FLAGGED_SUFFIX, METHODS,  # noqa: F401
+                        MOVING_REFERENCE_ROLE, REGISTRATION_MODES, SOURCE_POINTS_ROLE, SOURCE_VOLUME_ROLE)
+from .worker import Cancelled, ProgressCallback, run_sync
+
+
+
+def _noop(fraction: float, message: str) -> None:
+    return None
+
+
+def _sub(progress: ProgressCallback, lo: float, hi: float) -> ProgressCallback:
+    """A progress callback mapping [0, 1] onto [lo, hi] of ``progress``."""
+    return lambda f, m: progress(lo + (hi - lo) * float(f), m)
+
+
+@dataclass
+class Job:
+    """A prepared action: ``compute`` is thread-safe and MRML-free, ``apply`` writes the scene."""
+
+    name: str
+    compute: Callable[[ProgressCallback], Any]
+    apply: Callable[[Any], Any]
+
+
+@dataclass
+class MatchOutcome:
+    """Result of matching a point list: the new point list node and the core results."""
+
+    node: Any  # vtkMRMLMarkupsFiducialNode on the follow-up
+    results: list  # list[samv2core.matching.MatchResult], in the order of the source points
+    labels: tuple[str, ...]
+
+    @property
+    def n_confident(self) -> int:
+        return sum(1 for r in self.results if r.confident)
+
+
+@dataclass
+class LesionOutcome:
+    points_node: Any  # one matched point (the lesion centre) on the follow-up
+    segmentation_node: Any  # the propagated region on the follow-up
+    match: Any  # MatchResult of the centre
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class RegistrationOutcome:
+    linear_node: Any
+    grid_node: Any  # None unless deformable
+    result: Any  # samv2core RegistrationResult
+    report: dict = field(default_factory=dict)
+
+
+class SAMv2Logic:
+    """Module logic working on one vtkMRMLScene. Holds the model and per-volume embeddings."""
+
+    def __init__(self, scene, cache_dir: "str | Path | None" = None, embeddings_cache_size: int = 6):
+        self.scene = scene
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.status = ""
+        self._model_spec: tuple = ("bundled", None, "auto")
+        self._model_override = None  # a LoadedModel / network given directly (tests, scripts)
+        self._embedder = None
+        self._embedder_key = None
+        self._volumes: "OrderedDict[tuple, Volume]" = OrderedDict()
+        self._embeddings: "OrderedDict[tuple, Any]" = OrderedDict()
+        self._cache_size = embeddings_cache_size
+
+    # --- model ----------------------------------------------------------------------------
+    def set_model(self, model_path: "str | Path | None" = None, device: str = "auto", model=None) -> None:
+        """Choose the model: a weights file, the bundled default (``model_path=None``), or a
+        ready model object (LoadedModel or network; used by tests). Loading happens lazily in
+        the compute phase; the device is checked now (DeviceError if absent)."""
+        from samv2core.device import select_device
+
+        device = str(device or "auto").lower()
+        select_device(device)  # raises DeviceError now, before any work is queued
+        if model is not None:
+            spec = ("object", id(model), device)
+        elif model_path:
+            p = Path(model_path)
+            if not p.is_file():
+                from samv2core.errors import CheckpointError
+
+                raise CheckpointError(f"{p}: model file not found")
+            spec = ("file", str(p.resolve()), device)
+        else:
+            spec = ("bundled", None, device)
+        if spec != self._model_spec or model is not self._model_override:
+            self._model_spec = spec
+            self._model_override = model
+            self._embedder = None
+            self._embedder_key = None
+
+    @property
+    def device(self) -> str:
+        return self._model_spec[2]
+
+    def _get_embedder(self):
+        """The Embedder for the current model (loaded on first use; CheckpointError if invalid)."""
+        if self._embedder is not None and self._embedder_key == self._model_spec:
+            return self._embedder
+        from samv2core.embed import Embedder
+
+        kind, path, device = self._model_spec
+        if kind == "object":
+            model = self._model_override
+        elif kind == "file":
+            from samv2core.model_io import load_model
+
+            model = load_model(path, device)
+        else:
+            from samv2core.model_io import default_model
+
+            model = default_model(device)
+        self._embedder = Embedder(model, device=device, cache_dir=self.cache_dir)
+        self._embedder_key = self._model_spec
+        self._embeddings.clear()
+        return self._embedder
+
+    def model_id(self) -> str:
+        return self._get_embedder().model_id
+
+    # --- volumes and embeddings -----------------------------------------------------------
+    @staticmethod
+    def _node_key(node, world: bool) -> tuple:
+        """Changes whenever the voxels, geometry or placement of a volume node change."""
+        image = node.GetImageData()
+        m = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(m)
+        parent = node.GetParentTransformNode() if world else None
+        return (node.GetID(), image.GetMTime() if image is not None else 0,
+                tuple(nodes.np_from_vtk_matrix(m).ravel().round(9)),
+                parent.GetID() if parent is not None else None,
+                parent.GetTransformToWorldMTime() if parent is not None else 0, world)
+
+    def volume(self, node, role: str = "volume", world: bool = True) -> Volume:
+        """The node as a core Volume (cached while the node is unchanged); InputError names the role."""
+        if node is None:
+            raise InputError(f"no {role} selected")
+        try:
+            key = self._node_key(node, world)
+        except AttributeError:
+            raise InputError(f"{role}: {node.GetName()} is not a volume") from None
+        vol = self._volumes.get(key)
+        if vol is None:
+            try:
+                vol = nodes.volume_from_node(node, self._modality_of(node), world=world).validated()
+            except InputError as exc:
+                raise InputError(f"{role}: {exc}") from None
+            vol.meta["cache_key"] = key
+            self._volumes[key] = vol
+            while len(self._volumes) > self._cache_size:
+                self._volumes.popitem(last=False)
+        else:
+            self._volumes.move_to_end(key)
+        return vol
+
+    @staticmethod
+    def _modality_of(node) -> str:
+        """Modality from the node attribute / DICOM tag Slicer keeps, else guessed from intensities."""
+        for attr in ("SAMv2.Modality", "DICOM.Modality"):
+            value = node.GetAttribute(attr)
+            if value and value.upper() in ("CT", "MR", "MRI"):
+                return value.upper()
+        return "auto"
+
+    def embeddings(self, volume: Volume, progress: ProgressCallback = _noop):
+        """Embeddings of a (prepared) volume, computed once per volume content and reused."""
+        embedder = self._get_embedder()
+        key = (volume.meta.get("cache_key") or id(volume), embedder.model_id)
+        emb = self._embeddings.get(key)
+        if emb is None:
+            emb = embedder.embed(volume, progress=progress)
+            self._embeddings[key] = emb
+            while len(self._embeddings) > self._cache_size:
+                self._embeddings.popitem(last=False)
+        else:
+            self._embeddings.move_to_end(key)
+            progress(1.0, f"embeddings of {volume.name} reused")
+        return emb
+
+    def clear_caches(self) -> None:
+        self._volumes.clear()
+        self._embeddings.clear()
+        if self._embedder is not None:
+            self._embedder.clear_cache()
+
+    def _pair(self, baseline_node, followup_node, names=("baseline volume", "follow-up volume"),
+              world_second: bool = True) -> tuple[Volume, Volume]:
+        if baseline_node is None:
+            raise InputError(f"no {names[0]} selected")
+        if followup_node is None:
+            raise InputError(f"no {names[1]} selected")
+        if baseline_node is followup_node or baseline_node.GetID() == followup_node.GetID():
+            raise InputError(f"the {names[0]} and the {names[1]} are the same volume ({baseline_node.GetName()})")
+        return self.volume(baseline_node, names[0]), self.volume(followup_node, names[1], world=world_second)
+
+    # --- transactions ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self):
+        """Remove every node added inside the block if the block raises."""
+        before = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+        try:
+            yield
+        except BaseException:
+            added = [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
+            for node in added:
+                if node is not None and node.GetID() not in before and self.scene.IsNodePresent(node):
+                    self.scene.RemoveNode(node)
+            raise
+
+    def run(self, job: "Job | Callable[[], Job]", progress: Optional[ProgressCallback] = None, name: str = ""):
+        """Run a job synchronously: prepare (if given a factory), compute, then apply.
+
+        On any samv2core error or cancel, ``self.status`` says what happened and the scene is
+        left as it was; the exception propagates to the caller.
+        """
+        name = getattr(job, "name", name) or "SAMv2"
+        try:
+            if not isinstance(job, Job):
+                job = job()
+                name = job.name
+            payload = run_sync(job.compute, progress)
+            return self.finish(job, payload)
+        except Cancelled:
+            self.status = f"{name}: cancelled; nothing was changed"
+            raise
+        except SAMv2Error as exc:
+            self.status = f"{name} failed: {exc}"
+            raise
+
+    def finish(self, job: Job, payload):
+        """Apply a computed job to the scene (main thread) inside a transaction."""
+        with self.transaction():
+            return job.apply(payload)
+
+    # --- matching -------------------------------------------------------------------------
+    def prepare_match(self, baseline_node, followup_node, points_node, method: str = "fixed_point",
+                      output_name: Optional[str] = None) -> Job:
+        """Match every point of ``points_node`` (on the baseline) onto the follow-up."""
+        if method not in METHODS:
+            raise InputError(f"unknown matching method {method!r}: use one of {', '.join(METHODS)}")
+        base, follow = self._pair(baseline_node, followup_node)
+        if points_node is None:
+            raise InputError("no point list selected")
+        pts = nodes.read_points(points_node)
+        if len(pts) == 0:
+            raise InputError(f"{points_node.GetName()}: the point list has no points; place points on the baseline")
+        inside = base.contains_lps(pts.lps)
+        if not inside.all():
+            bad = [pts.labels[i] for i in np.flatnonzero(~inside)]
+            raise InputError(f"point(s) {', '.join(bad)} lie outside the baseline volume {base.name}")
+        name = output_name or f"{points_node.GetName()} on {followup_node.GetName()}"
+        ids = {"points": points_node.GetID(), "follow": followup_node.GetID()}
+
+        def compute(progress: ProgressCallback):
+            from samv2core.matching import match_points
+
+            e_base = self.embeddings(base, _sub(progress, 0.0, 0.45))
+            e_follow = self.embeddings(follow, _sub(progress, 0.45, 0.9))
+            progress(0.9, f"matching {len(pts)} point(s)")
+            results = match_points(e_base, e_follow, pts.lps, method=method)
+            progress(1.0, "matched")
+            return results
+
+        def apply(results):
+            node = self._matched_point_list(name, pts.labels, results, method, ids)
+            n_ok = sum(r.confident for r in results)
+            self.status = (f"matched {len(results)} point(s) into '{node.GetName()}': {n_ok} confident"
+                           + (f", {len(results) - n_ok} flagged{FLAGGED_SUFFIX}" if n_ok < len(results) else ""))
+            return MatchOutcome(node, list(results), pts.labels)
+
+        return Job("Match points", compute, apply)
+
+    def match_points(self, baseline_node, followup_node, points_node, method: str = "fixed_point",
+                     output_name: Optional[str] = None, progress=None) -> MatchOutcome:
+        return self.run(lambda: self.prepare_match(baseline_node, followup_node, points_node, method, output_name),
+                        progress, "Match points")
+
+    def _matched_point_list(self, name, labels, results, method, ids):
+        if self.scene.GetNodeByID(ids["follow"]) is None:
+            raise InputError("the follow-up volume was removed from the scene while matching")
+        ras = lps_to_ras(np.array([r.query_point.to("LPS").as_array() for r in results]).reshape(-1, 3))
+        descriptions = [describe_match(r) for r in results]
+        flagged = [not r.confident for r in results]
+        node = nodes.new_point_list(self.scene, name, ras, labels, descriptions, flagged, flagged_suffix=FLAGGED_SUFFIX)
+        follow = self.scene.GetNodeByID(ids["follow"])
+        for i in range(node.GetNumberOfControlPoints()):
+            node.SetNthControlPointAssociatedNodeID(i, ids["follow"])
+        node.SetNodeReferenceID(SOURCE_POINTS_ROLE, ids["points"])
+        node.SetNodeReferenceID(SOURCE_VOLUME_ROLE, ids["follow"])
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Method", method)
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Scores", json.dumps([round(float(r.score), 4) for r in results]))
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Confident", json.dumps([bool(r.confident) for r in results]))
+        if follow is not None:
+            node.SetAttribute(ATTRIBUTE_PREFIX + "Volume", follow.GetName())
+        return node
+
+    # --- lesion propagation ---------------------------------------------------------------
+    def prepare_propagate_lesion(self, baseline_node, followup_node, points_node=None, point_index: int = 0,
+                                 radius_mm: float = 10.0, segmentation_node=None, segment_id: Optional[str] = None,
+                                 method: str = "fixed_point", output_name: Optional[str] = None) -> Job:
+        """Propagate a lesion to the follow-up: a point + radius (sphere), or a segment.
+
+        Output: a point list with the matched lesion centre and a segmentation with the region.
+        A segment is carried over by matching its centre and extreme points and fitting a local
+        affine (translation only when too few confident matches or an implausible fit).
+        """
+        base, follow = self._pair(baseline_node, followup_node)
+        if segmentation_node is not None:
+            mask = nodes.segment_mask(segmentation_node, segment_id)
+            samples, sample_labels = _segment_samples(mask)
+            label = mask.name or "lesion"
+            source_id = segmentation_node.GetID()
+            radius = None
+        else:
+            if points_node is None:
+                raise InputError("select a lesion point (point list) or a segment")
+            pts = nodes.read_points(points_node)
+            if not 0 <= point_index < len(pts):
+                raise InputError(f"{points_node.GetName()}: no point number {point_index + 1} (it has {len(pts)})")
+            if not (np.isfinite(radius_mm) and radius_mm > 0):
+                raise InputError(f"the lesion radius must be positive, got {radius_mm}")
+            samples, sample_labels = pts.lps[point_index:point_index + 1], (pts.labels[point_index],)
+            label = pts.labels[point_index]
+            source_id = points_node.GetID()
+            radius = float(radius_mm)
+            mask = None
+        inside = base.contains_lps(samples[:1])
+        if not inside.all():
+            raise InputError(f"lesion {label} lies outside the baseline volume {base.name}")
+        samples = samples[base.contains_lps(samples)]
+        name = output_name or f"{label} on {followup_node.GetName()}"
+        follow_id = followup_node.GetID()
+
+        def compute(progress: ProgressCallback):
+            from samv2core.matching import match_points
+
+            e_base = self.embeddings(base, _sub(progress, 0.0, 0.45))
+            e_follow = self.embeddings(follow, _sub(progress, 0.45, 0.85))
+            progress(0.85, "matching the lesion")
+            results = match_points(e_base, e_follow, samples, method=method)
+            centre = results[0]
+            if mask is None:
+                region = sphere_mask(follow, centre.query_point.to("LPS").as_array(), radius)
+                details = {"radius_mm": radius, "model": "sphere"}
+            else:
+                fit, details = _local_affine(samples, results)
+                region = warp_mask(mask, fit, follow)
+            progress(1.0, "lesion propagated")
+            return centre, region, details
+
+        def apply(payload):
+            centre, region, details = payload
+            follow_node = self.scene.GetNodeByID(follow_id)
+            pnode = self._matched_point_list(name, (label,), [centre], method,
+                                             {"points": source_id, "follow": follow_id})
+            if region is None or not np.any(region.array > 0.5):
+                raise MatchingError(f"the propagated region of {label} falls outside the follow-up volume")
+            snode = nodes.new_segmentation_node(self.scene, region, name, label + " (propagated)", follow_node)
+            snode.SetNodeReferenceID(SOURCE_VOLUME_ROLE, follow_id)
+            snode.SetAttribute(ATTRIBUTE_PREFIX + "Propagation", json.dumps(details))
+            self.status = (f"lesion {label} propagated: {describe_match(centre)}"
+                           + ("" if centre.confident else " - check it, the match is not confident"))
+            return LesionOutcome(pnode, snode, centre, details)
+
+        return Job("Propagate lesion", compute, apply)
+
+    def propagate_lesion(self, *args, progress=None, **kwargs) -> LesionOutcome:
+        return self.run(lambda: self.prepare_propagate_lesion(*args, **kwargs), progress, "Propagate lesion")
+
+    # --- registration ---------------------------------------------------------------------
+    def prepare_register(self, fixed_node, moving_node, mode: str = "affine", deformable: bool = False,
+                         apply_to_moving: bool = True, output_name: Optional[str] = None) -> Job:
+        """Register moving onto fixed; outputs a linear (and optionally a grid) transform node.
+
+        The moving volume is read without its current parent transform (as Slicer's registration
+        modules do) and, with ``apply_to_moving``, placed under the new transform(s).
+        """
+        if mode not in REGISTRATION_MODES:
+            raise InputError(f"unknown registration mode {mode!r}: use one of {', '.join(REGISTRATION_MODES)}")
+        fixed, moving = self._pair(fixed_node, moving_node, ("fixed volume", "moving volume"), world_second=False)
+        base = output_name or f"{moving_node.GetName()} to {fixed_node.GetName()}"
+        ids = {"fixed": fixed_node.GetID(), "moving": moving_node.GetID()}
+
+        def compute(progress: ProgressCallback):
+            from samv2core.registration import register
+
+            embedder = self._get_embedder()
+            return register(fixed, moving, mode=mode, deformable=deformable, embedder=embedder,
+                            progress=progress)
+
+        def apply(result):
+            return self.add_registration_nodes(result, self.scene.GetNodeByID(ids["fixed"]),
+                                               self.scene.GetNodeByID(ids["moving"]), mode, base, apply_to_moving)
+
+        return Job("Register volumes", compute, apply)
+
+    def register(self, fixed_node, moving_node, mode: str = "affine", deformable: bool = False,
+                 apply_to_moving: bool = True, output_name: Optional[str] = None, progress=None) -> RegistrationOutcome:
+        return self.run(lambda: self.prepare_register(fixed_node, moving_node, mode, deformable, apply_to_moving,
+                                                      output_name), progress, "Register volumes")
+
+    def add_registration_nodes(self, result, fixed_node, moving_node, mode: str = "affine",
+                               name: Optional[str] = None, apply_to_moving: bool = True) -> RegistrationOutcome:
+        """Add transform nodes for a samv2core RegistrationResult (``linear``: fixed->moving ITK
+        transform; ``displacement``: optional ITK displacement field on the fixed grid, applied
+        to fixed points before ``linear``). Call inside :meth:`transaction` (``finish`` does)."""
+        if fixed_node is None or moving_node is None:
+            raise InputError("the fixed or moving volume was removed from the scene")
+        ids = {"fixed": fixed_node.GetID(), "moving": moving_node.GetID()}
+        base = name or f"{moving_node.GetName()} to {fixed_node.GetName()}"
+        moving = moving_node
+        old_parent = moving.GetTransformNodeID() if moving is not None else None
+        try:
+            linear = nodes.new_linear_transform_node(self.scene, result.linear, f"{base} ({mode})")
+            grid = None
+            if getattr(result, "displacement", None) is not None:
+                grid = nodes.new_grid_transform_node(self.scene, result.displacement, f"{base} (deformable)")
+            report = dict(getattr(result, "report", {}) or {})
+            for node in (linear, grid):
+                if node is None:
+                    continue
+                node.SetNodeReferenceID(FIXED_REFERENCE_ROLE, ids["fixed"])
+                node.SetNodeReferenceID(MOVING_REFERENCE_ROLE, ids["moving"])
+                node.SetAttribute(ATTRIBUTE_PREFIX + "Registration", mode)
+                node.SetAttribute(ATTRIBUTE_PREFIX + "Report", json.dumps(report, default=str)[:20000])
+            # Order of the maps from the fixed (world) frame to the moving volume: the grid
+            # displacement acts on fixed points first, then the linear map (samv2core composite
+            # = linear o (x + d(x))). A child's from-world map applies its ancestors first, so the
+            # grid node is the parent and the moving volume sits under the linear node.
+            if grid is not None:
+                linear.SetAndObserveTransformNodeID(grid.GetID())
+            if apply_to_moving and moving is not None:
+                moving.SetAndObserveTransformNodeID(linear.GetID())
+        except BaseException:
+            if moving is not None:
+                moving.SetAndObserveTransformNodeID(old_parent)
+            raise
+        self.status = (f"registered {base}: linear transform '{linear.GetName()}'"
+                       + (f" and grid transform '{grid.GetName()}'" if grid is not None else ""))
+        return RegistrationOutcome(linear, grid, result, report)
+
+    # --- helpers for the widget -----------------------------------------------------------
+    @staticmethod
+    def match_position_ras(points_node, index: int) -> np.ndarray:
+        p = [0.0, 0.0, 0.0]
+        points_node.GetNthControlPointPositionWorld(index, p)
+        return np.asarray(p)
+
+
+# --- pure helpers (no scene) ------------------------------------------------------------------
+def describe_match(result) -> str:
+    """Control point description: score, and the reason when the match is not confident."""
+    text = f"score {result.score:.2f}"
+    if not result.confident:
+        text += f"; NOT CONFIDENT: {result.reason or 'low score'}"
+    return text
+
+
+def sphere_mask(reference: Volume, centre_lps, radius_mm: float) -> Optional[Volume]:
+    """A 0/1 ball of ``radius_mm`` around ``centre_lps`` on a crop of the reference grid (None if outside)."""
+    centre_lps = np.asarray(centre_lps, dtype=np.float64)
+    box = centre_lps + np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * radius_mm
+    grid = _subgrid(reference, box, margin_voxels=1)
+    if grid is None:
+        return None
+    origin_index, size = grid
+    k, j, i = np.meshgrid(*(np.arange(s) for s in size[::-1]), indexing="ij")
+    ijk = np.stack([i, j, k], -1).reshape(-1, 3) + origin_index
+    d = np.linalg.norm(reference.index_to_lps(ijk) - centre_lps, axis=1).reshape(size[::-1])
+    origin = reference.index_to_lps(origin_index)
+    return Volume((d <= radius_mm).astype(np.float32), reference.spacing, tuple(origin), reference.direction,
+                  "CT", "sphere")
+
+
+def _subgrid(reference: Volume, points_lps, margin_voxels: int = 1):
+    """(first index (i, j, k), size (x, y, z)) of the reference-lattice box around points, clipped."""
+    ijk = reference.lps_to_index(np.asarray(points_lps, dtype=np.float64).reshape(-1, 3))
+    lo = np.floor(ijk.min(0)).astype(int) - margin_voxels
+    hi = np.ceil(ijk.max(0)).astype(int) + margin_voxels
+    size_xyz = np.asarray(reference.size_xyz)
+    lo = np.maximum(lo, 0)
+    hi = np.minimum(hi, size_xyz - 1)
+    if np.any(hi < lo):
+        return None
+    return lo, tuple(int(v) for v in hi - lo + 1)
+
+
+def _segment_samples(mask: Volume, max_points: int = 13):
+    """Points that describe a segment: centroid first, then extreme points along the principal axes."""
+    zyx = np.argwhere(mask.array > 0.5)
+    ijk = zyx[:, ::-1].astype(np.float64)
+    lps = mask.index_to_lps(ijk)
+    centroid = lps.mean(0)
+    pts, labels = [centroid], ["centroid"]
+    if len(lps) >= 8:
+        centred = lps - centroid
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        for a, axis in enumerate(vt):
+            proj = centred @ axis
+            for sign, idx in (("-", int(np.argmin(proj))), ("+", int(np.argmax(proj)))):
+                # halfway to the extreme: inside the lesion but spread out
+                pts.append(centroid + 0.5 * (lps[idx] - centroid))
+                labels.append(f"axis{a}{sign}")
+    return np.asarray(pts[:max_points]), tuple(labels[:max_points])
+
+
+def _local_affine(samples_lps: np.ndarray, results) -> tuple[sitk.AffineTransform, dict]:
+    """Baseline->follow-up affine from the sample matches (translation-only fallback)."""
+    src = np.asarray(samples_lps, dtype=np.float64)
+    dst = np.array([r.query_point.to("LPS").as_array() for r in results])
+    ok = np.array([r.confident for r in results])
+    ok[0] = True  # the centre always counts: it is the lesion position reported to the user
+    t = dst[0] - src[0]
+    a = np.eye(3)
+    model = "translation"
+    if ok.sum() >= 5:
+        s, d = src[ok], dst[ok]
+        cs, cd = s.mean(0), d.mean(0)
+        sol, *_ = np.linalg.lstsq(s - cs, d - cd, rcond=None)
+        lin = sol.T
+        sv = np.linalg.svd(lin, compute_uv=False)
+        if np.linalg.det(lin) > 0 and sv.min() > 0.7 and sv.max() < 1.4:
+            a = lin
+            t = dst[0] - a @ src[0]  # keep the matched centre exact
+            model = "affine"
+    fit = sitk.AffineTransform(3)
+    fit.SetMatrix(tuple(a.ravel()))
+    fit.SetTranslation(tuple(t))
+    return fit, {"model": model, "points": int(ok.sum()), "translation_mm": [round(float(v), 2) for v in t]}
+
+
+def warp_mask(mask: Volume, baseline_to_followup: sitk.Transform, follow: Volume) -> Optional[Volume]:
+    """Carry a 0/1 mask into the follow-up lattice (cropped to the mapped mask) through the fit."""
+    corners = mask.corners_lps()
+    mapped = np.array([baseline_to_followup.TransformPoint(tuple(c)) for c in corners])
+    grid = _subgrid(follow, mapped, margin_voxels=2)
+    if grid is None:
+        return None
+    origin_index, size = grid
+    ref = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    ref.SetSpacing(follow.spacing)
+    ref.SetOrigin(tuple(follow.index_to_lps(origin_index)))
+    ref.SetDirection(tuple(follow.direction.ravel()))
+    # resampling pulls values: each follow-up voxel looks up the baseline mask through the inverse
+    out = sitk.Resample(mask.to_sitk(), ref, baseline_to_followup.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return Volume.from_sitk(out, "CT", name="propagated").with_array(
+        (sitk.GetArrayFromImage(out) >= 0.5).astype(np.float32))
