@@ -63,47 +63,51 @@ test data, BSD-3-Clause).
 # Sample data: a bundled CT and its simulated follow-up, one click in the Sample Data module
 #
 def registerSampleData():
-    """Add the SAMv2 sample pair to the Sample Data module."""
+    """Add the SAMv2 sample pair (bundled lung CT + simulated follow-up) to the Sample Data module."""
     import SampleData
 
     from SAMv2SlicerLib import sampledata
 
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
     try:
-        baseline = sampledata.find_bundled_ct()
+        baseline = sampledata.bundled_baseline()
     except Exception as exc:  # no bundled CT in this build: nothing to offer
         logging.info(f"SAMv2Slicer: no sample data registered ({exc})")
         return
-    cache = _sampleCacheDir()
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category=sampledata.SAMPLE_CATEGORY,
         sampleName=sampledata.SAMPLE_NAME,
-        uris=[baseline.as_uri(), (cache / "simulated_followup.nrrd").as_uri()],
-        fileNames=[baseline.name, "simulated_followup.nrrd"],
-        nodeNames=[sampledata.BASELINE_NODE_NAME, sampledata.FOLLOWUP_NODE_NAME],
+        uris=[baseline.as_uri()],
+        fileNames=[baseline.name],
+        nodeNames=[sampledata.BASELINE_NODE_NAME],
         thumbnailFileName=os.path.join(iconsPath, "SAMv2Slicer.png"),
         loadFileType="VolumeFile",
+        # the follow-up is simulated on first use, so loading goes through our own function
         customDownloader=loadSamplePair,
     )
 
 
 def _sampleCacheDir():
-    from pathlib import Path
-
-    return Path(slicer.app.cachePath) / "SAMv2Slicer"
+    return pathlib.Path(slicer.app.cachePath) / "SAMv2Slicer"
 
 
 def loadSamplePair(source=None):
-    """Load the sample pair (the follow-up is simulated once and cached). Returns the two nodes."""
+    """Load the sample baseline CT, its tumour segment and the simulated follow-up. Returns the nodes."""
     from SAMv2SlicerLib import sampledata
 
     with slicer.util.tryWithErrorDisplay(_("Could not load the SAMv2 sample data."), waitCursor=True):
         pair = sampledata.sample_pair(_sampleCacheDir())
         baseline = slicer.util.loadVolume(str(pair.baseline), {"name": sampledata.BASELINE_NODE_NAME})
         followup = slicer.util.loadVolume(str(pair.followup), {"name": sampledata.FOLLOWUP_NODE_NAME})
-        for node in (baseline, followup):
+        loaded = [baseline, followup]
+        for node in loaded:
             node.SetAttribute("SAMv2.Modality", "CT")
-        return [baseline, followup]
+        if pair.tumor_label is not None:
+            tumour = slicer.util.loadSegmentation(str(pair.tumor_label), {"name": sampledata.TUMOR_NODE_NAME})
+            tumour.SetReferenceImageGeometryParameterFromVolumeNode(baseline)
+            loaded.append(tumour)
+        slicer.util.setSliceViewerLayers(background=baseline, fit=True)
+        return loaded
 
 
 #
@@ -467,7 +471,7 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _selectedResultRow(self):
-        rows = {index.row() for index in self.ui.resultsTable.selectedIndexes()}
+        rows = {item.row() for item in self.ui.resultsTable.selectedItems()}
         return min(rows) if rows else None
 
     def onResultDoubleClicked(self, row, column) -> None:
