@@ -147,6 +147,9 @@ class Embedder:
         if emb is None:
             emb = self._compute(volume, progress)
             self._save_disk(key, emb)
+        from .matching import prepare  # build the search index now, so the first click is fast
+
+        prepare(emb)
         self._cache[key] = emb
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -190,6 +193,8 @@ class Embedder:
         fine = torch.cat(fine_parts, 1)
         coarse = torch.cat(coarse_parts, 1)
         semantic = torch.cat(sem_parts, 1) if sem_parts else None
+        if self.card is not None and "semantic" not in getattr(self.card, "matching_heads", ["semantic"]):
+            semantic = None  # the card says this head is not used for matching
         # crop the fine grid to the image extent (padding adds air voxels)
         nfz, nfy, nfx = math.ceil(z / fz), math.ceil(y / fy), math.ceil(x / fx)
         fine = fine[:, :nfz, :nfy, :nfx].contiguous()

@@ -177,6 +177,11 @@ class _Index:
 _INDEX_CACHE: "weakref.WeakKeyDictionary[Embeddings, _Index]" = weakref.WeakKeyDictionary()
 
 
+def prepare(emb: Embeddings) -> None:
+    """Build (and keep) the search index of ``emb`` ahead of the first match."""
+    _index_for(emb)
+
+
 def _index_for(emb: Embeddings) -> _Index:
     """The search index of ``emb``, built once and kept as long as the embeddings live."""
     index = _INDEX_CACHE.get(emb)

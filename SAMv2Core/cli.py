@@ -1,0 +1,235 @@
+"""The ``samv2`` command: embed, match, register, convert-checkpoint, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import SAMv2Error
+
+
+def _progress_bar(desc: str):
+    """A tqdm-backed progress callback(fraction, message); returns (callback, close)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, unit="%", leave=False, file=sys.stderr, disable=None,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(fraction: float, message: str) -> None:
+        bar.n = int(round(100 * fraction))
+        bar.set_postfix_str(message)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def _embedder(args, allow_untrained: bool = False):
+    from .embed import Embedder
+    from .models import resolve_model
+
+    resolved = resolve_model(args.model, device=args.device, allow_untrained=allow_untrained)
+    if not resolved.trained:
+        print(f"WARNING: {resolved.label}", file=sys.stderr)
+    emb = Embedder(resolved.model, device=args.device, precision=args.precision,
+                   cache_dir=getattr(args, "cache_dir", None))
+    return emb, resolved
+
+
+def _embed_with_progress(embedder, volume):
+    update, close = _progress_bar(f"embedding {volume.name}")
+    try:
+        return embedder.embed(volume, progress=update)
+    finally:
+        close()
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="weights (.safetensors with its .json card); default: the bundled model")
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--cache-dir", help="keep embeddings on disk here (reused across runs)")
+
+
+# --- embed ------------------------------------------------------------------------------------
+def cmd_embed(args) -> int:
+    from safetensors.torch import save_file
+
+    from .volume import load_volume
+
+    vol = load_volume(args.image, args.modality)
+    embedder, resolved = _embedder(args)
+    t0 = time.perf_counter()
+    emb = _embed_with_progress(embedder, vol)
+    dt = time.perf_counter() - t0
+    summary = {"image": str(args.image), "model": resolved.label, "device": str(embedder.device),
+               "seconds": round(dt, 3), "fine_shape": list(emb.fine.shape), "coarse_shape": list(emb.coarse.shape),
+               "semantic": emb.semantic is not None, "fine_grid_spacing_mm": list(emb.fine_grid.spacing)}
+    if args.out:
+        tensors = {"fine": emb.fine, "coarse": emb.coarse}
+        if emb.semantic is not None:
+            tensors["semantic"] = emb.semantic
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, args.out, metadata={"fine_grid": json.dumps(emb.fine_grid.__dict__),
+                                               "coarse_grid": json.dumps(emb.coarse_grid.__dict__),
+                                               "coordinate_system": "LPS", "model": resolved.label})
+        summary["out"] = args.out
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# --- match ------------------------------------------------------------------------------------
+def _gather_points(args):
+    from .markups import parse_inline, read_points
+
+    system = args.coords.upper()
+    pts, labels, out_system = [], [], system
+    for n, text in enumerate(args.point or []):
+        pts.append(parse_inline(text, system))
+        labels.append(f"P{n + 1}")
+    if args.points:
+        pl = read_points(args.points, system)
+        pts.extend(pl.lps)
+        labels.extend(pl.labels)
+        if args.points.endswith(".json"):
+            out_system = pl.source_system
+    if not pts:
+        raise SAMv2Error("no points given: use --point x,y,z and/or --points file.csv|file.mrk.json")
+    return np.array(pts), labels, out_system
+
+
+def match_volumes(template_path, query_path, points_lps, labels, args, embedder=None):
+    """Run a match job; returns (results, report dict). Shared by the CLI and the demo."""
+    from .matching import MatchOptions, match_points
+    from .volume import load_volume
+
+    template = load_volume(template_path, args.modality) if not hasattr(template_path, "array") else template_path
+    query = load_volume(query_path, args.query_modality or args.modality) if not hasattr(query_path, "array") else query_path
+    if embedder is None:
+        embedder, _ = _embedder(args)
+    t0 = time.perf_counter()
+    te = _embed_with_progress(embedder, template)
+    qe = _embed_with_progress(embedder, query)
+    t1 = time.perf_counter()
+    opts = MatchOptions(min_score=args.min_score) if args.min_score is not None else None
+    results = match_points(te, qe, points_lps, method=args.method, options=opts)
+    t2 = time.perf_counter()
+    return results, {"embed_seconds": round(t1 - t0, 3), "match_seconds": round(t2 - t1, 4)}
+
+
+def cmd_match(args) -> int:
+    from .markups import write_csv, write_markups
+
+    pts, labels, out_system = _gather_points(args)
+    embedder, resolved = _embedder(args)
+    results, timing = match_volumes(args.template, args.query, pts, labels, args, embedder)
+    doc = {"template": str(args.template), "query": str(args.query), "model": resolved.label,
+           "method": args.method, "coordinate_system": out_system, **timing,
+           "matches": [dict(label=l, **r.to_dict(out_system)) for l, r in zip(labels, results)]}
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    if args.out_markups:
+        write_markups(args.out_markups, np.array([r.query_point.xyz for r in results]), labels, out_system,
+                      [f"score {r.score:.3f}" + ("" if r.confident else f"; NOT CONFIDENT: {r.reason}") for r in results],
+                      [r.confident for r in results])
+    if args.out_csv:
+        write_csv(args.out_csv, [{"label": l, "x": r.query_point.to(out_system).xyz[0],
+                                  "y": r.query_point.to(out_system).xyz[1], "z": r.query_point.to(out_system).xyz[2],
+                                  "coordinate_system": out_system, "score": round(r.score, 4),
+                                  "confident": r.confident, "reason": r.reason or ""}
+                                 for l, r in zip(labels, results)])
+    return 0
+
+
+# --- convert ----------------------------------------------------------------------------------
+def cmd_convert(args) -> int:
+    from .model_io import convert_official_checkpoint
+
+    card = convert_official_checkpoint(args.src, args.dst, variant=args.variant)
+    print(json.dumps({"written": str(args.dst), "name": card.name, "heads": card.heads,
+                      "modality": card.modality, "sha256": card.sha256}, indent=2))
+    return 0
+
+
+# --- demo -------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="samv2", description="Self-supervised anatomical embeddings (SAMv2) for "
+                                "landmark matching and registration. Points are LPS mm unless --coords RAS.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("embed", help="compute the embeddings of one image")
+    e.add_argument("image", help="NIfTI / NRRD / MHA file or DICOM series folder")
+    e.add_argument("--modality", default="auto", help="CT, MR or auto")
+    e.add_argument("--out", help="write the embeddings (.safetensors)")
+    _add_model_args(e)
+    e.set_defaults(func=cmd_embed)
+
+    m = sub.add_parser("match", help="find template points on a query image")
+    m.add_argument("--template", required=True, help="image the points are placed on")
+    m.add_argument("--query", required=True, help="image to find them on")
+    m.add_argument("--point", action="append", help="x,y,z (repeatable), in --coords")
+    m.add_argument("--points", help="CSV (x,y,z[,label]) in --coords, or a Slicer .mrk.json (its own system)")
+    m.add_argument("--coords", default="LPS", choices=["LPS", "RAS", "lps", "ras"],
+                   help="coordinate system of --point / CSV input and of the output (default LPS)")
+    m.add_argument("--method", default="fixed_point", choices=["fixed_point", "nn"])
+    m.add_argument("--min-score", type=float, help="confidence threshold on the similarity score")
+    m.add_argument("--modality", default="auto", help="template modality: CT, MR or auto")
+    m.add_argument("--query-modality", help="query modality if different (CT, MR or auto)")
+    m.add_argument("--out", help="write the JSON result here instead of stdout")
+    m.add_argument("--out-markups", help="also write the matched points as a Slicer .mrk.json")
+    m.add_argument("--out-csv", help="also write the matched points as CSV")
+    _add_model_args(m)
+    m.set_defaults(func=cmd_match)
+
+    c = sub.add_parser("convert-checkpoint", help="convert an official SAM/SAMv2/CrossSAM .pth to safetensors")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--variant", default="auto", help="auto, sam, samv2 or crosssam")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("demo", help="the main job on bundled sample data with the bundled model")
+    d.add_argument("--out", default="samv2_demo", help="output folder (default ./samv2_demo)")
+    d.add_argument("--seed", type=int, default=0)
+    _add_model_args(d)
+    d.set_defaults(func=cmd_demo)
+
+    try:
+        from .registration.cli import add_register_arguments, run_register
+    except ImportError:  # registration not installed in this build
+        pass
+    else:
+        r = sub.add_parser("register", help="register a moving image to a fixed image")
+        add_register_arguments(r)
+        r.set_defaults(func=run_register)
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SAMv2Error as exc:
+        print(f"samv2: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("samv2: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
