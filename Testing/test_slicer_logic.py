@@ -200,6 +200,10 @@ def test_points_ras_in_and_out_and_mrk_json_is_lps(tmp_path):
     node.SetAndObserveTransformNodeID(parent.GetID())
     np.testing.assert_allclose(nodes.read_points(node).ras, ras + [1.0, 2.0, 3.0])
     np.testing.assert_allclose(nodes.read_points(node, world=False).ras, ras)
+    # points without a defined position ("skipped" while placing) are not input
+    node.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), "C")
+    node.SetNthControlPointPositionMissing(2)
+    assert nodes.read_points(node).labels == ("A", "B (?)")
 
 
 # --------------------------------------------------------------------------------------------
