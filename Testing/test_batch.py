@@ -52,13 +52,13 @@ def workspace(tmp_path_factory):
     scene = slicer.vtkMRMLScene()
     nodes.write_point_list(nodes.new_point_list(scene, "lesions", lps_to_ras(lesions), ["nodule", "vessel"]),
                            str(root / "points.mrk.json"))
-    with open(root / "points.csv", "w", newline="") as f:
+    with open(root / "points.csv", "w", newline="") as f:  # samv2core's CSV format, here in RAS
         w = csv.writer(f)
-        w.writerow(["label", "R", "A", "S"])
+        w.writerow(["x", "y", "z", "label"])
         for label, p in zip(("A1", "A2", "A3"), lps_to_ras(np.vstack([lesions, centre - [10.0, 10.0, 0.0]]))):
-            w.writerow([label, *p])
+            w.writerow([*p, label])
     with open(root / "outside.csv", "w", newline="") as f:
-        f.write("label,L,P,S\nfar,9000,0,0\n")
+        f.write("x,y,z,label\n9000,0,0,far\n")
     torch.manual_seed(0)
     model = save_model(build_network(NetConfig.lite()),
                        ModelCard(name="lite-untrained-test", architecture={}, heads=[]), root / "lite.safetensors")
@@ -75,7 +75,8 @@ def workspace(tmp_path_factory):
 
 def run_batch(ws, cases: str, out: str, *extra):
     cmd = [sys.executable, str(SCRIPT), str(ws["root"] / cases), "--output", str(ws["root"] / out),
-           "--model", str(ws["model"]), "--device", "cpu", "--method", "nn", "--threads", "2", *extra]
+           "--model", str(ws["model"]), "--device", "cpu", "--method", "nn", "--threads", "2",
+           "--points-system", "RAS", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -107,7 +108,7 @@ def test_batch_writes_points_csv_and_summary_and_reports_failures(workspace):
     rows = list(csv.DictReader(open(out / "csv_case" / "matched.csv")))
     assert [r["label"] for r in rows] == ["A1", "A2", "A3"]
     src = np.array([[float(r[k]) for k in ("source_L", "source_P", "source_S")] for r in rows])
-    ras_in = np.array([[float(v) for v in r[1:]] for r in list(csv.reader(open(ws["root"] / "points.csv")))[1:]])
+    ras_in = np.array([[float(v) for v in r[:3]] for r in list(csv.reader(open(ws["root"] / "points.csv")))[1:]])
     np.testing.assert_allclose(src, ras_in * [-1, -1, 1], atol=1e-3)
 
 

@@ -91,6 +91,7 @@ class SAMv2Logic:
         self.scene = scene
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.status = ""
+        self.model_label = ""  # which weights the last run used, for messages
         self._model_spec: tuple = ("bundled", None, "auto")
         self._model_override = None  # a LoadedModel / network given directly (tests, scripts)
         self._embedder = None
@@ -138,14 +139,12 @@ class SAMv2Logic:
         kind, path, device = self._model_spec
         if kind == "object":
             model = self._model_override
-        elif kind == "file":
-            from samv2core.model_io import load_model
-
-            model = load_model(path, device)
+            self.model_label = getattr(getattr(model, "card", None), "name", type(model).__name__)
         else:
-            from samv2core.model_io import default_model
+            from samv2core.models import resolve_model
 
-            model = default_model(device)
+            resolved = resolve_model(path if kind == "file" else None, device)  # CheckpointError if invalid
+            model, self.model_label = resolved.model, resolved.label
         self._embedder = Embedder(model, device=device, cache_dir=self.cache_dir)
         self._embedder_key = self._model_spec
         self._embeddings.clear()

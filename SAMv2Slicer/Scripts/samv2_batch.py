@@ -6,8 +6,8 @@ Input: a CSV file with one case per row and the columns
     baseline,followup,points[,case]
 
 (paths relative to the CSV's folder; volumes in any format SimpleITK reads, or a DICOM
-folder; points as a Slicer point list .mrk.json / .fcsv, or a CSV with a header
-``label,L,P,S`` or ``label,R,A,S`` naming its coordinate system).
+folder; points as a Slicer point list .mrk.json / .fcsv, or a CSV with columns
+``x,y,z[,label]`` in LPS, or in RAS with ``--points-system RAS``).
 
 For every case it writes, in ``OUTPUT/<case>/``:
 
@@ -56,6 +56,8 @@ def parse_args(argv):
                    help="also register follow-up (moving) onto baseline (fixed)")
     p.add_argument("--deformable", action="store_true", help="add a deformable refinement (with --register)")
     p.add_argument("--modality", default="auto", help="CT, MR or auto")
+    p.add_argument("--points-system", default="LPS", choices=["LPS", "RAS"],
+                   help="coordinate system of CSV point files (x,y,z[,label]); .mrk.json files name their own")
     p.add_argument("--cache-dir", default=None, help="folder for cached embeddings")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
@@ -89,42 +91,23 @@ def read_cases(csv_path: Path) -> list[dict]:
     return rows
 
 
-def load_points(path: str, scene, name: str):
-    """A NEW markups node from a .mrk.json / .fcsv / .csv points file."""
-    import numpy as np
-
+def load_points(path: str, scene, name: str, csv_system: str = "LPS"):
+    """A NEW markups node from a .mrk.json / .fcsv (Slicer's readers) or a CSV points file
+    (samv2core.markups format: x,y,z[,label] columns in ``csv_system``)."""
     from samv2core.coords import lps_to_ras
     from samv2core.errors import InputError
+    from samv2core.markups import read_points
     from SAMv2SlicerLib import nodes
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: points file not found")
-    if p.name.lower().endswith((".mrk.json", ".json", ".fcsv")):
+    if p.name.lower().endswith((".json", ".fcsv")):
         return nodes.read_point_list_file(str(p), scene, name)
     if p.suffix.lower() != ".csv":
         raise InputError(f"{p}: points must be .mrk.json, .fcsv or .csv")
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        upper = [c.upper() for c in cols]
-        if all(c in upper for c in ("L", "P", "S")):
-            axes, system = ("L", "P", "S"), "LPS"
-        elif all(c in upper for c in ("R", "A", "S")):
-            axes, system = ("R", "A", "S"), "RAS"
-        else:
-            raise InputError(f"{p}: header must name the coordinate system: label,L,P,S or label,R,A,S")
-        labels, coords = [], []
-        for n, raw in enumerate(reader, start=1):
-            row = {k.strip().upper(): v for k, v in raw.items() if k}
-            try:
-                coords.append([float(row[a]) for a in axes])
-            except (TypeError, ValueError):
-                raise InputError(f"{p}: row {n} has a non-numeric coordinate") from None
-            labels.append((row.get("LABEL") or "").strip() or f"P{n}")
-    pts = np.asarray(coords, dtype=np.float64).reshape(-1, 3)
-    ras = lps_to_ras(pts) if system == "LPS" else pts
-    return nodes.new_point_list(scene, name, ras, labels)
+    points = read_points(p, csv_system)
+    return nodes.new_point_list(scene, name, lps_to_ras(points.lps), points.labels)
 
 
 def write_matches_csv(path: Path, outcome) -> None:
@@ -149,7 +132,7 @@ def run_case(logic, case: dict, out_dir: Path, args) -> dict:
     added_before = scene.GetNumberOfNodes()
     base = nodes.volume_to_node(load_volume(case["baseline"], args.modality), scene, f"{case['case']}_baseline")
     follow = nodes.volume_to_node(load_volume(case["followup"], args.modality), scene, f"{case['case']}_followup")
-    points = load_points(case["points"], scene, f"{case['case']}_points")
+    points = load_points(case["points"], scene, f"{case['case']}_points", args.points_system)
     outcome = logic.match_points(base, follow, points, method=args.method, output_name=f"{case['case']}_matched")
     out_dir.mkdir(parents=True, exist_ok=True)
     nodes.write_point_list(outcome.node, str(out_dir / "matched.mrk.json"))
