@@ -14,7 +14,6 @@ from typing import Annotated, Optional
 import slicer
 
 try:  # the application-only parts of Slicer's Python API
-    import ctk
     import qt
     import vtk
     from slicer import (vtkMRMLGridTransformNode, vtkMRMLLinearTransformNode, vtkMRMLMarkupsFiducialNode,
@@ -29,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - plain Python
     raise ImportError("SAMv2Slicer.py is the 3D Slicer module and needs the Slicer application; "
                       "in plain Python use the SAMv2SlicerLib package (logic) instead") from exc
 
-from SAMv2SlicerLib.constants import DEVICES, FLAGGED_SUFFIX, METHODS, REGISTRATION_MODES
+from SAMv2SlicerLib.constants import DEVICES, METHODS, REGISTRATION_MODES
 
 
 #

@@ -26,15 +26,14 @@ import numpy as np
 import SimpleITK as sitk
 import vtk
 
-from samv2core.coords import lps_to_ras, ras_to_lps
-from samv2core.errors import InputError, MatchingError, RegistrationError, SAMv2Error
+from samv2core.coords import lps_to_ras
+from samv2core.errors import InputError, MatchingError, SAMv2Error
 from samv2core.volume import Volume
 
 from . import nodes
-from .constants import (ATTRIBUTE_PREFIX, DEVICES, FIXED_REFERENCE_ROLE, FLAGGED_SUFFIX, METHODS,  # noqa: F401
+from .constants import (ATTRIBUTE_PREFIX, FIXED_REFERENCE_ROLE, FLAGGED_SUFFIX, METHODS,  # noqa: F401
                         MOVING_REFERENCE_ROLE, REGISTRATION_MODES, SOURCE_POINTS_ROLE, SOURCE_VOLUME_ROLE)
 from .worker import Cancelled, ProgressCallback, run_sync
-
 
 
 def _noop(fraction: float, message: str) -> None:
@@ -342,7 +341,7 @@ class SAMv2Logic:
         base, follow = self._pair(baseline_node, followup_node)
         if segmentation_node is not None:
             mask = nodes.segment_mask(segmentation_node, segment_id)
-            samples, sample_labels = _segment_samples(mask)
+            samples, _ = _segment_samples(mask)
             label = mask.name or "lesion"
             source_id = segmentation_node.GetID()
             radius = None
@@ -354,7 +353,7 @@ class SAMv2Logic:
                 raise InputError(f"{points_node.GetName()}: no point number {point_index + 1} (it has {len(pts)})")
             if not (np.isfinite(radius_mm) and radius_mm > 0):
                 raise InputError(f"the lesion radius must be positive, got {radius_mm}")
-            samples, sample_labels = pts.lps[point_index:point_index + 1], (pts.labels[point_index],)
+            samples = pts.lps[point_index:point_index + 1]
             label = pts.labels[point_index]
             source_id = points_node.GetID()
             radius = float(radius_mm)
