@@ -53,23 +53,50 @@ class EmbeddingGrid:
 
 @dataclass(frozen=True, eq=False)
 class Embeddings:
-    """Per-voxel embeddings of one volume. Tensors are (C, z, y, x), L2-normalised over C."""
+    """Per-voxel embeddings of one volume, stored once, channels-last, for fast matching.
 
-    fine: torch.Tensor  # appearance, fine level (4 mm at the default 2 mm model grid)
-    coarse: torch.Tensor  # appearance, coarse level (8 x 32 x 32 mm cells)
-    semantic: Optional[torch.Tensor]  # semantic head, on the fine grid (None for SAM / CrossSAM)
+    ``rows[n]`` concatenates the L2-normalised heads at fine voxel n (C order of the fine
+    grid's (z, y, x) array): fine appearance, coarse appearance (trilinearly upsampled from its
+    own grid, as SAMv2 combines them), then semantic when the model has it. ``fine``,
+    ``semantic`` and ``coarse_on_fine`` are (C, z, y, x) views into it; ``coarse`` is the
+    coarse head on its own grid.
+    """
+
+    rows: torch.Tensor  # (N, D)
+    head_dims: tuple  # ((name, channels), ...) in row order
+    coarse: torch.Tensor  # (C, z', y', x') coarse head on coarse_grid
     fine_grid: EmbeddingGrid
     coarse_grid: EmbeddingGrid
     model_volume: Volume  # the resampled model-grid volume (raw intensities)
     model_id: str
     meta: dict = field(default_factory=dict)
 
+    def _head(self, name: str) -> Optional[torch.Tensor]:
+        start = 0
+        for head, dims in self.head_dims:
+            if head == name:
+                return self.rows[:, start: start + dims].T.reshape(dims, *self.fine_grid.shape)
+            start += dims
+        return None
+
+    @property
+    def fine(self) -> torch.Tensor:
+        return self._head("fine")
+
+    @property
+    def semantic(self) -> Optional[torch.Tensor]:
+        return self._head("semantic")
+
+    @property
+    def coarse_on_fine(self) -> torch.Tensor:
+        return self._head("coarse")
+
     @property
     def heads(self) -> tuple[str, ...]:
-        return ("fine", "coarse") + (("semantic",) if self.semantic is not None else ())
+        return tuple(h for h, _ in self.head_dims)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.fine, self.coarse, self.semantic) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.coarse))
 
 
 def _volume_key(volume: Volume) -> str:
@@ -171,11 +198,14 @@ class Embedder:
         slab = self._slab_depth(py, px)
         margin = 8 * mz  # context on each side of a slab: 64 mm at 2 mm
         starts = _slab_starts(z, slab, margin, mz)
-        fine_parts, coarse_parts, sem_parts = [], [], []
         fz, fy, fx = self.fine_stride
         cz = self.coarse_stride[0]
+        nfz, nfy, nfx = math.ceil(z / fz), math.ceil(y / fy), math.ceil(x / fx)
+        rows = None
+        coarse_parts = []
+        use_semantic = self.card is None or "semantic" in getattr(self.card, "matching_heads", ["semantic"])
         for n, (keep0, keep1) in enumerate(starts):
-            report(0.05 + 0.9 * n / len(starts), f"embedding slab {n + 1}/{len(starts)}")
+            report(0.05 + 0.85 * n / len(starts), f"embedding slab {n + 1}/{len(starts)}")
             lo = max(0, keep0 - margin)
             hi = min(z, keep1 + margin)
             lo = (lo // mz) * mz
@@ -183,33 +213,37 @@ class Embedder:
             block = np.full((depth, py, px), pad_value, dtype=np.float32)
             block[: min(depth, z - lo), :y, :x] = image[lo: lo + depth][:, :y, :x]
             out = self._run(block)
+            if not use_semantic:
+                out.pop("semantic", None)  # the model card says this head is not used for matching
+            if rows is None:
+                c = out["fine"].shape[0]
+                head_dims = (("fine", c), ("coarse", out["coarse"].shape[0])) + \
+                    ((("semantic", out["semantic"].shape[0]),) if "semantic" in out else ())
+                rows = torch.empty((nfz, nfy, nfx, sum(d for _, d in head_dims)), dtype=self.storage_dtype)
             # keep the slab's own slices: fine rows [keep0, keep1) / fz, coarse likewise / cz
             f0, f1 = (keep0 - lo) // fz, (keep1 - lo + fz - 1) // fz
             c0, c1 = (keep0 - lo) // cz, (keep1 - lo + cz - 1) // cz
-            fine_parts.append(out["fine"][:, f0:f1])
-            coarse_parts.append(out["coarse"][:, c0:c1])
+            g0 = keep0 // fz
+            g1 = min(nfz, g0 + f1 - f0)
+            rows[g0:g1, ..., :c] = out["fine"][:, f0: f0 + g1 - g0, :nfy, :nfx].permute(1, 2, 3, 0)
             if "semantic" in out:
-                sem_parts.append(out["semantic"][:, f0:f1])
-        fine = torch.cat(fine_parts, 1)
-        coarse = torch.cat(coarse_parts, 1)
-        semantic = torch.cat(sem_parts, 1) if sem_parts else None
-        if self.card is not None and "semantic" not in getattr(self.card, "matching_heads", ["semantic"]):
-            semantic = None  # the card says this head is not used for matching
-        # crop the fine grid to the image extent (padding adds air voxels)
-        nfz, nfy, nfx = math.ceil(z / fz), math.ceil(y / fy), math.ceil(x / fx)
-        fine = fine[:, :nfz, :nfy, :nfx].contiguous()
-        if semantic is not None:
-            semantic = semantic[:, :nfz, :nfy, :nfx].contiguous()
+                rows[g0:g1, ..., -c:] = out["semantic"][:, f0: f0 + g1 - g0, :nfy, :nfx].permute(1, 2, 3, 0)
+            coarse_parts.append(out["coarse"][:, c0:c1])
+            del out
+        coarse = torch.cat(coarse_parts, 1).contiguous()
         sp = np.asarray(mv.spacing)
         org = np.asarray(mv.origin)
         # Output voxel n of a stride-s level covers input voxels [s*n, s*n + s): its centre
         # sits at s*n + (s - 1)/2 in model-grid index units.
         fs = np.array([fx, fy, fz], float)
         cs = np.array(self.coarse_stride[::-1], float)
-        fine_grid = EmbeddingGrid(tuple(org + sp * (fs - 1) / 2), tuple(sp * fs), tuple(fine.shape[1:]))
+        fine_grid = EmbeddingGrid(tuple(org + sp * (fs - 1) / 2), tuple(sp * fs), (nfz, nfy, nfx))
         coarse_grid = EmbeddingGrid(tuple(org + sp * (cs - 1) / 2), tuple(sp * cs), tuple(coarse.shape[1:]))
+        report(0.92, "combining heads")
+        _fill_coarse_on_fine(rows, c, coarse, coarse_grid, fine_grid)
+        rows = rows.reshape(-1, rows.shape[-1])
         report(1.0, "done")
-        return Embeddings(fine, coarse.contiguous(), semantic, fine_grid, coarse_grid, mv, self.model_id,
+        return Embeddings(rows, head_dims, coarse, fine_grid, coarse_grid, mv, self.model_id,
                           {"slabs": len(starts), "input_shape": (z, y, x)})
 
     def _slab_depth(self, py: int, px: int) -> int:
@@ -242,11 +276,9 @@ class Embedder:
         from safetensors.torch import save_file
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"fine": emb.fine, "coarse": emb.coarse}
-        if emb.semantic is not None:
-            tensors["semantic"] = emb.semantic
+        tensors = {"rows": emb.rows, "coarse": emb.coarse}
         meta = {"key": key, "fine_grid": json.dumps(emb.fine_grid.__dict__),
-                "coarse_grid": json.dumps(emb.coarse_grid.__dict__)}
+                "coarse_grid": json.dumps(emb.coarse_grid.__dict__), "head_dims": json.dumps(emb.head_dims)}
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
@@ -265,10 +297,11 @@ class Embedder:
                 t = {k: f.get_tensor(k) for k in f.keys()}
             grids = [EmbeddingGrid(**{k: tuple(v) for k, v in json.loads(meta[g]).items()})
                      for g in ("fine_grid", "coarse_grid")]
+            head_dims = tuple((str(h), int(d)) for h, d in json.loads(meta["head_dims"]))
         except Exception:
             return None  # unreadable cache entries are recomputed, never trusted
         mv = resample_to_model_grid(volume, self.spacing_mm)
-        return Embeddings(t["fine"], t["coarse"], t.get("semantic"), grids[0], grids[1], mv, self.model_id,
+        return Embeddings(t["rows"], head_dims, t["coarse"], grids[0], grids[1], mv, self.model_id,
                           {"from_disk_cache": True})
 
 
@@ -278,3 +311,23 @@ def _slab_starts(z: int, slab: int, margin: int, multiple: int) -> list[tuple[in
         return [(0, z)]
     keep = max(multiple, ((slab - 2 * margin) // multiple) * multiple)
     return [(s, min(z, s + keep)) for s in range(0, z, keep)]
+
+
+def _fill_coarse_on_fine(rows: torch.Tensor, start: int, coarse: torch.Tensor, coarse_grid: EmbeddingGrid,
+                         fine_grid: EmbeddingGrid, chunk: int = 16) -> None:
+    """Write the coarse head, trilinearly interpolated at every fine voxel centre, into
+    ``rows[..., start:start + C]`` (in z-chunks, so no full-size float32 copy is made)."""
+    c = coarse.shape[0]
+    nz, ny, nx = fine_grid.shape
+    size = np.array(coarse_grid.shape[::-1], float)  # (x, y, z)
+    cf = coarse[None].float()
+    ys, xs = np.arange(ny), np.arange(nx)
+    for z0 in range(0, nz, chunk):
+        zs = np.arange(z0, min(nz, z0 + chunk))
+        zz, yy, xx = np.meshgrid(zs, ys, xs, indexing="ij")
+        ijk = np.stack([xx, yy, zz], -1).reshape(-1, 3)
+        cidx = coarse_grid.lps_to_index(fine_grid.index_to_lps(ijk))
+        norm = (2 * cidx + 1) / size - 1  # align_corners=False
+        grid = torch.as_tensor(norm, dtype=torch.float32).reshape(1, len(zs), ny, nx, 3)
+        vals = F.grid_sample(cf, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        rows[z0: z0 + len(zs), ..., start: start + c] = vals.permute(1, 2, 3, 0).to(rows.dtype)

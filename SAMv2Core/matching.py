@@ -64,9 +64,9 @@ class StableMatches:
 class _Index:
     """One volume's descriptors as a (N, D) matrix for fast similarity search.
 
-    Row n of ``rows`` concatenates the fine, semantic and (upsampled) coarse embeddings of
-    fine voxel n, each scaled by 1/n_heads, so a dot product between two rows is the SAMv2
-    combined score (mean of the per-head cosines). Search is coarse-to-fine: exhaustive on a
+    Row n of ``rows`` concatenates the unit embeddings of every head at fine voxel n, so a
+    dot product divided by the number of heads is the SAMv2 combined score (mean of the
+    per-head cosines). Search is coarse-to-fine: exhaustive on a
     stride-2 subgrid, then exact in small windows around the best candidates.
     """
 
@@ -76,21 +76,14 @@ class _Index:
     def __init__(self, emb: Embeddings):
         self.emb = emb
         self.grid: EmbeddingGrid = emb.fine_grid
-        self.shape = tuple(emb.fine.shape[1:])
-        z, y, x = self.shape
-        ratio = np.round(np.asarray(emb.coarse_grid.spacing[::-1]) / np.asarray(self.grid.spacing[::-1])).astype(int)
-        up_shape = tuple(int(s * r) for s, r in zip(emb.coarse.shape[1:], ratio))
-        coarse_up = F.interpolate(emb.coarse[None].float(), size=up_shape, mode="trilinear",
-                                  align_corners=False)[0, :, :z, :y, :x]
-        parts = [emb.fine, coarse_up.to(emb.fine.dtype)] + ([emb.semantic] if emb.semantic is not None else [])
-        self.n_heads = len(parts)
-        self.head_dims = [p.shape[0] for p in parts]
-        vol = torch.cat(parts, 0) / self.n_heads  # (D, z, y, x)
-        self.rows = vol.reshape(vol.shape[0], -1).T.contiguous()  # (N, D)
+        self.shape = tuple(emb.fine_grid.shape)
+        self.rows = emb.rows  # (N, D), shared with the embeddings (no copy)
+        self.head_dims = [d for _, d in emb.head_dims]
+        self.n_heads = len(self.head_dims)
         s = self.SUB
-        sub = vol[:, ::s, ::s, ::s]
-        self.sub_shape = tuple(sub.shape[1:])
-        self.sub_rows_t = sub.reshape(sub.shape[0], -1).contiguous()  # (D, Nsub)
+        sub = self.rows.reshape(*self.shape, -1)[::s, ::s, ::s]
+        self.sub_shape = tuple(sub.shape[:3])
+        self.sub_rows_t = sub.reshape(-1, sub.shape[-1]).T.contiguous()  # (D, Nsub)
 
     # --- descriptors --------------------------------------------------------------------------
     def _flat(self, zyx: np.ndarray) -> np.ndarray:
@@ -100,7 +93,7 @@ class _Index:
     def descriptors(self, idx_xyz: np.ndarray) -> torch.Tensor:
         """Trilinearly interpolated, per-head unit descriptors (Q, D) at fine indices.
 
-        Dotted with ``rows`` (scaled by 1/n_heads) this gives the mean per-head cosine."""
+        Dotted with a row and divided by the number of heads this is the combined score."""
         p = np.asarray(idx_xyz, dtype=np.float64).reshape(-1, 3)[:, ::-1]  # -> (z, y, x)
         hi = np.asarray(self.shape) - 1
         p = np.clip(p, 0, hi)
@@ -127,6 +120,7 @@ class _Index:
         score_out = np.zeros(q)
         nsub = self.sub_rows_t.shape[1]
         step = max(1, chunk_elems // nsub)
+        desc = desc / self.n_heads  # dot products become mean per-head cosines
         d_low = desc.to(self.rows.dtype)
         for s in range(0, q, step):
             part = d_low[s: s + step]
