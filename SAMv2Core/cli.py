@@ -70,9 +70,9 @@ def cmd_embed(args) -> int:
                "seconds": round(dt, 3), "fine_shape": list(emb.fine.shape), "coarse_shape": list(emb.coarse.shape),
                "semantic": emb.semantic is not None, "fine_grid_spacing_mm": list(emb.fine_grid.spacing)}
     if args.out:
-        tensors = {"fine": emb.fine, "coarse": emb.coarse}
+        tensors = {"fine": emb.fine.contiguous(), "coarse": emb.coarse.contiguous()}
         if emb.semantic is not None:
-            tensors["semantic"] = emb.semantic
+            tensors["semantic"] = emb.semantic.contiguous()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, args.out, metadata={"fine_grid": json.dumps(emb.fine_grid.__dict__),
                                                "coarse_grid": json.dumps(emb.coarse_grid.__dict__),
@@ -218,9 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _join_negative_points(argv: list) -> list:
+    """Let '--point -12,5,3' work: argparse would read '-12,5,3' as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--point" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"--point={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_points(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except SAMv2Error as exc:

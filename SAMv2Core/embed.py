@@ -146,6 +146,10 @@ class Embedder:
         self.card = card
         self.device = select_device(device)
         self.net.to(self.device).eval()
+        # channels-last 3D lets oneDNN/cuDNN pick their fast kernels (about 2x on CPU with bf16)
+        self.channels_last = self.device.type in ("cpu", "cuda")
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last_3d)
         self.autocast_dtype = _resolve_precision(precision, self.device)
         card_spacing = getattr(card, "spacing_mm", None) if card is not None else None
         self.spacing_mm = float(spacing_mm or card_spacing or 2.0)
@@ -257,6 +261,8 @@ class Embedder:
     @torch.inference_mode()
     def _run(self, block: np.ndarray) -> dict:
         x = torch.from_numpy(block)[None, None].to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         if self.autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 out = self.net(x)
