@@ -1,0 +1,14 @@
+"""Embedding-driven registration: SAM-rigid/affine, SAM-coarse, deformable refinement.
+
+``register(fixed, moving, mode='rigid'|'affine', deformable=False, coarse=False, ...)`` returns
+a :class:`RegistrationResult` whose transforms map FIXED physical LPS points to MOVING points
+(the ITK / ``sitk.Resample`` convention); ``write_registration`` saves them (ITK .tfm/.h5,
+displacement .nii.gz, composite .h5), the resampled moving image and a JSON report.
+"""
+from .deformable import DeformableOptions
+from .io import write_registration
+from .options import RegistrationOptions
+from .pipeline import register
+from .result import RegistrationResult
+
+__all__ = ["register", "write_registration", "RegistrationOptions", "RegistrationResult", "DeformableOptions"]

@@ -1,0 +1,116 @@
+"""``samv2 register``: arguments and runner (wired into samv2core.cli by one line).
+
+    samv2 register --fixed F --moving M --mode rigid|affine [--coarse] [--deformable] --out DIR
+
+Exit status 0 on success; any refusal (no overlap, background image, too few matches,
+modality mismatch, 2D input...) prints one line to stderr and returns 2, writing nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import SAMv2Error
+from .deformable import INTENSITY_TERMS, DeformableOptions
+from .options import MODALITY_PAIRS, RegistrationOptions
+
+
+def add_register_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``register`` sub-command's arguments to ``parser``."""
+    parser.add_argument("--fixed", required=True, help="fixed (reference) image: NIfTI / NRRD / MHA / DICOM folder")
+    parser.add_argument("--moving", required=True, help="moving image, registered onto the fixed one")
+    parser.add_argument("--mode", default="affine", choices=["rigid", "affine"],
+                        help="linear model: rigid (same patient, e.g. CT-MRI) or affine (default)")
+    parser.add_argument("--coarse", action="store_true", help="add the SAM-coarse control-grid displacement")
+    parser.add_argument("--deformable", action="store_true",
+                        help="add the diffeomorphic deformable refinement (instance optimisation)")
+    parser.add_argument("--out", required=True, help="output folder (transforms, resampled image, report.json)")
+    parser.add_argument("--fixed-modality", default="auto", help="CT, MR or auto (DICOM tag / intensities)")
+    parser.add_argument("--moving-modality", default="auto", help="CT, MR or auto")
+    parser.add_argument("--modality-pair", default="auto", choices=list(MODALITY_PAIRS),
+                        help="declare 'same' or 'cross' modality: refuse if the images disagree")
+    parser.add_argument("--min-score", type=float, default=0.7, help="similarity threshold of a match (0.7)")
+    parser.add_argument("--grid-spacing", type=float, default=16.0, help="query point spacing in mm (16)")
+    parser.add_argument("--min-inliers", type=int, default=12, help="refuse with fewer inlier matches (12)")
+    parser.add_argument("--inlier-threshold", type=float, default=8.0, help="inlier distance in mm (8)")
+    parser.add_argument("--fov-margin", type=float, default=20.0, help="margin of the field-of-view crop, mm (20)")
+    parser.add_argument("--intensity-term", default="auto", choices=list(INTENSITY_TERMS),
+                        help="deformable intensity term: auto (LNCC same modality, MIND cross), lncc, mind, none")
+    parser.add_argument("--no-embedding-term", action="store_true",
+                        help="deformable step without the embedding cosine (intensity term only)")
+    parser.add_argument("--smoothness", type=float, default=None, help="deformable regularisation weight")
+    parser.add_argument("--ignore-physical-overlap", action="store_true",
+                        help="register images whose scanner coordinates do not overlap (different scanners/patients)")
+    parser.add_argument("--model", help="weights (.safetensors with its .json card); default: the bundled model")
+    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--cache-dir", help="keep embeddings on disk here (reused across runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def options_from_args(args) -> RegistrationOptions:
+    """RegistrationOptions from parsed ``register`` arguments."""
+    dopt = DeformableOptions(intensity=args.intensity_term, device=args.device, seed=args.seed,
+                             embedding_weight=0.0 if args.no_embedding_term else 1.0)
+    if args.smoothness is not None:
+        dopt.smoothness = float(args.smoothness)
+    return RegistrationOptions(grid_spacing_mm=args.grid_spacing, min_score=args.min_score,
+                               min_inliers=args.min_inliers, inlier_threshold_mm=args.inlier_threshold,
+                               fov_margin_mm=args.fov_margin, modality_pair=args.modality_pair,
+                               require_physical_overlap=not args.ignore_physical_overlap, deformable=dopt,
+                               device=args.device, seed=args.seed)
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return (lambda f, m: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc="register", unit="%", leave=False, file=sys.stderr, disable=None,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(fraction: float, message: str) -> None:
+        bar.n = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        bar.set_postfix_str(message[:60])
+        bar.refresh()
+
+    return update, bar.close
+
+
+def run_register(args) -> int:
+    """Run ``samv2 register``; returns the exit status (0 ok, 2 refused / failed)."""
+    from ..embed import Embedder
+    from ..models import resolve_model
+    from ..volume import load_volume
+    from .io import write_registration
+    from .pipeline import preflight, register
+
+    try:
+        options = options_from_args(args)
+        fixed = load_volume(args.fixed, args.fixed_modality)
+        moving = load_volume(args.moving, args.moving_modality)
+        preflight(fixed, moving, options)  # refuse bad inputs before loading a model
+        resolved = resolve_model(args.model, device="cpu")
+        embedder = Embedder(resolved.model, device=args.device, cache_dir=args.cache_dir)
+        update, close = _progress(args.quiet)
+        try:
+            result = register(fixed, moving, mode=args.mode, deformable=args.deformable, coarse=args.coarse,
+                               embedder=embedder, options=options, progress=update)
+        finally:
+            close()
+        result.report["model"] = resolved.label
+        paths = write_registration(result, moving, fixed, args.out)
+    except SAMv2Error as exc:
+        print(f"samv2 register: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # invalid option values
+        print(f"samv2 register: error: {exc}", file=sys.stderr)
+        return 2
+    rep = result.report
+    summary = {"out": str(args.out), "files": {k: str(v) for k, v in paths.items()}, "mode": rep["mode"],
+               "inliers": rep["linear"]["inliers"], "matches": rep["linear"]["matches"],
+               "residual_mm_median": rep["linear"]["residual_mm_inliers"]["median"],
+               "folding_percent": rep.get("folding_percent"), "timing": rep["timing"], "model": resolved.label}
+    print(json.dumps(summary, indent=2))
+    return 0

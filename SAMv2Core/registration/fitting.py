@@ -1,0 +1,227 @@
+"""Robust linear fits to matched point pairs: rigid (Arun et al. / Kabsch SVD) and affine
+(least squares), with RANSAC outlier rejection, an IRLS (Huber) refinement on the inliers,
+a minimum inlier count and a residual report.
+
+Every fit maps ``src`` points onto ``dst`` points: ``dst ~= matrix @ src + translation``. The
+registration pipeline fits FIXED -> MOVING (the ITK resampling convention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import RegistrationError
+
+MODES = ("rigid", "affine")
+# Minimal sample sizes: 3 non-collinear points fix a rotation, 4 non-coplanar an affine map.
+_MIN_SAMPLE = {"rigid": 3, "affine": 4}
+
+
+@dataclass
+class LinearFit:
+    """A fitted linear transform and how well the matches support it (all distances in mm)."""
+
+    mode: str
+    matrix: np.ndarray  # (3, 3)
+    translation: np.ndarray  # (3,)
+    inliers: np.ndarray  # (N,) bool over the input pairs
+    residuals_mm: np.ndarray  # (N,) |dst - fit(src)| for every input pair
+    threshold_mm: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def n_inliers(self) -> int:
+        return int(self.inliers.sum())
+
+    def homogeneous(self) -> np.ndarray:
+        """The 4x4 matrix of the fit."""
+        m = np.eye(4)
+        m[:3, :3] = self.matrix
+        m[:3, 3] = self.translation
+        return m
+
+    def apply(self, points) -> np.ndarray:
+        """Map (N, 3) points with the fit."""
+        return np.asarray(points, dtype=np.float64) @ self.matrix.T + self.translation
+
+    def report(self) -> dict:
+        """JSON-ready summary: counts, inlier residual statistics, decomposition."""
+        r_in = self.residuals_mm[self.inliers]
+        return {
+            "mode": self.mode,
+            "matches": int(self.inliers.size),
+            "inliers": self.n_inliers,
+            "inlier_fraction": round(self.n_inliers / max(1, self.inliers.size), 4),
+            "inlier_threshold_mm": round(float(self.threshold_mm), 3),
+            "residual_mm_inliers": _summary(r_in),
+            "residual_mm_all": _summary(self.residuals_mm),
+            "matrix": self.matrix.round(8).tolist(),
+            "translation_mm": self.translation.round(6).tolist(),
+            **self.stats,
+        }
+
+
+def _summary(r: np.ndarray) -> dict:
+    if r.size == 0:
+        return {"mean": None, "median": None, "p90": None, "max": None, "rms": None}
+    return {"mean": round(float(r.mean()), 3), "median": round(float(np.median(r)), 3),
+            "p90": round(float(np.percentile(r, 90)), 3), "max": round(float(r.max()), 3),
+            "rms": round(float(np.sqrt(np.mean(r ** 2))), 3)}
+
+
+def fit_rigid(src, dst, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares rotation R and translation t with dst ~= R src + t (Arun et al. 1987).
+
+    Uses the SVD of the weighted cross-covariance, with the sign correction that rules out
+    reflections (Umeyama), so R is always a proper rotation.
+    """
+    src, dst, w = _prepare(src, dst, weights)
+    cs, cd = w @ src, w @ dst
+    h = (src - cs).T @ ((dst - cd) * w[:, None])
+    u, _, vt = np.linalg.svd(h)
+    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
+    r = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    return r, cd - r @ cs
+
+
+def fit_affine(src, dst, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares 3x3 matrix A and translation t with dst ~= A src + t."""
+    src, dst, w = _prepare(src, dst, weights)
+    cs, cd = w @ src, w @ dst
+    sw = np.sqrt(w)[:, None]
+    # Centering decouples the translation and keeps the system well conditioned for
+    # points far from the origin (scanner coordinates can be ~1 m away).
+    sol, *_ = np.linalg.lstsq((src - cs) * sw, (dst - cd) * sw, rcond=None)
+    a = sol.T
+    return a, cd - a @ cs
+
+
+def _prepare(src, dst, weights):
+    src = np.asarray(src, dtype=np.float64).reshape(-1, 3)
+    dst = np.asarray(dst, dtype=np.float64).reshape(-1, 3)
+    if src.shape != dst.shape:
+        raise ValueError(f"src and dst must have the same shape, got {src.shape} and {dst.shape}")
+    w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    if w.sum() <= 0:
+        raise ValueError("weights must not all be zero")
+    return src, dst, w / w.sum()
+
+
+def _fit(mode, src, dst, weights=None):
+    return fit_rigid(src, dst, weights) if mode == "rigid" else fit_affine(src, dst, weights)
+
+
+def _spread_ok(points: np.ndarray, mode: str, min_extent_mm: float) -> bool:
+    """True when points span enough of 3D space to determine the transform.
+
+    Rigid needs a non-degenerate plane (2 axes); affine needs all three axes (points all
+    in one thick slice cannot fix the scaling along the slice normal).
+    """
+    if len(points) < _MIN_SAMPLE[mode]:
+        return False
+    sv = np.linalg.svd(points - points.mean(0), compute_uv=False) / np.sqrt(len(points))
+    need = 2 if mode == "rigid" else 3
+    return bool(sv[need - 1] >= min_extent_mm)
+
+
+def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min_inliers: int = 12,
+               iterations: int = 1000, scores=None, irls_iterations: int = 10, min_extent_mm: float = 5.0,
+               max_scale: float = 2.0, seed: int = 0) -> LinearFit:
+    """Fit ``mode`` ('rigid' | 'affine') to point pairs with RANSAC + Huber IRLS.
+
+    RANSAC (MSAC scoring, minimal samples) picks the consensus set within ``threshold_mm``;
+    the transform is then refitted on the consensus by IRLS with Huber weights (scale
+    ``threshold_mm / 2``), and inliers are re-evaluated. ``scores`` (match similarities) weight
+    the final fit. Returns a LinearFit; raises RegistrationError when the pairs cannot
+    support a transform: too few pairs or inliers, points in a degenerate configuration,
+    or an affine map with a reflection / implausible scaling.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    src = np.asarray(src, dtype=np.float64).reshape(-1, 3)
+    dst = np.asarray(dst, dtype=np.float64).reshape(-1, 3)
+    n = len(src)
+    min_inliers = max(int(min_inliers), _MIN_SAMPLE[mode])
+    if n < min_inliers:
+        raise RegistrationError(
+            f"too few confident matches for a {mode} fit: {n} pairs, at least {min_inliers} are required "
+            "(the images may not share anatomy, or the similarity threshold is too strict)")
+    if not _spread_ok(src, mode, min_extent_mm) or not _spread_ok(dst, mode, min_extent_mm):
+        raise RegistrationError(
+            f"the {n} matched points are (nearly) {'collinear' if mode == 'rigid' else 'coplanar'}: "
+            f"they cannot determine a {mode} transform")
+    w_score = None if scores is None else np.clip(np.asarray(scores, dtype=np.float64).ravel(), 1e-3, None)
+    rng = np.random.default_rng(seed)
+    k = _MIN_SAMPLE[mode]
+    t2 = threshold_mm ** 2
+
+    best_cost, best_inl = np.inf, None
+    for _ in range(int(iterations)):
+        idx = rng.choice(n, size=k, replace=False)
+        if not _spread_ok(src[idx], mode, min_extent_mm):
+            continue
+        m, t = _fit(mode, src[idx], dst[idx])
+        if mode == "affine" and not _plausible_affine(m, max_scale):
+            continue
+        r2 = np.sum((src @ m.T + t - dst) ** 2, axis=1)
+        cost = np.minimum(r2, t2).sum()  # MSAC: inliers count by residual, outliers a constant
+        if cost < best_cost:
+            best_cost, best_inl = cost, r2 < t2
+    if best_inl is None or best_inl.sum() < k:
+        best_inl = np.ones(n, dtype=bool)  # every sample degenerate: let the checks below decide
+
+    inl = best_inl
+    m, t = _fit(mode, src[inl], dst[inl], None if w_score is None else w_score[inl])
+    huber = max(threshold_mm / 2.0, 1e-6)
+    for _ in range(int(irls_iterations)):
+        res = np.linalg.norm(src @ m.T + t - dst, axis=1)
+        new_inl = res < threshold_mm
+        if new_inl.sum() < k or not _spread_ok(src[new_inl], mode, min_extent_mm):
+            break
+        w = np.where(res[new_inl] <= huber, 1.0, huber / np.maximum(res[new_inl], 1e-12))
+        if w_score is not None:
+            w = w * w_score[new_inl]
+        m_new, t_new = _fit(mode, src[new_inl], dst[new_inl], w)
+        converged = np.array_equal(new_inl, inl) and np.allclose(m_new, m, atol=1e-9) and np.allclose(t_new, t, atol=1e-6)
+        m, t, inl = m_new, t_new, new_inl
+        if converged:
+            break
+
+    res = np.linalg.norm(src @ m.T + t - dst, axis=1)
+    inl = res < threshold_mm
+    fit = LinearFit(mode, m, t, inl, res, float(threshold_mm))
+    n_in = int(inl.sum())
+    if n_in < min_inliers:
+        raise RegistrationError(
+            f"too few matches agree on one {mode} transform: {n_in} inliers within {threshold_mm:g} mm of "
+            f"{n} matches, at least {min_inliers} are required")
+    if not _spread_ok(src[inl], mode, min_extent_mm):
+        raise RegistrationError(f"the {n_in} inlier matches are (nearly) coplanar: they cannot determine a {mode} transform")
+    det = float(np.linalg.det(m))
+    if mode == "affine" and not _plausible_affine(m, max_scale):
+        sv = np.linalg.svd(m, compute_uv=False)
+        raise RegistrationError(
+            f"the fitted affine transform is implausible (determinant {det:.3f}, scalings {sv.round(3).tolist()}; "
+            f"allowed 1/{max_scale:g}..{max_scale:g} without reflection): the matches are unreliable")
+    sv = np.linalg.svd(m, compute_uv=False)
+    fit.stats = {"determinant": round(det, 6), "scalings": sv.round(6).tolist(),
+                 "rotation_deg": round(float(_rotation_angle_deg(m)), 4)}
+    return fit
+
+
+def _plausible_affine(m: np.ndarray, max_scale: float) -> bool:
+    if np.linalg.det(m) <= 0:
+        return False
+    sv = np.linalg.svd(m, compute_uv=False)
+    return bool(sv.max() <= max_scale and sv.min() >= 1.0 / max_scale)
+
+
+def _rotation_angle_deg(m: np.ndarray) -> float:
+    """Angle of the rotation closest to ``m`` (polar decomposition), in degrees."""
+    u, _, vt = np.linalg.svd(m)
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        return float("nan")
+    c = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
+    return float(np.degrees(np.arccos(c)))

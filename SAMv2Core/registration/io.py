@@ -1,0 +1,92 @@
+"""Writing a registration: ITK transform files that SimpleITK and 3D Slicer both read, the
+resampled moving image and the JSON report.
+
+Files (all transforms map FIXED LPS points to MOVING points, the ITK convention; Slicer reads
+them as "from parent" transforms, so a moving volume placed under them lands on the fixed one):
+
+* ``linear.tfm`` / ``linear.h5``: the rigid or affine part (AffineTransform_double_3_3);
+* ``displacement.nii.gz`` / ``displacement.h5``: the nonlinear part d, applied to fixed points
+  BEFORE the linear part (vector image in LPS millimetres / ITK DisplacementFieldTransform);
+  only when a coarse/deformable stage ran. Slicer reads the .nii.gz correctly but warns that
+  its NIfTI intent is 'vector' (1007) rather than 'displacement' (1006): ITK writes vector
+  images that way; the .h5 loads without the warning;
+* ``composite.h5``: the complete map linear o (x + d(x)) in one file;
+* ``moving_resampled.nii.gz``: the moving image on the fixed grid, through ``composite``;
+* ``report.json``: inliers, residuals, Jacobian statistics, folding, timings, settings.
+
+Files are written to a temporary folder first and moved into place only when all of them
+were written, so a failure never leaves a partial result that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import RegistrationError
+from ..volume import Volume
+from .result import RegistrationResult
+
+
+def resample_moving(result: RegistrationResult, moving: Volume, fixed: Volume,
+                    interpolator=sitk.sitkLinear) -> Volume:
+    """The moving image resampled onto the fixed grid through the complete transform."""
+    fill = float(moving.array.min())
+    out = sitk.Resample(moving.to_sitk(), fixed.to_sitk(), result.composite, interpolator, fill, sitk.sitkFloat32)
+    vol = Volume.from_sitk(out, moving.modality, name=f"{moving.name}_registered")
+    return vol
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def write_registration(result: RegistrationResult, moving: Volume, fixed: Volume, out_dir) -> dict:
+    """Write the transforms, the resampled moving image and the report into ``out_dir``.
+
+    Returns {"linear_tfm", "linear_h5", "displacement", "displacement_h5" (if any), "composite", "moving_resampled",
+    "report"} -> Path. Raises RegistrationError if a file cannot be written (nothing is left behind).
+    """
+    if not isinstance(result, RegistrationResult):
+        raise RegistrationError("write_registration needs a RegistrationResult from register()")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    names = {"linear_tfm": "linear.tfm", "linear_h5": "linear.h5", "composite": "composite.h5",
+             "moving_resampled": "moving_resampled.nii.gz", "report": "report.json"}
+    if result.displacement is not None:
+        names["displacement"] = "displacement.nii.gz"
+        names["displacement_h5"] = "displacement.h5"
+    try:
+        sitk.WriteTransform(result.linear, str(tmp / names["linear_tfm"]))
+        sitk.WriteTransform(result.linear, str(tmp / names["linear_h5"]))
+        if result.displacement is not None:
+            sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(tmp / names["displacement"]),
+                            True)
+            sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(result.displacement)),
+                                str(tmp / names["displacement_h5"]))
+        sitk.WriteTransform(result.composite, str(tmp / names["composite"]))
+        sitk.WriteImage(resample_moving(result, moving, fixed).to_sitk(), str(tmp / names["moving_resampled"]), True)
+        report = dict(result.report)
+        report["files"] = dict(names)
+        (tmp / names["report"]).write_text(json.dumps(report, indent=2, default=_json_default))
+        paths = {}
+        for key, name in names.items():
+            os.replace(tmp / name, out / name)
+            paths[key] = out / name
+        return paths
+    except (RuntimeError, OSError) as exc:
+        raise RegistrationError(f"could not write the registration to {out}: {str(exc).strip().splitlines()[-1]}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,48 @@
+"""Settings of the registration pipeline (defaults follow SAME++ / CrossSAM, see the
+reference notes; every value is written into the JSON report)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .deformable import DeformableOptions
+
+MODALITY_PAIRS = ("auto", "same", "cross")
+
+
+@dataclass
+class RegistrationOptions:
+    """All knobs of :func:`samv2core.registration.register`."""
+
+    # --- SAM-affine / SAM-rigid --------------------------------------------------------
+    grid_spacing_mm: float = 16.0  # query points every 16 mm (8 voxels at 2 mm) inside the moving body
+    max_query_points: int = 1500  # evenly thinned beyond this (matching cost is linear in the count)
+    min_score: float = 0.7  # similarity threshold of a stable match
+    stable_passes: int = 5  # forward-backward passes of the cycle-consistency check
+    min_inliers: int = 12  # fewer inliers than this: refuse
+    inlier_threshold_mm: float = 8.0  # RANSAC / IRLS inlier distance (two fine embedding voxels)
+    ransac_iterations: int = 1000
+    max_scale: float = 2.0  # affine scalings outside [1/2, 2] are refused as implausible
+    mask_margin_mm: float = 4.0  # both ends of a match must lie within this distance of the body masks
+    # --- inputs ---------------------------------------------------------------------------
+    modality_pair: str = "auto"  # 'same' / 'cross': refuse when the volumes' modality flags disagree
+    require_physical_overlap: bool = True  # refuse images whose scanner coordinates do not overlap
+    min_body_volume_ml: float = 20.0  # less body than this in an image: "all background"
+    # --- field of view, SAM-coarse, deformable ------------------------------------------
+    fov_margin_mm: float = 20.0  # safety margin when cropping to the common field of view
+    coarse_spacing_mm: float = 32.0
+    coarse_smoothness: float = 1.0
+    coarse_max_residual_mm: float = 30.0  # matches further than this from the linear fit are not used
+    deformable: DeformableOptions = field(default_factory=DeformableOptions)
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.modality_pair not in MODALITY_PAIRS:
+            raise ValueError(f"modality_pair must be one of {MODALITY_PAIRS}, got {self.modality_pair!r}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["deformable"] = self.deformable.to_dict()
+        return d

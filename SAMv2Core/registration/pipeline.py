@@ -1,0 +1,316 @@
+"""register(): the SAME++ / CrossSAM pipeline on two volumes.
+
+1. checks (3D, not all background, modality flags, physical overlap);
+2. embeddings of both volumes; query points every 16 mm inside the moving body mask;
+3. cycle-consistent stable matches (score > 0.7), both ends inside the body masks;
+4. SAM-rigid (Arun SVD) or SAM-affine (least squares) with RANSAC + IRLS, minimum inliers;
+5. crop to the common field of view (margin) -> optional SAM-coarse control-grid field and
+   optional deformable instance optimisation (SVF on embeddings + LNCC / MIND-SSC);
+6. ITK transforms (fixed -> moving) and a report with residuals, Jacobian statistics, timings.
+
+Anything that cannot support a transform raises RegistrationError; nothing partial is returned.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from ..errors import InputError, RegistrationError, SAMv2Error
+from ..preprocess import body_mask
+from ..volume import Modality, Volume
+from .coarse import fit_coarse_field
+from .deformable import DeformableImage, intensity_tensor, refine_deformable, resolve_intensity_term, taper_window
+from .fitting import MODES, robust_fit
+from .fov import crop_volume, overlap_crop
+from .grid import Grid, sample
+from .options import RegistrationOptions
+from .result import RegistrationResult
+from .sampling import grid_points_in_mask
+from .svf import jacobian_determinant, jacobian_stats
+
+Progress = Optional[Callable[[float, str], None]]
+
+
+# --- input checks ------------------------------------------------------------------------------
+def check_volume(volume: Volume, role: str) -> None:
+    """Refuse (RegistrationError) a 2D, constant/NaN or wrongly flagged volume."""
+    if not isinstance(volume, Volume):
+        raise RegistrationError(f"{role} image: expected a samv2core Volume, got {type(volume).__name__}")
+    size = np.asarray(volume.size_xyz)
+    extent = (size - 1) * np.asarray(volume.spacing)
+    if size.min() < 2 or extent.min() < 8.0:
+        raise RegistrationError(
+            f"{role} image is 2D or too thin ({'x'.join(map(str, size))} voxels, extent "
+            f"{'x'.join(f'{e:.0f}' for e in extent)} mm): registration needs a 3D volume")
+    try:
+        volume.validated()
+    except InputError as exc:
+        raise RegistrationError(f"{role} image: {exc}") from None
+    a = volume.array
+    sub = a.ravel()[:: max(1, a.size // 200_000)]
+    p1 = float(np.percentile(sub, 1))
+    if volume.modality is Modality.CT and float(a.min()) >= 0.0:
+        raise RegistrationError(
+            f"{role} image is flagged CT but has no negative values (min {float(a.min()):g}): CT must be in "
+            "Hounsfield units (air -1000); if it is an MR image, flag it MR")
+    if volume.modality is Modality.MR and p1 < -500.0:
+        raise RegistrationError(
+            f"{role} image is flagged MR but looks like CT in Hounsfield units (1st percentile {p1:.0f}); flag it CT")
+
+
+def check_modalities(fixed: Volume, moving: Volume, opts: RegistrationOptions) -> str:
+    """'same' or 'cross'; RegistrationError when the flags contradict the options."""
+    pair = "same" if fixed.modality == moving.modality else "cross"
+    if opts.modality_pair != "auto" and opts.modality_pair != pair:
+        raise RegistrationError(
+            f"modality mismatch: options say '{opts.modality_pair}' modality but fixed is {fixed.modality.value} "
+            f"and moving is {moving.modality.value}")
+    term = opts.deformable.intensity
+    if pair == "cross" and term == "lncc":
+        raise RegistrationError(
+            f"LNCC compares intensities of the same modality; fixed is {fixed.modality.value}, moving "
+            f"{moving.modality.value}: use the 'mind' (or 'auto') intensity term")
+    return pair
+
+
+def _boxes_intersect(a: Volume, b: Volume) -> bool:
+    ca, cb = a.corners_lps(), b.corners_lps()
+    return bool(np.all(np.minimum(ca.max(0), cb.max(0)) > np.maximum(ca.min(0), cb.min(0))))
+
+
+def _mask_lookup(volume: Volume, mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    ijk = np.rint(volume.lps_to_index(points)).astype(int)
+    size = np.asarray(volume.size_xyz)
+    ok = np.all((ijk >= 0) & (ijk < size), axis=1)
+    out = np.zeros(len(points), bool)
+    out[ok] = mask[ijk[ok, 2], ijk[ok, 1], ijk[ok, 0]]
+    return out
+
+
+def _body(volume: Volume, role: str, opts: RegistrationOptions) -> np.ndarray:
+    mask = body_mask(volume)
+    ml = float(mask.sum()) * float(np.prod(volume.spacing)) / 1000.0
+    if ml < opts.min_body_volume_ml:
+        raise RegistrationError(
+            f"{role} image is all background: only {ml:.1f} ml above the body threshold "
+            f"(at least {opts.min_body_volume_ml:g} ml needed)")
+    return mask
+
+
+def _default_embedder(device: str):
+    from ..embed import Embedder
+    from ..models import resolve_model
+
+    resolved = resolve_model(None, device="cpu")
+    return Embedder(resolved.model, device=device)
+
+
+def _as_grid(g) -> Grid:
+    return Grid(tuple(float(v) for v in g.origin), tuple(float(v) for v in g.spacing), tuple(int(v) for v in g.shape))
+
+
+def _volume_grid(v: Volume) -> Grid:
+    if not np.allclose(v.direction, np.eye(3), atol=1e-6):
+        raise ValueError("expected an identity-direction model-grid volume")
+    return Grid(v.origin, v.spacing, tuple(v.array.shape))
+
+
+def _deformable_image(model_volume: Volume, mask: np.ndarray, emb, margin_voxels: int = 2) -> DeformableImage:
+    dil = ndimage.binary_dilation(mask, iterations=margin_voxels) if margin_voxels > 0 else mask
+    feats = emb.fine[None] if emb is not None else None
+    return DeformableImage(intensity_tensor(model_volume, model_volume.modality.value), _volume_grid(model_volume),
+                           model_volume.modality.value, torch.from_numpy(dil.astype(np.float32))[None, None],
+                           feats, _as_grid(emb.fine_grid) if emb is not None else None)
+
+
+def _crop_embedded(model_volume: Volume, mask: np.ndarray, lo, hi, emb) -> DeformableImage:
+    """The deformable view of one image cropped to the LPS box [lo, hi] (the CrossSAM FOV crop)."""
+    cropped = crop_volume(model_volume, lo, hi)
+    i0 = np.rint(model_volume.lps_to_index(np.asarray(cropped.origin))).astype(int)
+    z, y, x = cropped.array.shape
+    sub_mask = mask[i0[2]:i0[2] + z, i0[1]:i0[1] + y, i0[0]:i0[0] + x]
+    return _deformable_image(cropped, sub_mask, emb)
+
+
+def _displacement_image(field: torch.Tensor, grid: Grid) -> sitk.Image:
+    arr = field[0].permute(1, 2, 3, 0).numpy().astype(np.float64)  # (z, y, x, 3)
+    img = sitk.GetImageFromArray(arr, isVector=True)
+    img.SetOrigin(grid.origin)
+    img.SetSpacing(grid.spacing)
+    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return img
+
+
+def _affine(matrix4: np.ndarray) -> sitk.AffineTransform:
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(tuple(float(v) for v in matrix4[:3, :3].ravel()))
+    t.SetTranslation(tuple(float(v) for v in matrix4[:3, 3]))
+    return t
+
+
+def preflight(fixed: Volume, moving: Volume, options: Optional[RegistrationOptions] = None) -> str:
+    """All checks that need no model: 3D, usable intensities, modality flags, physical overlap.
+
+    Returns 'same' or 'cross' (modality pair); raises RegistrationError otherwise.
+    """
+    opts = options or RegistrationOptions()
+    check_volume(fixed, "fixed")
+    check_volume(moving, "moving")
+    pair = check_modalities(fixed, moving, opts)
+    if opts.require_physical_overlap and not _boxes_intersect(fixed, moving):
+        raise RegistrationError(
+            "the fixed and moving images do not overlap physically (their scanner-coordinate boxes are disjoint); "
+            "if they come from different scanners or patients and should be matched anatomically anyway, "
+            "disable the check (require_physical_overlap=False, CLI --ignore-physical-overlap)")
+    return pair
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bool = False, coarse: bool = False,
+             embedder=None, options: Optional[RegistrationOptions] = None, progress: Progress = None) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed``; returns transforms mapping FIXED LPS points to MOVING points.
+
+    ``mode``: 'rigid' (same patient, e.g. CT-MRI; Arun SVD) or 'affine' (least squares).
+    ``coarse``: add a SAM-coarse control-grid displacement; ``deformable``: add the diffeomorphic
+    instance optimisation (after cropping to the common field of view). ``embedder``: a
+    samv2core.embed.Embedder (default: the bundled model). Raises RegistrationError with a
+    one-line reason whenever the result could not be trusted.
+    """
+    opts = options or RegistrationOptions()
+    report_progress = progress or (lambda f, m: None)
+    if mode not in MODES:
+        raise RegistrationError(f"unknown registration mode {mode!r}: use 'rigid' or 'affine'")
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    warnings: list[str] = []
+
+    def lap(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        timing[name] = round(now - t0, 3)
+        return now
+
+    # 1. checks ----------------------------------------------------------------------------
+    pair = preflight(fixed, moving, opts)
+    t = time.perf_counter()
+
+    # 2. embeddings -----------------------------------------------------------------------
+    if embedder is None:
+        try:
+            embedder = _default_embedder(opts.device)
+        except SAMv2Error as exc:
+            raise RegistrationError(f"no embedding model available: {exc}") from None
+    report_progress(0.02, "embedding the fixed image")
+    emb_f = embedder.embed(fixed, progress=lambda f, m: report_progress(0.02 + 0.28 * f, f"fixed: {m}"))
+    report_progress(0.30, "embedding the moving image")
+    emb_m = embedder.embed(moving, progress=lambda f, m: report_progress(0.30 + 0.28 * f, f"moving: {m}"))
+    t = lap("embedding_s", t)
+    mv_f, mv_m = emb_f.model_volume, emb_m.model_volume
+    mask_f, mask_m = _body(mv_f, "fixed", opts), _body(mv_m, "moving", opts)
+
+    # 3. stable matches ---------------------------------------------------------------------
+    from ..matching import stable_matches
+
+    report_progress(0.60, "stable matching")
+    queries = grid_points_in_mask(mv_m, mask_m, opts.grid_spacing_mm, max_points=opts.max_query_points)
+    if len(queries) < opts.min_inliers:
+        raise RegistrationError(
+            f"the moving body mask holds only {len(queries)} sample points at {opts.grid_spacing_mm:g} mm: too small to register")
+    sm = stable_matches(emb_m, emb_f, queries, passes=opts.stable_passes, min_score=opts.min_score)
+    it = max(1, int(round(opts.mask_margin_mm / max(mv_f.spacing))))
+    in_f = _mask_lookup(mv_f, ndimage.binary_dilation(mask_f, iterations=it), sm.query_lps)
+    in_m = _mask_lookup(mv_m, ndimage.binary_dilation(mask_m, iterations=it), sm.template_lps)
+    keep = in_f & in_m
+    fixed_pts, moving_pts, scores = sm.query_lps[keep], sm.template_lps[keep], sm.scores[keep]
+    match_report = {"query_points": int(len(queries)), "stable_matches": int(len(sm.scores)),
+                    "inside_masks": int(keep.sum()), "min_score": opts.min_score, "passes": opts.stable_passes,
+                    "score_median": round(float(np.median(scores)), 4) if len(scores) else None}
+    t = lap("matching_s", t)
+
+    # 4. linear fit ----------------------------------------------------------------------------
+    report_progress(0.70, f"{mode} fit on {len(scores)} matches")
+    fit = robust_fit(fixed_pts, moving_pts, mode, threshold_mm=opts.inlier_threshold_mm,
+                     min_inliers=opts.min_inliers, iterations=opts.ransac_iterations, scores=scores,
+                     max_scale=opts.max_scale, seed=opts.seed)
+    lin4 = fit.homogeneous()
+    fov = overlap_crop(fixed, moving, lin4, opts.fov_margin_mm)  # raises when nothing overlaps
+    linear = _affine(lin4)
+    t = lap("linear_fit_s", t)
+
+    report = {"mode": mode, "coarse": bool(coarse), "deformable": bool(deformable), "modality_pair": pair,
+              "fixed": {"name": fixed.name, "modality": fixed.modality.value, "size_xyz": list(fixed.size_xyz),
+                        "spacing_mm": list(fixed.spacing)},
+              "moving": {"name": moving.name, "modality": moving.modality.value, "size_xyz": list(moving.size_xyz),
+                         "spacing_mm": list(moving.spacing)},
+              "model_id": getattr(embedder, "model_id", None), "convention": "fixed LPS -> moving LPS (ITK)",
+              "matches": match_report, "linear": fit.report(), "field_of_view": fov.report()}
+
+    # 5. nonlinear stages ----------------------------------------------------------------------
+    displacement_img = None
+    if coarse or deformable:
+        # valid box: the fixed side of the common FOV, limited to the fixed body
+        kji = np.argwhere(mask_f)
+        body_pts = mv_f.index_to_lps(kji[:, ::-1].astype(float))
+        valid_lo = np.maximum(fov.fixed_lo, body_pts.min(0))
+        valid_hi = np.minimum(fov.fixed_hi, body_pts.max(0))
+        if np.any(valid_hi - valid_lo < 16.0):
+            raise RegistrationError("the common field of view contains too little of the fixed body for a deformable step")
+        dopt = opts.deformable
+        dom_lo, dom_hi = valid_lo - dopt.taper_mm, valid_hi + dopt.taper_mm
+        field_grid = Grid.covering(dom_lo, dom_hi, dopt.field_spacing_mm)
+        init = None
+        if coarse:
+            report_progress(0.75, "SAM-coarse field")
+            inv = np.linalg.inv(lin4)
+            target = moving_pts @ inv[:3, :3].T + inv[:3, 3]
+            near = fit.residuals_mm < opts.coarse_max_residual_mm
+            cf = fit_coarse_field(fixed_pts[near], target[near], dom_lo, dom_hi, opts.coarse_spacing_mm,
+                                  opts.coarse_smoothness)
+            coarse_disp = cf.resample(field_grid) * taper_window(field_grid, dopt.taper_mm)
+            report["coarse_field"] = cf.stats
+
+            def init(p, _d=coarse_disp, _g=field_grid):
+                return sample(_d.to(p.device), _g, p)[0].T[None]
+            t = lap("coarse_s", t)
+            total = coarse_disp
+        if deformable:
+            report_progress(0.80, "deformable refinement")
+            resolve_intensity_term(dopt.intensity, fixed.modality.value, moving.modality.value)
+            d_fixed = _crop_embedded(mv_f, mask_f, dom_lo - 8.0, dom_hi + 8.0, emb_f)
+            d_moving = _crop_embedded(mv_m, mask_m, fov.moving_lo, fov.moving_hi, emb_m)
+            try:
+                res = refine_deformable(d_fixed, d_moving, lin4, valid_lo, valid_hi, init, dopt,
+                                        progress=lambda f, m: report_progress(0.80 + 0.17 * f, m))
+            except ValueError as exc:
+                raise RegistrationError(f"deformable refinement impossible: {exc}") from None
+            report["deformable_refinement"] = res.stats
+            field_grid, total = res.grid, res.displacement
+            t = lap("deformable_s", t)
+        det = jacobian_determinant(total, field_grid.spacing)
+        inside = np.all((field_grid.points() >= valid_lo) & (field_grid.points() <= valid_hi), axis=-1)
+        jstats = jacobian_stats(det)
+        jstats["common_fov"] = jacobian_stats(det, inside)
+        jstats["linear_determinant"] = round(float(np.linalg.det(lin4[:3, :3])), 6)
+        jstats["note"] = "det(I + grad d) of the nonlinear part; the complete map's determinant is this times linear_determinant"
+        report["jacobian"] = jstats
+        report["folding_percent"] = jstats["folding_percent"]
+        if jstats["folding_percent"] > 0:
+            warnings.append(f"{jstats['folding_percent']:.4f}% of the field's voxels fold (det J <= 0)")
+        report["field_grid"] = field_grid.to_dict()
+        displacement_img = _displacement_image(total, field_grid)
+
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(linear)
+    if displacement_img is not None:
+        # sitk copies the image into the transform; keep our own copy for the result
+        composite.AddTransform(sitk.DisplacementFieldTransform(sitk.Image(displacement_img)))
+    timing["total_s"] = round(time.perf_counter() - t_start, 3)
+    report["timing"] = timing
+    report["settings"] = opts.to_dict()
+    report["warnings"] = warnings
+    report_progress(1.0, "registration done")
+    return RegistrationResult(linear, displacement_img, composite, report)
