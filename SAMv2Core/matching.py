@@ -168,6 +168,17 @@ class _Index:
         return offs
 
 
+def _unique_search(src: _Index, dst: _Index, idx: np.ndarray, subvoxel: bool):
+    """Search ``dst`` for the descriptors of ``src`` at ``idx``; identical start voxels (common
+    in fixed-point iterations, where many starts converge) are searched once."""
+    if len(idx) > 1 and np.all(idx == np.round(idx)):
+        uniq, inverse = np.unique(idx, axis=0, return_inverse=True)
+        found, score = dst.search(src.descriptors(uniq), subvoxel)
+        inverse = inverse.reshape(-1)
+        return found[inverse], score[inverse]
+    return dst.search(src.descriptors(idx), subvoxel)
+
+
 _INDEX_CACHE: "weakref.WeakKeyDictionary[Embeddings, _Index]" = weakref.WeakKeyDictionary()
 
 
@@ -207,10 +218,10 @@ class Matcher:
         return self.t.grid.lps_to_index(pts)
 
     def _forward(self, t_idx: np.ndarray, subvoxel: bool):
-        return self.q.search(self.t.descriptors(t_idx), subvoxel)
+        return _unique_search(self.t, self.q, t_idx, subvoxel)
 
     def _backward(self, q_idx: np.ndarray, subvoxel: bool):
-        return self.t.search(self.q.descriptors(q_idx), subvoxel)
+        return _unique_search(self.q, self.t, q_idx, subvoxel)
 
     # --- NN ---------------------------------------------------------------------------------
     def nn(self, points_lps) -> list[MatchResult]:
