@@ -270,6 +270,11 @@ def test_grid_transform_node_maps_like_sitk(tmp_path):
     p = _inside_grid_points(disp)
     expected = lps_to_ras(np.array([ref_t.TransformPoint(tuple(q)) for q in p]))
     np.testing.assert_allclose(nodes.node_from_parent_point(node, lps_to_ras(p)), expected, atol=1e-4)
+    # outside the field (beyond a one-voxel band) ITK displaces nothing; the node must not either
+    outside = np.array([disp.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in ijk))
+                        for ijk in ([-3, 4, 4], [4, 20, 4], [4, 4, -2.5], [12, -2, 15])])
+    np.testing.assert_allclose([ref_t.TransformPoint(tuple(q)) for q in outside], outside, atol=1e-9)
+    np.testing.assert_allclose(nodes.node_from_parent_point(node, lps_to_ras(outside)), lps_to_ras(outside), atol=1e-6)
     # written by Slicer, read by SimpleITK: same map
     nodes.write_transform_node(node, str(tmp_path / "grid.h5"))
     back = sitk.ReadTransform(str(tmp_path / "grid.h5"))
@@ -644,3 +649,33 @@ def test_background_task_progress_result_and_errors():
 
     failed = BackgroundTask(fails, "fail").start()
     assert failed.wait(5) == TaskState.FAILED and isinstance(failed.error, InputError)
+
+
+def test_register_deformable_nodes_map_like_the_core_composite(session):
+    reg = pytest.importorskip("samv2core.registration")
+    if not hasattr(reg, "register"):
+        pytest.skip("not available: samv2core.registration.register is not implemented yet")
+    s = session
+    logic, scene = s["logic"], s["scene"]
+    before = set(scene_state(scene))
+    # a short optimisation: this checks the node plumbing, not registration quality
+    options = reg.RegistrationOptions(deformable=reg.DeformableOptions(levels_mm=(16.0,), iterations=(5,)))
+    out = logic.register(s["base"], s["follow"], mode="affine", deformable=True, options=options)
+    try:
+        assert out.grid_node is not None and out.result.displacement is not None
+        assert s["follow"].GetTransformNodeID() == out.linear_node.GetID()
+        assert out.linear_node.GetTransformNodeID() == out.grid_node.GetID()
+        assert out.grid_node.GetNodeReferenceID("movingVolume") == s["follow"].GetID()
+        # fixed (world) points -> moving volume, through Slicer's transform hierarchy
+        disp = out.result.displacement
+        p = _inside_grid_points(disp, n=20, seed=4)
+        to_moving = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, out.linear_node, to_moving)
+        got = np.array([to_moving.TransformPoint(tuple(q)) for q in lps_to_ras(p)])
+        np.testing.assert_allclose(got, lps_to_ras(out.result.transform_points(p)), atol=1e-3)
+        assert logic.status.startswith("registered")
+    finally:
+        s["follow"].SetAndObserveTransformNodeID(None)
+        for node in (out.linear_node, out.grid_node):
+            scene.RemoveNode(node)
+    assert set(scene_state(scene)) == before

@@ -403,11 +403,12 @@ class SAMv2Logic:
 
     # --- registration ---------------------------------------------------------------------
     def prepare_register(self, fixed_node, moving_node, mode: str = "affine", deformable: bool = False,
-                         apply_to_moving: bool = True, output_name: Optional[str] = None) -> Job:
+                         apply_to_moving: bool = True, output_name: Optional[str] = None, options=None) -> Job:
         """Register moving onto fixed; outputs a linear (and optionally a grid) transform node.
 
         The moving volume is read without its current parent transform (as Slicer's registration
         modules do) and, with ``apply_to_moving``, placed under the new transform(s).
+        ``options``: a samv2core.registration.RegistrationOptions (defaults when None).
         """
         if mode not in REGISTRATION_MODES:
             raise InputError(f"unknown registration mode {mode!r}: use one of {', '.join(REGISTRATION_MODES)}")
@@ -420,7 +421,7 @@ class SAMv2Logic:
 
             embedder = self._get_embedder()
             return register(fixed, moving, mode=mode, deformable=deformable, embedder=embedder,
-                            progress=progress)
+                            options=options, progress=progress)
 
         def apply(result):
             return self.add_registration_nodes(result, self.scene.GetNodeByID(ids["fixed"]),
@@ -429,9 +430,10 @@ class SAMv2Logic:
         return Job("Register volumes", compute, apply)
 
     def register(self, fixed_node, moving_node, mode: str = "affine", deformable: bool = False,
-                 apply_to_moving: bool = True, output_name: Optional[str] = None, progress=None) -> RegistrationOutcome:
+                 apply_to_moving: bool = True, output_name: Optional[str] = None, options=None,
+                 progress=None) -> RegistrationOutcome:
         return self.run(lambda: self.prepare_register(fixed_node, moving_node, mode, deformable, apply_to_moving,
-                                                      output_name), progress, "Register volumes")
+                                                      output_name, options), progress, "Register volumes")
 
     def add_registration_nodes(self, result, fixed_node, moving_node, mode: str = "affine",
                                name: Optional[str] = None, apply_to_moving: bool = True) -> RegistrationOutcome:

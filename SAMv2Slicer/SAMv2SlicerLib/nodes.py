@@ -263,22 +263,31 @@ def new_linear_transform_node(scene, transform: sitk.Transform, name: str):
 
 
 def grid_transform_from_displacement(displacement: sitk.Image) -> "slicer.vtkOrientedGridTransform":
-    """vtkOrientedGridTransform (RAS) equal to an ITK displacement field (LPS vectors and grid)."""
+    """vtkOrientedGridTransform (RAS) equal to an ITK displacement field (LPS vectors and grid).
+
+    ITK's field is zero outside its grid, while VTK repeats the edge values there; a border of
+    zero vectors (one voxel) makes VTK zero outside too. The two then agree everywhere except
+    in that one-voxel band, where VTK ramps linearly to zero (ITK steps).
+    """
     if displacement.GetNumberOfComponentsPerPixel() != 3 or displacement.GetDimension() != 3:
         raise InputError("the displacement field must be a 3D image of 3-vectors")
     vectors = sitk.GetArrayFromImage(displacement).astype(np.float64)  # (z, y, x, 3), LPS
+    vectors = np.pad(vectors, ((1, 1), (1, 1), (1, 1), (0, 0)))
     vectors[..., 0] *= -1.0
     vectors[..., 1] *= -1.0
+    direction_lps = np.asarray(displacement.GetDirection()).reshape(3, 3)
+    spacing = np.asarray(displacement.GetSpacing())
+    origin_lps = np.asarray(displacement.GetOrigin()) - direction_lps @ spacing  # one voxel before index 0
     image = vtk.vtkImageData()
-    image.SetDimensions(*displacement.GetSize())
-    image.SetSpacing(*displacement.GetSpacing())
+    image.SetDimensions(*(int(n) + 2 for n in displacement.GetSize()))
+    image.SetSpacing(*spacing)
     # origin and direction go into RAS; the grid's index axes stay the same voxels
-    image.SetOrigin(*lps_to_ras(displacement.GetOrigin()))
+    image.SetOrigin(*lps_to_ras(origin_lps))
     arr = numpy_support.numpy_to_vtk(np.ascontiguousarray(vectors).reshape(-1, 3), deep=True,
                                      array_type=vtk.VTK_DOUBLE)
     arr.SetNumberOfComponents(3)
     image.GetPointData().SetScalars(arr)
-    direction_ras = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(displacement.GetDirection()).reshape(3, 3)
+    direction_ras = np.diag([-1.0, -1.0, 1.0]) @ direction_lps
     m = np.eye(4)
     m[:3, :3] = direction_ras
     grid = slicer.vtkOrientedGridTransform()
