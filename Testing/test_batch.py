@@ -140,3 +140,10 @@ def test_batch_registration_writes_itk_transforms(workspace):
                       for e in np.eye(3)])
         np.testing.assert_allclose(a @ a.T, np.eye(3), atol=1e-4)
         assert (out / case / "matched.mrk.json").is_file()
+        # the core's files agree with the transform written from the Slicer node
+        composite = sitk.ReadTransform(str(out / case / "registration" / "composite.h5"))
+        p = np.array([[0.0, -200.0, -700.0], [30.0, -180.0, -690.0]])
+        np.testing.assert_allclose([composite.TransformPoint(tuple(q)) for q in p],
+                                   [t.TransformPoint(tuple(q)) for q in p], atol=1e-4)
+        report = json.loads((out / case / "registration" / "report.json").read_text())
+        assert report

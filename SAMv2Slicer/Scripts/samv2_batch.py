@@ -15,7 +15,9 @@ For every case it writes, in ``OUTPUT/<case>/``:
   of the source points; flagged matches end with " (?)", are locked and unselected);
 * ``matched.csv``: label, source and matched positions (LPS mm), score, confident, reason;
 * with ``--register``: ``registration_linear.h5`` (ITK, fixed=baseline -> moving=follow-up)
-  and, with ``--deformable``, ``registration_displacement.nii.gz``;
+  and, with ``--deformable``, ``registration_displacement.nii.gz`` (both written by Slicer's
+  transform writer from the output nodes), plus ``registration/`` from samv2core
+  (``composite.h5``, the resampled follow-up and ``report.json``);
 
 and ``OUTPUT/summary.csv`` with one line per case. The exit code is 0 when every case
 succeeded, 1 when any case failed, 2 for unusable arguments or CSV.
@@ -146,6 +148,12 @@ def run_case(logic, case: dict, out_dir: Path, args) -> dict:
         if reg.grid_node is not None:
             nodes.write_transform_node(reg.grid_node, str(out_dir / "registration_displacement.nii.gz"))
             files.append("registration_displacement.nii.gz")
+        # the core's complete set: composite transform, resampled follow-up, JSON report
+        from samv2core.registration import write_registration
+
+        write_registration(reg.result, logic.volume(follow, "follow-up", world=False),
+                           logic.volume(base, "baseline"), out_dir / "registration")
+        files.append("registration/")
     row = {"case": case["case"], "status": "ok", "points": len(outcome.results),
            "confident": outcome.n_confident, "seconds": round(time.monotonic() - t0, 2),
            "outputs": ";".join(files), "message": logic.status}
