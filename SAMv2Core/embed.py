@@ -139,7 +139,8 @@ class Embedder:
     def __init__(self, model, device: "str | torch.device" = "auto", precision: str = "auto",
                  spacing_mm: Optional[float] = None, slab_voxels: Optional[int] = None,
                  memory_budget_gb: float = 1.5, cache_size: int = 4, cache_dir: "str | Path | None" = None,
-                 storage_dtype: torch.dtype = torch.bfloat16, model_id: Optional[str] = None):
+                 storage_dtype: torch.dtype = torch.bfloat16, model_id: Optional[str] = None,
+                 slab_margin_voxels: int = 32):
         card = getattr(model, "card", None)
         net = getattr(model, "model", model)
         self.net = net
@@ -155,6 +156,7 @@ class Embedder:
         self.spacing_mm = float(spacing_mm or card_spacing or 2.0)
         self.model_id = model_id or (getattr(card, "sha256", None) or getattr(card, "name", None) or "unnamed-model")
         self.slab_voxels = slab_voxels
+        self.slab_margin = slab_margin_voxels  # context on each side of a slab (64 mm at 2 mm)
         self.memory_budget_gb = memory_budget_gb
         self.storage_dtype = storage_dtype
         self.cache_size = cache_size
@@ -200,7 +202,7 @@ class Embedder:
         py, px = math.ceil(y / my) * my, math.ceil(x / mx) * mx
         pad_value = float(image.min())
         slab = self._slab_depth(py, px)
-        margin = 8 * mz  # context on each side of a slab: 64 mm at 2 mm
+        margin = max(mz, (self.slab_margin // mz) * mz)
         starts = _slab_starts(z, slab, margin, mz)
         fz, fy, fx = self.fine_stride
         cz = self.coarse_stride[0]

@@ -64,7 +64,7 @@ def test_cache_returns_same_embeddings_and_disk_cache_round_trips(lite_net, lung
 
 def test_slab_tiling_matches_whole_volume(lite_net, lung_crop):
     whole = Embedder(lite_net, device="cpu", model_id="t1").embed(lung_crop)
-    tiled = Embedder(lite_net, device="cpu", model_id="t2", slab_voxels=48).embed(lung_crop)
+    tiled = Embedder(lite_net, device="cpu", model_id="t2", slab_voxels=56, slab_margin_voxels=16).embed(lung_crop)
     assert tiled.meta["slabs"] > 1
     assert tiled.fine.shape == whole.fine.shape and tiled.coarse.shape == whole.coarse.shape
     cos = (tiled.fine.float() * whole.fine.float()).sum(0)
