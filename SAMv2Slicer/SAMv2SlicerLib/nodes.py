@@ -202,10 +202,9 @@ def new_point_list(scene, name: str, ras, labels, descriptions=None, flagged=Non
     return node
 
 
-def write_point_list(node, path: str, scene=None) -> None:
-    """Save a point list as .mrk.json (LPS coordinates in the file, as Slicer writes it)."""
+def _write_with_storage(node, storage, path: str, scene=None) -> None:
+    """Write ``node`` to ``path`` with a temporary storage node (removed afterwards)."""
     scene = scene or node.GetScene()
-    storage = slicer.vtkMRMLMarkupsJsonStorageNode()
     scene.AddNode(storage)
     try:
         storage.SetFileName(str(path))
@@ -213,6 +212,11 @@ def write_point_list(node, path: str, scene=None) -> None:
             raise OSError(f"could not write {path}")
     finally:
         scene.RemoveNode(storage)
+
+
+def write_point_list(node, path: str, scene=None) -> None:
+    """Save a point list as .mrk.json (LPS coordinates in the file, as Slicer writes it)."""
+    _write_with_storage(node, slicer.vtkMRMLMarkupsJsonStorageNode(), path, scene)
 
 
 def read_point_list_file(path: str, scene, name: "str | None" = None):
@@ -327,15 +331,7 @@ def node_from_world_point(node, ras) -> np.ndarray:
 
 def write_transform_node(node, path: str, scene=None) -> None:
     """Save a transform node as an ITK transform file (.h5/.tfm/.txt, or .nii.gz for a grid)."""
-    scene = scene or node.GetScene()
-    storage = slicer.vtkMRMLTransformStorageNode()
-    scene.AddNode(storage)
-    try:
-        storage.SetFileName(str(path))
-        if not storage.WriteData(node):
-            raise OSError(f"could not write {path}")
-    finally:
-        scene.RemoveNode(storage)
+    _write_with_storage(node, slicer.vtkMRMLTransformStorageNode(), path, scene)
 
 
 # --- segments -------------------------------------------------------------------------
