@@ -20,7 +20,6 @@ Use ``--json FILE`` to save the numbers (the model card quotes them).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -44,11 +43,12 @@ def mind_embeddings(template_emb):
     """Embeddings-shaped MIND-SSC descriptors on the same grids as ``template_emb``.
 
     fine: MIND-SSC (dilations 1 and 2 model voxels) averaged over each fine cell; coarse:
-    MIND-SSC at dilations 4 and 8 of the smoothed image, averaged over each coarse cell.
-    Channels are centred on the volume mean before L2 normalisation so cosine similarity
-    discriminates (raw MIND values are all positive).
+    MIND-SSC at dilations 4 and 8 of the smoothed image, averaged over each coarse cell and
+    interpolated onto the fine grid like the network's coarse head. Channels are centred on
+    the volume mean before L2 normalisation so cosine similarity discriminates (raw MIND
+    values are all positive).
     """
-    from samv2core.embed import Embeddings
+    from samv2core.embed import Embeddings, _fill_coarse_on_fine
     from samv2core.preprocess import normalize_intensity
     from samv2core.registration.mind import mind_ssc
 
@@ -67,13 +67,25 @@ def mind_embeddings(template_emb):
     fine_d = torch.cat([mind_ssc(img, 1, 1), mind_ssc(img, 1, 2)], 1)
     smooth = F.avg_pool3d(F.pad(img, (1,) * 6, mode="replicate"), 3, stride=1)
     coarse_d = torch.cat([mind_ssc(smooth, 2, 4), mind_ssc(smooth, 2, 8)], 1)
-    fine = pooled(fine_d, template_emb.fine.shape[1:], (2, 2, 2))
-    coarse = pooled(coarse_d, template_emb.coarse.shape[1:], (4, 16, 16))
-    return dataclasses.replace(template_emb, fine=fine, coarse=coarse, semantic=None, model_id="mind-ssc")
+    fine = pooled(fine_d, template_emb.fine_grid.shape, (2, 2, 2))
+    coarse = pooled(coarse_d, template_emb.coarse_grid.shape, (4, 16, 16))
+    cf, cc = fine.shape[0], coarse.shape[0]
+    rows = torch.empty((*template_emb.fine_grid.shape, cf + cc), dtype=torch.float32)
+    rows[..., :cf] = fine.permute(1, 2, 3, 0)
+    _fill_coarse_on_fine(rows, cf, coarse, template_emb.coarse_grid, template_emb.fine_grid)
+    rows[..., cf:] = F.normalize(rows[..., cf:], dim=-1)
+    return Embeddings(rows.reshape(-1, cf + cc), (("fine", cf), ("coarse", cc)), coarse,
+                      template_emb.fine_grid, template_emb.coarse_grid, mv, "mind-ssc")
 
 
 def appearance_only(emb):
-    return dataclasses.replace(emb, semantic=None, model_id=emb.model_id + "-appearance")
+    """The same embeddings without the semantic head (fine + coarse matching, as SAM)."""
+    from samv2core.embed import Embeddings
+
+    dims = [(h, d) for h, d in emb.head_dims if h != "semantic"]
+    keep = sum(d for _, d in dims)
+    return Embeddings(emb.rows[:, :keep], tuple(dims), emb.coarse, emb.fine_grid, emb.coarse_grid,
+                      emb.model_volume, emb.model_id + "-appearance", dict(emb.meta))
 
 
 # --- tasks -----------------------------------------------------------------------------------
@@ -166,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=40, help="points per follow-up")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the numbers to this JSON file")
+    ap.add_argument("--no-cross-patient", action="store_true", help="skip the cross-patient centroid task")
+    ap.add_argument("--no-baselines", action="store_true", help="only the evaluated model (quick checks)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -211,6 +225,9 @@ def main(argv=None) -> int:
     rows += [("(d) MIND-SSC (training-free), NN", "untrained", mind_embeddings, "nn"),
              ("(d) MIND-SSC (training-free), fixed-point", "untrained", mind_embeddings, "fixed_point")]
 
+    if args.no_baselines and have_model:
+        rows = [r for r in rows if r[1] == "bundled" and r[2] is None]
+        models.pop("untrained")
     # --- task 1: simulated follow-ups of the held-out CT ---------------------------------------
     base = load_volume(heldout, "CT")
     fu_err = {r[0]: [] for r in rows}
@@ -232,7 +249,7 @@ def main(argv=None) -> int:
     cp_err = {r[0]: [] for r in rows}
     cp_hit = {r[0]: [] for r in rows}
     cp_pairs = []
-    if ex_seg.exists() and dc_seg.exists():
+    if ex_seg.exists() and dc_seg.exists() and not args.no_cross_patient:
         import SimpleITK as sitk
 
         ex_ids = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(ex_seg)))).tolist()) - {0}

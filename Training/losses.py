@@ -68,7 +68,8 @@ def _infonce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
 def appearance_loss(feat_a: torch.Tensor, feat_b: torch.Tensor, pair: ViewPair, spec: LevelSpec,
                     cfg: LossSection, rng: np.random.Generator,
                     extra_negatives: "torch.Tensor | None" = None,
-                    fov_negatives: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, dict] | None":
+                    fov_negatives: "torch.Tensor | None" = None,
+                    reverse: bool = False) -> "tuple[torch.Tensor, dict] | None":
     """InfoNCE from view A anchors to view B at one level; None when the overlap is empty.
 
     Positives: anchor voxels of A inside the body whose corresponding point lies inside B
@@ -78,6 +79,10 @@ def appearance_loss(feat_a: torch.Tensor, feat_b: torch.Tensor, pair: ViewPair, 
     negatives (other volumes of the batch, or non-overlapping field of view) are added to
     every anchor. With ``cfg.prune_false_negatives`` (Adam/Eden) negatives whose similarity to
     the anchor exceeds ``cfg.prune_threshold`` are dropped as probable false negatives.
+
+    ``reverse``: the same correspondences seen from B - anchors are B's features at the
+    corresponding points, positives A's voxels, negatives drawn from A. Used for registered
+    cross-modality pairs, whose B -> A map is not available (only A -> B is).
     """
     D, H, W = pair.patch_a.shape
     ca = output_grid_centres(feat_a.shape[1:], spec.stride)
@@ -94,16 +99,20 @@ def appearance_loss(feat_a: torch.Tensor, feat_b: torch.Tensor, pair: ViewPair, 
     C = feat_a.shape[0]
     anchors = feat_a.reshape(C, -1).t()[torch.from_numpy(sel)]
     positives = sample_features(feat_b, patch_to_output(pb[sel], spec.stride))
+    neg_src, pos_pos, neg_view = feat_b, pb[sel], pair.view_b
+    if reverse:
+        anchors, positives = positives, anchors
+        neg_src, pos_pos, neg_view = feat_a, ca[sel], pair.view_a
 
-    flat_b = feat_b.reshape(C, -1).t()
-    cb_all = output_grid_centres(feat_b.shape[1:], spec.stride)
+    flat_b = neg_src.reshape(C, -1).t()
+    cb_all = output_grid_centres(neg_src.shape[1:], spec.stride)
     nb = len(cb_all)
     cand = np.arange(nb) if spec.n_candidates <= 0 or spec.n_candidates >= nb else \
         rng.choice(nb, size=spec.n_candidates, replace=False)
     cand_t = torch.from_numpy(cand)
     neg_feats = flat_b[cand_t]  # (K, C)
-    # physical distance between each candidate and each positive (mm), via view B's matrix
-    diff = (cb_all[cand][None, :, :] - pb[sel][:, None, :]) @ pair.view_b.matrix.T
+    # physical distance between each candidate and each positive (mm), via the view's matrix
+    diff = (cb_all[cand][None, :, :] - pos_pos[:, None, :]) @ neg_view.matrix.T
     dist = np.linalg.norm(diff, axis=2) * pair.spacing_mm
     valid = torch.from_numpy(dist >= spec.ignore_mm).to(anchors.device)
     sims = anchors @ neg_feats.t()  # (P, K)

@@ -53,6 +53,8 @@ class ViewPair:
     # b_from_a maps volume-A voxel coords to volume-B voxel coords (identity for one volume)
     b_from_a: "callable | None" = None
     a_valid: "callable | None" = None  # optional: volume-A voxel coords -> bool (inside overlap)
+    # CrossSAM: a patch of volume A from outside the overlap (its voxels are extra negatives)
+    patch_fov: "torch.Tensor | None" = None
 
     def a_to_b_patch(self, p_a: np.ndarray) -> np.ndarray:
         """Patch-A voxel coords -> patch-B voxel coords (exact, from the two views)."""

@@ -137,7 +137,9 @@ class Trainer:
         self.log(f"samv2-train: run {self.run_dir} (config {cfg.identity_hash()}), device {self.device}, "
                  f"{cfg.runtime.num_threads} threads, world size {self.dist.world_size}")
         self.log("loading data ...")
-        self.volumes: list[TrainVolume] = load_dataset(cfg.data, log=self.log)
+        has_data = bool(cfg.data.volumes or cfg.data.folders)
+        # a CrossSAM run may have pairs only; their images are added by the loop
+        self.volumes: list[TrainVolume] = load_dataset(cfg.data, log=self.log) if has_data else []
         self.labelled = [i for i, v in enumerate(self.volumes) if v.labels is not None]
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg, self.log).to(self.device)
@@ -233,6 +235,8 @@ class Trainer:
         if self.pair_sources and rng.random() < cfg.crosssam.pair_prob:
             src = self.pair_sources[int(rng.integers(len(self.pair_sources)))]
             return [src(rng)], "pair"
+        if not self.volumes:
+            raise InputError("no training volumes: give data.volumes / data.folders (or crosssam.pairs)")
         semantic = bool(self.labelled) and rng.random() < cfg.loss.semantic_prob
         pool = self.labelled if semantic else list(range(len(self.volumes)))
         w = np.array([self.volumes[i].weight for i in pool], float)
@@ -252,10 +256,17 @@ class Trainer:
     def compute_loss(self, pairs: list[ViewPair], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         """Total loss of a batch of view pairs and its components (floats)."""
         cfg = self.cfg
-        x = torch.stack([t for p in pairs for t in (p.patch_a, p.patch_b)])[:, None].to(self.device)
+        n = len(pairs)
+        # CrossSAM pairs may carry an extra patch from outside the overlap (FOV negatives)
+        fov_index = {}
+        extra_patches = []
+        for k, p in enumerate(pairs):
+            if p.patch_fov is not None:
+                fov_index[k] = 2 * n + len(extra_patches)
+                extra_patches.append(p.patch_fov)
+        x = torch.stack([t for p in pairs for t in (p.patch_a, p.patch_b)] + extra_patches)[:, None].to(self.device)
         out = self._forward(x)
         fine, coarse = out["fine"].float(), out["coarse"].float()
-        n = len(pairs)
         fs, cs = fine_spec(cfg.loss), coarse_spec(cfg.loss)
         parts = {"fine": [], "coarse": [], "semantic": [], "alice": [], "fine_acc": []}
         for k, pair in enumerate(pairs):
@@ -264,13 +275,25 @@ class Trainer:
             # coarse negatives from the other volumes of the batch (different anatomy/patient)
             others = [coarse[j] for j in range(2 * n) if j // 2 != k and pairs[j // 2].volume_index != pair.volume_index]
             extra = torch.cat([random_global_negatives(o, 64, rng) for o in others]).detach() if others else None
-            fov = pair_fov_negatives(pair, fb, cfg.crosssam.fov_negatives, rng) if pair.a_valid is not None else None
-            for (f1, f2, c1, c2, pr) in ((fa, fb, ca, cb, pair), (fb, fa, cb, ca, swap(pair))):
-                r = appearance_loss(f1, f2, pr, fs, cfg.loss, rng, fov_negatives=fov if pr is pair else None)
+            if pair.b_from_a is None:
+                # one volume, two views: both directions by swapping the views
+                directions = ((fa, fb, ca, cb, pair, False, None, None), (fb, fa, cb, ca, swap(pair), False, None, None))
+            else:
+                # registered pair (A -> B map only): A anchors, then B anchors against A negatives
+                # plus negatives from A's non-overlapping field of view (CrossSAM N_fov)
+                fov_f = fov_c = None
+                if k in fov_index and cfg.crosssam.fov_negatives > 0:
+                    j = fov_index[k]
+                    fov_f = random_global_negatives(fine[j], cfg.crosssam.fov_negatives, rng)
+                    fov_c = random_global_negatives(coarse[j], min(cfg.crosssam.fov_negatives, coarse[j][0].numel()), rng)
+                directions = ((fa, fb, ca, cb, pair, False, None, None), (fa, fb, ca, cb, pair, True, fov_f, fov_c))
+            for (f1, f2, c1, c2, pr, rev, fov_f, fov_c) in directions:
+                r = appearance_loss(f1, f2, pr, fs, cfg.loss, rng, fov_negatives=fov_f, reverse=rev)
                 if r is not None:
                     parts["fine"].append(r[0])
                     parts["fine_acc"].append(r[1]["acc"])
-                r = appearance_loss(c1, c2, pr, cs, cfg.loss, rng, extra_negatives=extra)
+                r = appearance_loss(c1, c2, pr, cs, cfg.loss, rng, extra_negatives=extra, fov_negatives=fov_c,
+                                    reverse=rev)
                 if r is not None:
                     parts["coarse"].append(r[0])
         if "semantic" in out and any(p.labels_a is not None for p in pairs):
@@ -339,6 +362,8 @@ class Trainer:
         tracks how well the embedding localises, not generalisation; held-out scans are for
         the benchmark. Score = (fine + upsampled coarse) / 2 as in SAM.
         """
+        if not self.volumes:
+            return {"val_median_mm": float("nan"), "val_mean_mm": float("nan"), "val_cpm10": float("nan")}
         self.model.eval()
         errs = []
         for k in range(n_pairs):
@@ -429,14 +454,6 @@ def swap(pair: ViewPair) -> ViewPair:
         return pair  # registered pairs: A->B direction only (the inverse map is not kept)
     return ViewPair(pair.volume_index, pair.patch_b, pair.patch_a, pair.view_b, pair.view_a, pair.body_b, pair.body_a,
                     pair.labels_b, pair.labels_a, pair.label_set, pair.spacing_mm)
-
-
-def pair_fov_negatives(pair: ViewPair, feat_b: torch.Tensor, n: int, rng: np.random.Generator):
-    """CrossSAM: negatives from the part of view A outside the overlap (non-overlapping FOV),
-    taken from view A's own fine map is not possible here, so use B voxels outside the overlap."""
-    if n <= 0 or pair.a_valid is None:
-        return None
-    return None
 
 
 def nn_errors_mm(out: dict, pair: ViewPair, rng: np.random.Generator, n: int = 200) -> list[float]:
