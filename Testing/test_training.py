@@ -355,3 +355,23 @@ def test_crosssam_loop_on_a_pair_simulated_from_a_real_ct(tmp_path):
     msgs.clear()
     run_crosssam(config_from_dict(raw), resume=True, log=msgs.append)
     assert not any("registering pair" in m for m in msgs)
+
+
+def test_bf16_and_the_optional_companion_losses_run(tmp_path):
+    """bf16 autocast on CPU, the Adam/Eden false-negative pruner and Alice cross-volume
+    positives (all off by default) give finite losses on two real CTs of different patients."""
+    from samv2train.trainer import Trainer
+
+    vols = [{"path": str(_need(SAMPLE / n)), "modality": "CT"} for n in ("lung1_ct.nrrd", "lung2_ct.nrrd")]
+    cfg = make_cfg(tmp_path, data={"volumes": vols, "batch_size": 2},
+                   loss={"prune_false_negatives": True, "prune_threshold": 0.5, "alice_cross_volume": True,
+                         "alice_min_score": -1.0},
+                   runtime={"bf16": True})
+    tr = Trainer(cfg, log=quiet)
+    for seed in range(4):
+        pairs, _ = tr._sample_batch(np.random.default_rng(seed))
+        if len({p.volume_index for p in pairs}) == 2:
+            break
+    loss, comps = tr.compute_loss(pairs, np.random.default_rng(0))
+    assert torch.isfinite(loss) and "alice" in comps and np.isfinite(comps["fine"])
+    loss.backward()

@@ -6,6 +6,9 @@
     samv2-train --export RUN_DIR --out model.safetensors [--which best|last]
     samv2-train --check-config run.yaml      validate the config and the data, then exit
 
+With ``crosssam: {enabled: true, pairs: [...]}`` the run is the CrossSAM register-then-learn
+loop (samv2train.crosssam) instead of plain SAM / Semantic-SAM training.
+
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m samv2train.cli --config run.yaml``.
 """
 from __future__ import annotations
@@ -88,10 +91,17 @@ def _run(args, ap) -> int:
         cfg.runtime.num_threads = args.threads
     if args.no_progress:
         cfg.runtime.progress = False
-    trainer = train(cfg, resume=bool(args.resume))
+    if cfg.crosssam.enabled:
+        from .crosssam import run_crosssam
+
+        trainer = run_crosssam(cfg, resume=bool(args.resume))
+    else:
+        trainer = train(cfg, resume=bool(args.resume))
     st = trainer.state
-    print(f"done: step {st.step}/{cfg.run.iterations}, best validation {st.best_metric:.2f} mm at step "
-          f"{st.best_step}; run dir {trainer.run_dir}")
+    if trainer.dist.is_main:
+        best = (f"best validation {st.best_metric:.2f} mm at step {st.best_step}" if st.best_step >= 0
+                else "no validation run")
+        print(f"done: step {st.step}/{cfg.run.iterations}, {best}; run dir {trainer.run_dir}")
     return 0
 
 

@@ -150,9 +150,10 @@ class Trainer:
             if self.device.type == "cuda":
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
                 self.raw_model = self.model
-                self.model = DDP(self.model, device_ids=[self.device.index])
+                self.model = DDP(self.model, device_ids=[self.device.index], find_unused_parameters=True)
             else:
-                self.model = DDP(self.model)
+                # the semantic head only gets gradients on semantic steps
+                self.model = DDP(self.model, find_unused_parameters=True)
         self.optimizer = make_optimizer(cfg, self.raw_model)
         if resume:
             self._restore()
@@ -171,6 +172,8 @@ class Trainer:
             if saved.identity_hash() != self.cfg.identity_hash():
                 raise InputError(f"{self.run_dir}: was created by a different config "
                                  f"({saved.identity_hash()} != {self.cfg.identity_hash()}); refusing to resume")
+            if saved.run.iterations != self.cfg.run.iterations and self.dist.is_main:
+                save_config(self.cfg, cfg_file)  # a run extended on resume records its new length
             return
         if cfg_file.exists() and ck.list_checkpoints(self.ckpt_dir):
             raise InputError(f"{self.run_dir}: already holds a run with checkpoints; use --resume {self.run_dir} "
