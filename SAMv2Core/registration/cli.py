@@ -78,8 +78,11 @@ def _progress(quiet: bool):
     return update, bar.close
 
 
-def run_register(args) -> int:
-    """Run ``samv2 register``; returns the exit status (0 ok, 2 refused / failed)."""
+def run_register(args, embedder=None) -> int:
+    """Run ``samv2 register``; returns the exit status (0 ok, 2 refused / failed).
+
+    ``embedder`` (optional) replaces the model given by ``--model`` / the bundled one.
+    """
     from ..embed import Embedder
     from ..models import resolve_model
     from ..volume import load_volume
@@ -91,15 +94,19 @@ def run_register(args) -> int:
         fixed = load_volume(args.fixed, args.fixed_modality)
         moving = load_volume(args.moving, args.moving_modality)
         preflight(fixed, moving, options)  # refuse bad inputs before loading a model
-        resolved = resolve_model(args.model, device="cpu")
-        embedder = Embedder(resolved.model, device=args.device, cache_dir=args.cache_dir)
+        if embedder is None:
+            resolved = resolve_model(args.model, device="cpu")
+            embedder = Embedder(resolved.model, device=args.device, cache_dir=args.cache_dir)
+            label = resolved.label
+        else:
+            label = getattr(embedder, "model_id", type(embedder).__name__)
         update, close = _progress(args.quiet)
         try:
             result = register(fixed, moving, mode=args.mode, deformable=args.deformable, coarse=args.coarse,
                                embedder=embedder, options=options, progress=update)
         finally:
             close()
-        result.report["model"] = resolved.label
+        result.report["model"] = label
         paths = write_registration(result, moving, fixed, args.out)
     except SAMv2Error as exc:
         print(f"samv2 register: error: {exc}", file=sys.stderr)
@@ -111,6 +118,6 @@ def run_register(args) -> int:
     summary = {"out": str(args.out), "files": {k: str(v) for k, v in paths.items()}, "mode": rep["mode"],
                "inliers": rep["linear"]["inliers"], "matches": rep["linear"]["matches"],
                "residual_mm_median": rep["linear"]["residual_mm_inliers"]["median"],
-               "folding_percent": rep.get("folding_percent"), "timing": rep["timing"], "model": resolved.label}
+               "folding_percent": rep.get("folding_percent"), "timing": rep["timing"], "model": label}
     print(json.dumps(summary, indent=2))
     return 0

@@ -107,6 +107,31 @@ def intensity_tensor(volume, modality: str) -> torch.Tensor:
     return torch.from_numpy(np.clip((a - lo) / (hi - lo), 0.0, 1.0))[None, None]
 
 
+def make_deformable_image(model_volume, mask: Optional[np.ndarray] = None, embeddings=None,
+                          mask_margin_voxels: int = 2) -> DeformableImage:
+    """The deformable step's view of an identity-direction (model-grid) Volume.
+
+    ``mask`` (z, y, x) bool is dilated by ``mask_margin_voxels`` so the body outline counts;
+    ``embeddings`` (samv2core.embed.Embeddings) adds the fine embedding head and its grid.
+    """
+    from scipy import ndimage
+
+    if not np.allclose(model_volume.direction, np.eye(3), atol=1e-6):
+        raise ValueError("the deformable step works on identity-direction (model-grid) volumes")
+    grid = Grid(model_volume.origin, model_volume.spacing, tuple(model_volume.array.shape))
+    m = None
+    if mask is not None:
+        mk = ndimage.binary_dilation(mask, iterations=mask_margin_voxels) if mask_margin_voxels > 0 else mask
+        m = torch.from_numpy(np.asarray(mk, dtype=np.float32))[None, None]
+    feats = fgrid = None
+    if embeddings is not None:
+        eg = embeddings.fine_grid
+        feats = embeddings.fine[None]
+        fgrid = Grid(tuple(float(v) for v in eg.origin), tuple(float(v) for v in eg.spacing), tuple(int(v) for v in eg.shape))
+    return DeformableImage(intensity_tensor(model_volume, model_volume.modality.value), grid,
+                           model_volume.modality.value, m, feats, fgrid)
+
+
 def resolve_intensity_term(term: str, fixed_modality: str, moving_modality: str) -> str:
     """'auto' -> 'lncc' for the same modality, 'mind' across modalities; others unchanged."""
     if term not in INTENSITY_TERMS:
@@ -242,7 +267,8 @@ def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_
         m_emb_grid = me_grid
     f_mind = m_mind = None
     if use_int and term == "mind":
-        f_mind_map, m_mind = mind_ssc(f_int), mind_ssc(m_int)
+        # radius 1, dilation 1 on the (pooled) sample grid: tuned on simulated CT -> MR-like pairs
+        f_mind_map, m_mind = mind_ssc(f_int, 1, 1), mind_ssc(m_int, 1, 1)
         f_mind = sample(f_mind_map, f_int_grid, cand_t)[0].T  # (N, 12)
     patch_off = None
     if use_int and term == "lncc":
@@ -295,8 +321,8 @@ def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_
                 if use_int and term == "mind":
                     mm = sample(m_mind, m_int_grid, pm)[0].T
                     ssd = ((f_mind[sel] - mm) ** 2).mean(1)
-                    # MIND SSD is ~0.05: scale it to the other terms' range
-                    parts["mind"] = 10.0 * (ssd * ok).sum() / ok.sum().clamp_min(1.0)
+                    # MIND SSD is ~0.1-0.3: scaled so weight 1 balances the regulariser (tuned on simulated pairs)
+                    parts["mind"] = 2.0 * (ssd * ok).sum() / ok.sum().clamp_min(1.0)
                     loss = loss + opt.intensity_weight * parts["mind"]
             if use_int and term == "lncc":
                 sel = torch.randint(0, cand_t.shape[1], (min(opt.patches_per_iteration, cand_t.shape[1]),),
@@ -320,8 +346,8 @@ def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_
                 velocity.grad = velocity.grad + grad_disp * taper
             adam.step()
             if it in (0, iters - 1):
-                history.append({"level_mm": spacing, "iteration": it, "regulariser": round(float(reg), 6),
-                                **{k: round(float(v), 5) for k, v in parts.items()}})
+                history.append({"level_mm": spacing, "iteration": it, "regulariser": round(float(reg.detach()), 6),
+                                **{k: round(float(v.detach()), 5) for k, v in parts.items()}})
             report((level + (it + 1) / max(iters, 1)) / n_levels, f"deformable level {spacing:g} mm: {it + 1}/{iters}")
         prev_grid = g
 

@@ -82,9 +82,14 @@ def write_registration(result: RegistrationResult, moving: Volume, fixed: Volume
         report["files"] = dict(names)
         (tmp / names["report"]).write_text(json.dumps(report, indent=2, default=_json_default))
         paths = {}
-        for key, name in names.items():
-            os.replace(tmp / name, out / name)
-            paths[key] = out / name
+        try:
+            for key, name in names.items():
+                os.replace(tmp / name, out / name)
+                paths[key] = out / name
+        except OSError:
+            for moved in paths.values():  # all or nothing
+                moved.unlink(missing_ok=True)
+            raise
         return paths
     except (RuntimeError, OSError) as exc:
         raise RegistrationError(f"could not write the registration to {out}: {str(exc).strip().splitlines()[-1]}") from None

@@ -21,10 +21,10 @@ import torch
 from scipy import ndimage
 
 from ..errors import InputError, RegistrationError, SAMv2Error
-from ..preprocess import body_mask
+from ..preprocess import body_mask, resample_to_model_grid
 from ..volume import Modality, Volume
 from .coarse import fit_coarse_field
-from .deformable import DeformableImage, intensity_tensor, refine_deformable, resolve_intensity_term, taper_window
+from .deformable import make_deformable_image, refine_deformable, resolve_intensity_term, taper_window
 from .fitting import MODES, robust_fit
 from .fov import crop_volume, overlap_crop
 from .grid import Grid, sample
@@ -110,31 +110,13 @@ def _default_embedder(device: str):
     return Embedder(resolved.model, device=device)
 
 
-def _as_grid(g) -> Grid:
-    return Grid(tuple(float(v) for v in g.origin), tuple(float(v) for v in g.spacing), tuple(int(v) for v in g.shape))
-
-
-def _volume_grid(v: Volume) -> Grid:
-    if not np.allclose(v.direction, np.eye(3), atol=1e-6):
-        raise ValueError("expected an identity-direction model-grid volume")
-    return Grid(v.origin, v.spacing, tuple(v.array.shape))
-
-
-def _deformable_image(model_volume: Volume, mask: np.ndarray, emb, margin_voxels: int = 2) -> DeformableImage:
-    dil = ndimage.binary_dilation(mask, iterations=margin_voxels) if margin_voxels > 0 else mask
-    feats = emb.fine[None] if emb is not None else None
-    return DeformableImage(intensity_tensor(model_volume, model_volume.modality.value), _volume_grid(model_volume),
-                           model_volume.modality.value, torch.from_numpy(dil.astype(np.float32))[None, None],
-                           feats, _as_grid(emb.fine_grid) if emb is not None else None)
-
-
-def _crop_embedded(model_volume: Volume, mask: np.ndarray, lo, hi, emb) -> DeformableImage:
+def _crop_embedded(model_volume: Volume, mask: np.ndarray, lo, hi, emb):
     """The deformable view of one image cropped to the LPS box [lo, hi] (the CrossSAM FOV crop)."""
     cropped = crop_volume(model_volume, lo, hi)
     i0 = np.rint(model_volume.lps_to_index(np.asarray(cropped.origin))).astype(int)
     z, y, x = cropped.array.shape
     sub_mask = mask[i0[2]:i0[2] + z, i0[1]:i0[1] + y, i0[0]:i0[0] + x]
-    return _deformable_image(cropped, sub_mask, emb)
+    return make_deformable_image(cropped, sub_mask, emb)
 
 
 def _displacement_image(field: torch.Tensor, grid: Grid) -> sitk.Image:
@@ -162,6 +144,9 @@ def preflight(fixed: Volume, moving: Volume, options: Optional[RegistrationOptio
     check_volume(fixed, "fixed")
     check_volume(moving, "moving")
     pair = check_modalities(fixed, moving, opts)
+    # a cheap 4 mm look at each image: refuse all-background inputs before any embedding
+    _body(resample_to_model_grid(fixed, 4.0), "fixed", opts)
+    _body(resample_to_model_grid(moving, 4.0), "moving", opts)
     if opts.require_physical_overlap and not _boxes_intersect(fixed, moving):
         raise RegistrationError(
             "the fixed and moving images do not overlap physically (their scanner-coordinate boxes are disjoint); "
@@ -273,8 +258,9 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
             coarse_disp = cf.resample(field_grid) * taper_window(field_grid, dopt.taper_mm)
             report["coarse_field"] = cf.stats
 
-            def init(p, _d=coarse_disp, _g=field_grid):
+            def coarse_at(p, _d=coarse_disp, _g=field_grid):
                 return sample(_d.to(p.device), _g, p)[0].T[None]
+            init = coarse_at
             t = lap("coarse_s", t)
             total = coarse_disp
         if deformable:
