@@ -39,7 +39,18 @@ def shared_data() -> Path:
 
 
 # --- descriptors -------------------------------------------------------------------------------
+_MIND_CACHE: dict = {}
+
+
 def mind_embeddings(template_emb):
+    """MIND-SSC descriptors for ``template_emb``'s volume (cached per volume)."""
+    key = id(template_emb.model_volume)
+    if key not in _MIND_CACHE:
+        _MIND_CACHE[key] = (template_emb.model_volume, _mind_embeddings(template_emb))
+    return _MIND_CACHE[key][1]
+
+
+def _mind_embeddings(template_emb):
     """Embeddings-shaped MIND-SSC descriptors on the same grids as ``template_emb``.
 
     fine: MIND-SSC (dilations 1 and 2 model voxels) averaged over each fine cell; coarse:

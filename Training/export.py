@@ -33,8 +33,12 @@ def load_run_model(run_dir: Path, which: str = "best"):
 
 
 def export_run(run_dir: Path, out: Path, which: str = "best", name: str = "", modality: str = "",
-               training_extra: "dict | None" = None, notes: str = "", fp16: bool = True) -> Path:
-    """Write ``out`` (.safetensors) + card from a run; returns the weights path."""
+               training_extra: "dict | None" = None, notes: str = "", fp16: bool = True,
+               matching_heads: "list | None" = None) -> Path:
+    """Write ``out`` (.safetensors) + card from a run; returns the weights path.
+
+    ``matching_heads``: the heads the matcher should average (default: all heads).
+    """
     from samv2core.model_io import ModelCard, save_model
 
     run_dir = Path(run_dir)
@@ -57,5 +61,6 @@ def export_run(run_dir: Path, out: Path, which: str = "best", name: str = "", mo
     }
     training.update(training_extra or {})
     card = ModelCard(name=name or cfg.run.name, architecture=net.config.to_dict(), heads=list(net.config.heads),
-                     modality=modality, spacing_mm=cfg.data.spacing_mm, training=training, notes=notes)
+                     modality=modality, spacing_mm=cfg.data.spacing_mm, training=training, notes=notes,
+                     matching_heads=list(matching_heads or []))
     return save_model(net, card, Path(out), fp16=fp16)
