@@ -250,7 +250,7 @@ class Embedder:
         rows = rows.reshape(-1, rows.shape[-1])
         report(1.0, "done")
         return Embeddings(rows, head_dims, coarse, fine_grid, coarse_grid, mv, self.model_id,
-                          {"slabs": len(starts), "input_shape": (z, y, x)})
+                          {"slabs": len(starts), "input_shape": (z, y, x), "source": source_geometry(volume)})
 
     def _slab_depth(self, py: int, px: int) -> int:
         if self.slab_voxels:
@@ -310,7 +310,25 @@ class Embedder:
             return None  # unreadable cache entries are recomputed, never trusted
         mv = resample_to_model_grid(volume, self.spacing_mm)
         return Embeddings(t["rows"], head_dims, t["coarse"], grids[0], grids[1], mv, self.model_id,
-                          {"from_disk_cache": True})
+                          {"from_disk_cache": True, "source": source_geometry(volume)})
+
+
+def source_geometry(volume: Volume) -> dict:
+    """The original scan's voxel extent, kept so points can be checked against the real image
+    (the model grid is an axis-aligned box that can be larger for oblique scans)."""
+    return {"index_to_lps": volume.index_to_lps_matrix.tolist(), "size_xyz": list(volume.size_xyz)}
+
+
+def inside_source(emb: "Embeddings", lps, slack_voxels: float = 0.5) -> np.ndarray:
+    """True where LPS points (N, 3) lie inside the scan ``emb`` was computed from."""
+    geo = emb.meta.get("source")
+    pts = np.asarray(lps, dtype=np.float64).reshape(-1, 3)
+    if geo is None:
+        return emb.model_volume.contains_lps(pts, slack_voxels)
+    m = np.asarray(geo["index_to_lps"])
+    ijk = (pts - m[:3, 3]) @ np.linalg.inv(m[:3, :3]).T
+    hi = np.asarray(geo["size_xyz"], float) - 1 + slack_voxels
+    return np.all((ijk >= -slack_voxels) & (ijk <= hi), axis=1)
 
 
 def _slab_starts(z: int, slab: int, margin: int, multiple: int) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .coords import PhysicalPoint
-from .embed import EmbeddingGrid, Embeddings
+from .embed import EmbeddingGrid, Embeddings, inside_source
 from .errors import InputError, MatchingError
 
 
@@ -210,8 +210,7 @@ class Matcher:
         pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
         if not np.all(np.isfinite(pts)):
             raise InputError("template points contain NaN/Inf coordinates")
-        src = self.t.emb.model_volume
-        inside = src.contains_lps(pts)
+        inside = inside_source(self.t.emb, pts)
         if not inside.all():
             bad = pts[~inside][0]
             raise InputError(f"point ({bad[0]:.1f}, {bad[1]:.1f}, {bad[2]:.1f}) LPS mm is outside the template image")
@@ -237,9 +236,12 @@ class Matcher:
             reasons.append(f"similarity {score:.2f} below {self.opt.min_score:.2f}")
         if cycle_mm > self.opt.cycle_tolerance_mm:
             reasons.append(f"not cycle-consistent (round trip lands {cycle_mm:.1f} mm away)")
+        q_mm = self.q.grid.index_to_lps(q_i)
+        if not inside_source(self.q.emb, q_mm[None], slack_voxels=1.0)[0]:
+            reasons.append("the match lies outside the query image")
         details = dict(details, cycle_error_mm=round(float(cycle_mm), 2))
         return MatchResult(PhysicalPoint(tuple(self.t.grid.index_to_lps(t_i)), "LPS"),
-                           PhysicalPoint(tuple(self.q.grid.index_to_lps(q_i)), "LPS"),
+                           PhysicalPoint(tuple(q_mm), "LPS"),
                            float(score), not reasons, "; ".join(reasons) or None, method, details)
 
     # --- fixed points -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from samv2core.errors import DeviceError, InputError, MatchingError
 from samv2core.matching import MatchOptions, Matcher, match_points, stable_matches
 from samv2core.volume import Volume
 
-from test_volume_geometry import flipped
+from test_volume_geometry import flipped, oblique
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,15 @@ def test_constant_volume_and_missing_gpu_are_refused(embedder, lung_crop, lite_n
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="no CUDA"):
             Embedder(lite_net, device="cuda")
+
+
+def test_oblique_scan_points_are_checked_against_the_scan_not_its_bounding_box(embedder, lung_crop):
+    obl = oblique(lung_crop, degrees=(0, 0, 30))
+    emb = embedder.embed(obl)
+    box_corner = emb.model_volume.index_to_lps([1, 1, emb.model_volume.size_xyz[2] // 2])
+    assert not obl.contains_lps(box_corner)  # inside the model-grid box, outside the oblique scan
+    with pytest.raises(InputError, match="outside the template"):
+        match_points(emb, emb, box_corner[None], method="nn")
+    centre = obl.index_to_lps((np.array(obl.size_xyz) - 1) / 2)
+    res = match_points(emb, emb, centre[None], method="nn")[0]
+    assert np.linalg.norm(np.array(res.query_point.xyz) - centre) < 2.5
