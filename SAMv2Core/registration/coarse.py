@@ -75,14 +75,16 @@ def _diffusion_matrix(grid: Grid) -> sp.csr_matrix:
 
 def fit_coarse_field(source, target, box_lo, box_hi, spacing_mm: float = 32.0, smoothness: float = 1.0,
                      huber_mm: float = 5.0, irls_iterations: int = 5, min_points: int = 8,
-                     max_refits: int = 8) -> CoarseField:
+                     max_refits: int = 8, tukey_sigmas: float | None = None) -> CoarseField:
     """Fit u on a ``spacing_mm`` control grid over [box_lo, box_hi] so that source + u(source) ~= target.
 
     ``source`` / ``target`` are (N, 3) LPS points in the same (fixed) space: the fixed end of
     each match and the moving end mapped back through the inverse linear transform.
     Minimises mean_i w_i |u(x_i) - (y_i - x_i)|^2 + smoothness * mean_edges |u_a - u_b|^2 with
-    Huber weights w_i (IRLS). Returns a CoarseField; raises RegistrationError with fewer
-    than ``min_points`` pairs inside the box.
+    robust weights w_i (IRLS): Huber with scale ``huber_mm``, or with ``tukey_sigmas`` set,
+    Tukey's biweight with a cutoff of that many robust standard deviations of the current
+    residuals (rejects wrong matches entirely). Returns a CoarseField; raises
+    RegistrationError with fewer than ``min_points`` pairs inside the box.
     """
     src = np.asarray(source, float).reshape(-1, 3)
     dst = np.asarray(target, float).reshape(-1, 3)
@@ -107,7 +109,11 @@ def fit_coarse_field(source, target, box_lo, box_hi, spacing_mm: float = 32.0, s
             solve = spla.factorized(lhs)
             u = np.stack([solve(w_mat.T @ (wd @ r[:, c])) for c in range(3)], axis=1)
             res = np.linalg.norm(w_mat @ u - r, axis=1)
-            weights = np.where(res <= huber_mm, 1.0, huber_mm / np.maximum(res, 1e-9))
+            if tukey_sigmas:
+                cut = tukey_sigmas * max(float(np.median(res)) / 1.538, 1e-3)  # 3D Gaussian: median = 1.538 sigma
+                weights = np.where(res < cut, (1.0 - (res / cut) ** 2) ** 2, 0.0) + 1e-6
+            else:
+                weights = np.where(res <= huber_mm, 1.0, huber_mm / np.maximum(res, 1e-9))
         field_np = u.T.reshape(3, *grid.shape)
         det = jacobian_determinant(field_np, grid.spacing)
         jstats = jacobian_stats(det)
@@ -116,9 +122,9 @@ def fit_coarse_field(source, target, box_lo, box_hi, spacing_mm: float = 32.0, s
         lam *= 10.0  # stiffen until the control field is invertible
     residual_before = np.linalg.norm(r, axis=1)
     stats = {"control_spacing_mm": spacing_mm, "control_shape_zyx": list(grid.shape), "points_used": int(n),
-             "smoothness": lam, "refits": attempt, "huber_mm": huber_mm,
+             "smoothness": lam, "refits": attempt, "robust": f"tukey {tukey_sigmas} sigma" if tukey_sigmas else f"huber {huber_mm} mm",
              "residual_mm_before": round(float(np.median(residual_before)), 3),
              "residual_mm_after": round(float(np.median(res)), 3),
-             "downweighted_points": int(np.count_nonzero(weights < 1.0)),
+             "downweighted_points": int(np.count_nonzero(weights < 0.5)),
              "control_jacobian": jstats}
     return CoarseField(grid, torch.as_tensor(field_np[None], dtype=torch.float32), stats)

@@ -22,6 +22,7 @@ transform continuously outside the common field of view.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -43,8 +44,8 @@ INTENSITY_TERMS = ("auto", "lncc", "mind", "none")
 class DeformableOptions:
     """Settings of the instance optimisation (defaults tuned on 2 CPU cores; see the benchmark)."""
 
-    levels_mm: tuple[float, ...] = (16.0, 8.0)  # velocity control-grid spacing per level
-    iterations: tuple[int, ...] = (40, 40)
+    levels_mm: tuple[float, ...] = (24.0, 12.0)  # velocity control-grid spacing per level
+    iterations: tuple[int, ...] = (40, 30)
     learning_rate: float = 0.5  # Adam step on the velocity, in mm
     smoothness: float = 0.5  # weight of the velocity diffusion (dimensionless gradient^2)
     embedding_weight: float = 1.0
@@ -59,6 +60,7 @@ class DeformableOptions:
     taper_mm: float = 24.0
     field_spacing_mm: float = 4.0  # spacing of the returned displacement field
     exact_gradient: bool = False
+    cpu_threads: Optional[int] = 1  # torch threads for the CPU loop (None: leave torch's setting)
     device: str = "auto"
     seed: int = 0
 
@@ -214,6 +216,26 @@ def _patch_ncc(fixed_patches: torch.Tensor, moving_patches: torch.Tensor, valid:
     return 1.0 - (cc * valid).sum() / valid.sum().clamp_min(1.0)
 
 
+@contextmanager
+def _torch_threads(n: Optional[int], device: torch.device):
+    """Temporarily run torch's CPU ops on ``n`` threads.
+
+    The optimisation loop is hundreds of small tensor ops per iteration: their OpenMP
+    fork/join costs more than the work, and when cores are shared with other processes a
+    descheduled worker thread stalls every op (measured: 10x slower with 2 threads than 1 on
+    a busy 2-core machine). One thread is the robust choice on CPU.
+    """
+    if device.type != "cpu" or n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_moving: np.ndarray,
                       valid_lo, valid_hi, init=None, options: Optional[DeformableOptions] = None,
                       progress: Progress = None) -> DeformableResult:
@@ -227,10 +249,15 @@ def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_
     total(x) = d(x) + init(x + d(x)). Returns a DeformableResult on a ``field_spacing_mm`` grid.
     """
     opt = options or DeformableOptions()
+    dev = select_device(opt.device)
+    with _torch_threads(opt.cpu_threads, dev):
+        return _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progress, dev)
+
+
+def _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progress, dev) -> DeformableResult:
     if len(opt.levels_mm) != len(opt.iterations):
         raise ValueError("levels_mm and iterations must have the same length")
     report = progress or (lambda f, m: None)
-    dev = select_device(opt.device)
     dt = torch.float32
     gen = torch.Generator().manual_seed(opt.seed)
     term = resolve_intensity_term(opt.intensity, fixed.modality, moving.modality)

@@ -14,8 +14,8 @@ import numpy as np
 from ..errors import RegistrationError
 
 MODES = ("rigid", "affine")
-# Minimal sample sizes: 3 non-collinear points fix a rotation, 4 non-coplanar an affine map.
-_MIN_SAMPLE = {"rigid": 3, "affine": 4}
+# Minimal sample sizes: 3 non-collinear points fix a rotation (and a similarity), 4 non-coplanar an affine map.
+_MIN_SAMPLE = {"rigid": 3, "similarity": 3, "affine": 4}
 
 
 @dataclass
@@ -85,6 +85,21 @@ def fit_rigid(src, dst, weights=None) -> tuple[np.ndarray, np.ndarray]:
     return r, cd - r @ cs
 
 
+def fit_similarity(src, dst, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares s R and t with dst ~= s R src + t (Umeyama 1991): rotation and isotropic scale."""
+    src, dst, w = _prepare(src, dst, weights)
+    cs, cd = w @ src, w @ dst
+    a, b = src - cs, dst - cd
+    h = a.T @ (b * w[:, None])
+    u, sv, vt = np.linalg.svd(h)
+    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
+    r = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    var = float(w @ np.sum(a * a, axis=1))
+    scale = float((sv * np.array([1.0, 1.0, d])).sum() / max(var, 1e-12))
+    m = scale * r
+    return m, cd - m @ cs
+
+
 def fit_affine(src, dst, weights=None) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least-squares 3x3 matrix A and translation t with dst ~= A src + t."""
     src, dst, w = _prepare(src, dst, weights)
@@ -109,7 +124,7 @@ def _prepare(src, dst, weights):
 
 
 def _fit(mode, src, dst, weights=None):
-    return fit_rigid(src, dst, weights) if mode == "rigid" else fit_affine(src, dst, weights)
+    return {"rigid": fit_rigid, "similarity": fit_similarity, "affine": fit_affine}[mode](src, dst, weights)
 
 
 def _spread_ok(points: np.ndarray, mode: str, min_extent_mm: float) -> bool:
@@ -121,19 +136,26 @@ def _spread_ok(points: np.ndarray, mode: str, min_extent_mm: float) -> bool:
     if len(points) < _MIN_SAMPLE[mode]:
         return False
     sv = np.linalg.svd(points - points.mean(0), compute_uv=False) / np.sqrt(len(points))
-    need = 2 if mode == "rigid" else 3
+    need = 3 if mode == "affine" else 2
     return bool(sv[need - 1] >= min_extent_mm)
 
 
 def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min_inliers: int = 12,
-               iterations: int = 1000, scores=None, irls_iterations: int = 10, min_extent_mm: float = 5.0,
-               max_scale: float = 2.0, seed: int = 0) -> LinearFit:
+               iterations: int = 1000, scores=None, irls_iterations: int = 20, min_extent_mm: float = 5.0,
+               max_scale: float = 2.0, affine_min_spread_mm: float = 15.0, tukey_sigmas: float = 2.5,
+               min_inlier_fraction: float = 0.15, seed: int = 0) -> LinearFit:
     """Fit ``mode`` ('rigid' | 'affine') to point pairs with RANSAC + Huber IRLS.
 
     RANSAC (MSAC scoring, minimal samples) picks the consensus set within ``threshold_mm``;
-    the transform is then refitted on the consensus by IRLS with Huber weights (scale
-    ``threshold_mm / 2``), and inliers are re-evaluated. ``scores`` (match similarities) weight
-    the final fit. Returns a LinearFit; raises RegistrationError when the pairs cannot
+    the transform is then refitted by IRLS with Tukey biweights whose cutoff is
+    ``tukey_sigmas`` robust standard deviations of the consensus residuals (at most
+    ``threshold_mm``); inliers are the matches within that cutoff. ``scores`` (match
+    similarities) weight the fit. Fewer than ``min_inliers`` inliers, or fewer than
+    ``min_inlier_fraction`` of all pairs, is refused: random matches can agree by chance. An affine fit whose source points spread less than ``affine_min_spread_mm``
+    (standard deviation) along some direction, e.g. matches in a thin slab of slices, cannot
+    fix the scaling across the slab: a similarity transform (rotation, isotropic scale,
+    translation) is fitted instead and ``stats['fitted_model']`` says so.
+    Returns a LinearFit; raises RegistrationError when the pairs cannot
     support a transform: too few pairs or inliers, points in a degenerate configuration,
     or an affine map with a reflection / implausible scaling.
     """
@@ -151,6 +173,11 @@ def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min
         raise RegistrationError(
             f"the {n} matched points are (nearly) {'collinear' if mode == 'rigid' else 'coplanar'}: "
             f"they cannot determine a {mode} transform")
+    requested = mode
+    if mode == "affine":
+        spread = np.linalg.svd(src - src.mean(0), compute_uv=False) / np.sqrt(n)
+        if spread[-1] < affine_min_spread_mm:
+            mode = "similarity"
     w_score = None if scores is None else np.clip(np.asarray(scores, dtype=np.float64).ravel(), 1e-3, None)
     rng = np.random.default_rng(seed)
     k = _MIN_SAMPLE[mode]
@@ -162,7 +189,7 @@ def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min
         if not _spread_ok(src[idx], mode, min_extent_mm):
             continue
         m, t = _fit(mode, src[idx], dst[idx])
-        if mode == "affine" and not _plausible_affine(m, max_scale):
+        if mode != "rigid" and not _plausible_affine(m, max_scale):
             continue
         r2 = np.sum((src @ m.T + t - dst) ** 2, axis=1)
         cost = np.minimum(r2, t2).sum()  # MSAC: inliers count by residual, outliers a constant
@@ -173,40 +200,56 @@ def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min
 
     inl = best_inl
     m, t = _fit(mode, src[inl], dst[inl], None if w_score is None else w_score[inl])
-    huber = max(threshold_mm / 2.0, 1e-6)
+    # IRLS with Tukey's biweight: matches a few millimetres off (a wrong but nearby voxel)
+    # are down-weighted smoothly instead of counting fully up to the RANSAC threshold.
+    cutoff = float(threshold_mm)
     for _ in range(int(irls_iterations)):
         res = np.linalg.norm(src @ m.T + t - dst, axis=1)
-        new_inl = res < threshold_mm
-        if new_inl.sum() < k or not _spread_ok(src[new_inl], mode, min_extent_mm):
+        core = res[res < threshold_mm]
+        if core.size < k:
             break
-        w = np.where(res[new_inl] <= huber, 1.0, huber / np.maximum(res[new_inl], 1e-12))
+        # residual norms of 3D Gaussian errors: median = 1.538 sigma
+        sigma = max(float(np.median(core)) / 1.538, 1e-3)
+        cutoff = min(float(threshold_mm), tukey_sigmas * sigma)
+        sel = res < cutoff
+        if sel.sum() < k or not _spread_ok(src[sel], mode, min_extent_mm):
+            cutoff = float(threshold_mm)
+            break
+        w = (1.0 - (res[sel] / cutoff) ** 2) ** 2
         if w_score is not None:
-            w = w * w_score[new_inl]
-        m_new, t_new = _fit(mode, src[new_inl], dst[new_inl], w)
-        converged = np.array_equal(new_inl, inl) and np.allclose(m_new, m, atol=1e-9) and np.allclose(t_new, t, atol=1e-6)
-        m, t, inl = m_new, t_new, new_inl
+            w = w * w_score[sel]
+        m_new, t_new = _fit(mode, src[sel], dst[sel], w)
+        converged = np.allclose(m_new, m, atol=1e-7) and np.allclose(t_new, t, atol=1e-4)
+        m, t = m_new, t_new
         if converged:
             break
 
     res = np.linalg.norm(src @ m.T + t - dst, axis=1)
-    inl = res < threshold_mm
-    fit = LinearFit(mode, m, t, inl, res, float(threshold_mm))
+    inl = res < cutoff
+    fit = LinearFit(requested, m, t, inl, res, float(cutoff))
     n_in = int(inl.sum())
     if n_in < min_inliers:
         raise RegistrationError(
-            f"too few matches agree on one {mode} transform: {n_in} inliers within {threshold_mm:g} mm of "
+            f"too few matches agree on one {mode} transform: {n_in} inliers within {cutoff:.1f} mm of "
             f"{n} matches, at least {min_inliers} are required")
+    if n_in < min_inlier_fraction * n:
+        raise RegistrationError(
+            f"the matches do not agree on one {mode} transform: only {n_in} of {n} ({100 * n_in / n:.1f}%) are "
+            f"inliers, at least {100 * min_inlier_fraction:.0f}% are required (unrelated images or an unsuitable model?)")
     if not _spread_ok(src[inl], mode, min_extent_mm):
         raise RegistrationError(f"the {n_in} inlier matches are (nearly) coplanar: they cannot determine a {mode} transform")
     det = float(np.linalg.det(m))
-    if mode == "affine" and not _plausible_affine(m, max_scale):
+    if mode != "rigid" and not _plausible_affine(m, max_scale):
         sv = np.linalg.svd(m, compute_uv=False)
         raise RegistrationError(
-            f"the fitted affine transform is implausible (determinant {det:.3f}, scalings {sv.round(3).tolist()}; "
+            f"the fitted {mode} transform is implausible (determinant {det:.3f}, scalings {sv.round(3).tolist()}; "
             f"allowed 1/{max_scale:g}..{max_scale:g} without reflection): the matches are unreliable")
     sv = np.linalg.svd(m, compute_uv=False)
-    fit.stats = {"determinant": round(det, 6), "scalings": sv.round(6).tolist(),
+    fit.stats = {"fitted_model": mode, "determinant": round(det, 6), "scalings": sv.round(6).tolist(),
                  "rotation_deg": round(float(_rotation_angle_deg(m)), 4)}
+    if mode != requested:
+        fit.stats["warning"] = (f"the matches span only {spread[-1]:.1f} mm (std) along one direction: a full affine "
+                                "is undetermined there, so a similarity transform (rotation + isotropic scale) was fitted")
     return fit
 
 

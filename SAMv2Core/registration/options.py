@@ -23,6 +23,9 @@ class RegistrationOptions:
     ransac_iterations: int = 1000
     max_scale: float = 2.0  # affine scalings outside [1/2, 2] are refused as implausible
     mask_margin_mm: float = 4.0  # both ends of a match must lie within this distance of the body masks
+    query_side: str = "auto"  # sample query points in: 'auto' (smaller body), 'moving' (SAME++), 'fixed'
+    subvoxel: bool = True  # refine the matched end of each stable match below the 4 mm embedding grid
+    affine_min_spread_mm: float = 15.0  # thinner match clouds (std) get a similarity instead of an affine
     # --- inputs ---------------------------------------------------------------------------
     modality_pair: str = "auto"  # 'same' / 'cross': refuse when the volumes' modality flags disagree
     require_physical_overlap: bool = True  # refuse images whose scanner coordinates do not overlap
@@ -32,6 +35,7 @@ class RegistrationOptions:
     coarse_spacing_mm: float = 32.0
     coarse_smoothness: float = 1.0
     coarse_max_residual_mm: float = 30.0  # matches further than this from the linear fit are not used
+    coarse_tukey_sigmas: float = 3.0  # robust IRLS cutoff of the coarse fit (robust standard deviations)
     deformable: DeformableOptions = field(default_factory=DeformableOptions)
     device: str = "auto"
     seed: int = 0

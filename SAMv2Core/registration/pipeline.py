@@ -18,7 +18,6 @@ from typing import Callable, Optional
 import numpy as np
 import SimpleITK as sitk
 import torch
-from scipy import ndimage
 
 from ..errors import InputError, RegistrationError, SAMv2Error
 from ..preprocess import body_mask, resample_to_model_grid
@@ -30,7 +29,7 @@ from .fov import crop_volume, overlap_crop
 from .grid import Grid, sample
 from .options import RegistrationOptions
 from .result import RegistrationResult
-from .sampling import grid_points_in_mask
+from .matches import registration_matches
 from .svf import jacobian_determinant, jacobian_stats
 
 Progress = Optional[Callable[[float, str], None]]
@@ -81,15 +80,6 @@ def check_modalities(fixed: Volume, moving: Volume, opts: RegistrationOptions) -
 def _boxes_intersect(a: Volume, b: Volume) -> bool:
     ca, cb = a.corners_lps(), b.corners_lps()
     return bool(np.all(np.minimum(ca.max(0), cb.max(0)) > np.maximum(ca.min(0), cb.min(0))))
-
-
-def _mask_lookup(volume: Volume, mask: np.ndarray, points: np.ndarray) -> np.ndarray:
-    ijk = np.rint(volume.lps_to_index(points)).astype(int)
-    size = np.asarray(volume.size_xyz)
-    ok = np.all((ijk >= 0) & (ijk < size), axis=1)
-    out = np.zeros(len(points), bool)
-    out[ok] = mask[ijk[ok, 2], ijk[ok, 1], ijk[ok, 0]]
-    return out
 
 
 def _body(volume: Volume, role: str, opts: RegistrationOptions) -> np.ndarray:
@@ -198,29 +188,19 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
     mask_f, mask_m = _body(mv_f, "fixed", opts), _body(mv_m, "moving", opts)
 
     # 3. stable matches ---------------------------------------------------------------------
-    from ..matching import stable_matches
-
     report_progress(0.60, "stable matching")
-    queries = grid_points_in_mask(mv_m, mask_m, opts.grid_spacing_mm, max_points=opts.max_query_points)
-    if len(queries) < opts.min_inliers:
-        raise RegistrationError(
-            f"the moving body mask holds only {len(queries)} sample points at {opts.grid_spacing_mm:g} mm: too small to register")
-    sm = stable_matches(emb_m, emb_f, queries, passes=opts.stable_passes, min_score=opts.min_score)
-    it = max(1, int(round(opts.mask_margin_mm / max(mv_f.spacing))))
-    in_f = _mask_lookup(mv_f, ndimage.binary_dilation(mask_f, iterations=it), sm.query_lps)
-    in_m = _mask_lookup(mv_m, ndimage.binary_dilation(mask_m, iterations=it), sm.template_lps)
-    keep = in_f & in_m
-    fixed_pts, moving_pts, scores = sm.query_lps[keep], sm.template_lps[keep], sm.scores[keep]
-    match_report = {"query_points": int(len(queries)), "stable_matches": int(len(sm.scores)),
-                    "inside_masks": int(keep.sum()), "min_score": opts.min_score, "passes": opts.stable_passes,
-                    "score_median": round(float(np.median(scores)), 4) if len(scores) else None}
+    pairs = registration_matches(emb_f, emb_m, mask_f, mask_m, spacing_mm=opts.grid_spacing_mm,
+                                 max_points=opts.max_query_points, passes=opts.stable_passes,
+                                 min_score=opts.min_score, mask_margin_mm=opts.mask_margin_mm,
+                                 query_side=opts.query_side, subvoxel=opts.subvoxel, min_points=opts.min_inliers)
+    fixed_pts, moving_pts, scores, match_report = pairs.fixed, pairs.moving, pairs.scores, pairs.report
     t = lap("matching_s", t)
 
     # 4. linear fit ----------------------------------------------------------------------------
     report_progress(0.70, f"{mode} fit on {len(scores)} matches")
     fit = robust_fit(fixed_pts, moving_pts, mode, threshold_mm=opts.inlier_threshold_mm,
                      min_inliers=opts.min_inliers, iterations=opts.ransac_iterations, scores=scores,
-                     max_scale=opts.max_scale, seed=opts.seed)
+                     max_scale=opts.max_scale, affine_min_spread_mm=opts.affine_min_spread_mm, seed=opts.seed)
     lin4 = fit.homogeneous()
     fov = overlap_crop(fixed, moving, lin4, opts.fov_margin_mm)  # raises when nothing overlaps
     linear = _affine(lin4)
@@ -232,7 +212,10 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
               "moving": {"name": moving.name, "modality": moving.modality.value, "size_xyz": list(moving.size_xyz),
                          "spacing_mm": list(moving.spacing)},
               "model_id": getattr(embedder, "model_id", None), "convention": "fixed LPS -> moving LPS (ITK)",
-              "matches": match_report, "linear": fit.report(), "field_of_view": fov.report()}
+              "matches": match_report, "linear": fit.report(), "field_of_view": fov.report(),
+              "inliers": fit.n_inliers, "residual_mm_median": fit.report()["residual_mm_inliers"]["median"]}
+    if "warning" in fit.stats:
+        warnings.append(fit.stats["warning"])
 
     # 5. nonlinear stages ----------------------------------------------------------------------
     displacement_img = None
@@ -254,7 +237,7 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
             target = moving_pts @ inv[:3, :3].T + inv[:3, 3]
             near = fit.residuals_mm < opts.coarse_max_residual_mm
             cf = fit_coarse_field(fixed_pts[near], target[near], dom_lo, dom_hi, opts.coarse_spacing_mm,
-                                  opts.coarse_smoothness)
+                                  opts.coarse_smoothness, irls_iterations=10, tukey_sigmas=opts.coarse_tukey_sigmas)
             coarse_disp = cf.resample(field_grid) * taper_window(field_grid, dopt.taper_mm)
             report["coarse_field"] = cf.stats
 
