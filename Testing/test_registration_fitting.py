@@ -80,11 +80,17 @@ def test_refuses_too_few_pairs_and_too_few_inliers():
         robust_fit(src, dst, "rigid", min_inliers=12)
 
 
-def test_refuses_coplanar_points_for_affine():
+def test_collinear_points_are_refused_and_a_single_plane_gives_a_similarity():
     src, rng = _points(60, seed=5)
-    src[:, 2] = 900.0  # every match in one slice: the slice-normal scaling is undetermined
-    with pytest.raises(RegistrationError, match="coplanar"):
-        robust_fit(src, src + 2.0, "affine")
+    line = src.copy()
+    line[:, 1:] = line[:, :1] * np.array([0.5, -0.2]) + np.array([-180.0, 900.0])  # all on one line
+    for mode in ("rigid", "affine"):
+        with pytest.raises(RegistrationError, match="collinear"):
+            robust_fit(line, line + 2.0, mode)
+    plane = src.copy()
+    plane[:, 2] = 900.0  # every match in one slice: the slice-normal scaling is undetermined
+    fit = robust_fit(plane, plane + 2.0, "affine")
+    assert fit.stats["fitted_model"] == "similarity" and np.allclose(fit.matrix, np.eye(3), atol=1e-6)
 
 
 def test_refuses_reflecting_affine():

@@ -169,15 +169,15 @@ def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min
         raise RegistrationError(
             f"too few confident matches for a {mode} fit: {n} pairs, at least {min_inliers} are required "
             "(the images may not share anatomy, or the similarity threshold is too strict)")
-    if not _spread_ok(src, mode, min_extent_mm) or not _spread_ok(dst, mode, min_extent_mm):
-        raise RegistrationError(
-            f"the {n} matched points are (nearly) {'collinear' if mode == 'rigid' else 'coplanar'}: "
-            f"they cannot determine a {mode} transform")
     requested = mode
     if mode == "affine":
         spread = np.linalg.svd(src - src.mean(0), compute_uv=False) / np.sqrt(n)
         if spread[-1] < affine_min_spread_mm:
             mode = "similarity"
+    if not _spread_ok(src, mode, min_extent_mm) or not _spread_ok(dst, mode, min_extent_mm):
+        raise RegistrationError(
+            f"the {n} matched points are (nearly) {'coplanar' if mode == 'affine' else 'collinear'}: "
+            f"they cannot determine a {mode} transform")
     w_score = None if scores is None else np.clip(np.asarray(scores, dtype=np.float64).ravel(), 1e-3, None)
     rng = np.random.default_rng(seed)
     k = _MIN_SAMPLE[mode]

@@ -40,10 +40,14 @@ def _mask_lookup(volume: Volume, mask: np.ndarray, points: np.ndarray) -> np.nda
 
 
 def _inside_fov(volume: Volume, points: np.ndarray, margin_mm: float) -> np.ndarray:
-    """True where a point is at least ``margin_mm`` inside the image's field of view."""
+    """True where a point is at least ``margin_mm`` inside the image's field of view.
+
+    The margin shrinks to a quarter of the extent along thin axes (a 40 mm slab keeps its
+    middle 20 mm rather than nothing).
+    """
     ijk = volume.lps_to_index(points)
     size = np.asarray(volume.size_xyz, float)
-    m = margin_mm / np.asarray(volume.spacing)
+    m = np.minimum(margin_mm / np.asarray(volume.spacing), (size - 1) / 4.0)
     return np.all((ijk >= m) & (ijk <= size - 1 - m), axis=1)
 
 
@@ -68,12 +72,15 @@ def _subvoxel(template_emb, query_emb, template_pts: np.ndarray, query_pts: np.n
 def registration_matches(emb_f, emb_m, mask_f: np.ndarray, mask_m: np.ndarray, *, spacing_mm: float = 16.0,
                          max_points: int = 1500, passes: int = 5, min_score: float = 0.7,
                          mask_margin_mm: float = 4.0, query_side: str = "auto", subvoxel: bool = True,
-                         edge_margin_mm: float = 16.0, min_points: int = 12) -> PointPairs:
+                         edge_margin_mm: float = 16.0, min_points: int = 12,
+                         min_query_points: int = 200) -> PointPairs:
     """Stable matches between two embedded volumes, as fixed / moving LPS point pairs.
 
     ``mask_f`` / ``mask_m`` are body masks on the embeddings' model volumes. Matches with an
     end closer than ``edge_margin_mm`` to its image's field-of-view border are dropped: the
-    network sees no context beyond a cut, and those embeddings are biased. Raises
+    network sees no context beyond a cut, and those embeddings are biased. Fewer than
+    ``min_query_points`` queries at ``spacing_mm`` (a small crop) halve the spacing, down to
+    the 4 mm embedding grid. Raises
     RegistrationError when the query body mask is too small to sample.
     """
     from ..matching import stable_matches
@@ -88,11 +95,17 @@ def registration_matches(emb_f, emb_m, mask_f: np.ndarray, mask_m: np.ndarray, *
         t_emb, q_emb, t_mv, t_mask, q_mv, q_mask = emb_m, emb_f, mv_m, mask_m, mv_f, mask_f
     else:
         t_emb, q_emb, t_mv, t_mask, q_mv, q_mask = emb_f, emb_m, mv_f, mask_f, mv_m, mask_m
-    queries = grid_points_in_mask(t_mv, t_mask, spacing_mm, max_points=max_points)
-    queries = queries[_inside_fov(t_mv, queries, edge_margin_mm)]
+    used_spacing = float(spacing_mm)
+    while True:
+        queries = grid_points_in_mask(t_mv, t_mask, used_spacing, max_points=max_points)
+        queries = queries[_inside_fov(t_mv, queries, edge_margin_mm)]
+        # small images (crops): sample more densely, down to the 4 mm embedding grid
+        if len(queries) >= min_query_points or used_spacing <= 4.0:
+            break
+        used_spacing = max(4.0, used_spacing / 2.0)
     if len(queries) < min_points:
         raise RegistrationError(
-            f"the {side} body mask holds only {len(queries)} sample points at {spacing_mm:g} mm: too small to register")
+            f"the {side} body mask holds only {len(queries)} sample points at {used_spacing:g} mm: too small to register")
     sm = stable_matches(t_emb, q_emb, queries, passes=passes, min_score=min_score)
     it_t = max(1, int(round(mask_margin_mm / max(t_mv.spacing))))
     it_q = max(1, int(round(mask_margin_mm / max(q_mv.spacing))))
@@ -105,7 +118,7 @@ def registration_matches(emb_f, emb_m, mask_f: np.ndarray, mask_m: np.ndarray, *
         voxel = float(max(q_emb.fine_grid.spacing))
         q_pts, refined = _subvoxel(t_emb, q_emb, t_pts, q_pts, max_shift_mm=voxel)
     fixed_pts, moving_pts = (q_pts, t_pts) if side == "moving" else (t_pts, q_pts)
-    report = {"query_side": side, "query_points": int(len(queries)), "stable_matches": int(len(sm.scores)),
+    report = {"query_side": side, "query_spacing_mm": used_spacing, "query_points": int(len(queries)), "stable_matches": int(len(sm.scores)),
               "inside_masks": int(keep.sum()), "subvoxel_refined": int(refined), "min_score": min_score,
               "passes": passes, "score_median": round(float(np.median(scores)), 4) if len(scores) else None}
     return PointPairs(fixed_pts, moving_pts, scores, report)
