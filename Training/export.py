@@ -32,6 +32,13 @@ def load_run_model(run_dir: Path, which: str = "best"):
                  "config_hash": obj.get("config_hash", "")}
 
 
+def _short(path: str) -> str:
+    """Paths inside a shared data folder as 'shared/data/...', so cards hold no machine paths."""
+    p = str(path)
+    marker = "/shared/data/"
+    return "shared/data/" + p.split(marker, 1)[1] if marker in p else Path(p).name
+
+
 def export_run(run_dir: Path, out: Path, which: str = "best", name: str = "", modality: str = "",
                training_extra: "dict | None" = None, notes: str = "", fp16: bool = True,
                matching_heads: "list | None" = None) -> Path:
@@ -56,8 +63,9 @@ def export_run(run_dir: Path, out: Path, which: str = "best", name: str = "", mo
         "iterations_planned": cfg.run.iterations, "seed": cfg.run.seed,
         "patch_size_zyx": cfg.data.patch_size, "batch_size": cfg.data.batch_size,
         "optimizer": cfg.optim.optimizer, "lr": cfg.optim.lr, "temperature": cfg.loss.temperature,
-        "volumes": [e["path"] for e in list_entries(cfg.data)],
-        "held_out": list(cfg.data.exclude),
+        "volumes": [_short(e["path"]) + (f" (labels: {_short(e['labels'])})" if e.get("labels") else "")
+                    for e in list_entries(cfg.data)],
+        "held_out": [_short(p) for p in cfg.data.exclude],
     }
     training.update(training_extra or {})
     card = ModelCard(name=name or cfg.run.name, architecture=net.config.to_dict(), heads=list(net.config.heads),
