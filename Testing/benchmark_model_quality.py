@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the numbers to this JSON file")
     ap.add_argument("--no-cross-patient", action="store_true", help="skip the cross-patient centroid task")
     ap.add_argument("--no-baselines", action="store_true", help="only the evaluated model (quick checks)")
+    ap.add_argument("--mr-like", action="store_true",
+                    help="cross-modality variant: the simulated follow-ups get an MR-like contrast (CT -> MR-like)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
     base = load_volume(heldout, "CT")
     fu_err = {r[0]: [] for r in rows}
     for seed in range(args.followups):
-        pair = simulate_followup(base, seed=seed)
+        pair = simulate_followup(base, seed=seed, mr=args.mr_like)
         pts, truth = followup_points(base, pair, args.points, seed=100 + seed)
         embs = {k: (e.embed(base), e.embed(pair.followup)) for k, e in models.items()}
         for label, key, tf, method in rows:
@@ -300,7 +302,8 @@ def main(argv=None) -> int:
     print()
     print(f"Model quality benchmark ({time.time() - t0:.0f} s). Follow-ups are SIMULATED from the real held-out CT "
           f"{heldout.relative_to(data) if heldout.is_relative_to(data) else heldout} "
-          f"({args.followups} follow-ups x {args.points} points; known rigid+deformable motion).")
+          f"({args.followups} follow-ups x {args.points} points; known rigid+deformable motion"
+          + ("; MR-like contrast: CT -> MR-like cross-modality matching" if args.mr_like else "") + ").")
     print(f"Model evaluated as 'bundled': {model_path if have_model else 'none'}")
     print(f"Cross-patient organ centroids (real CTs, TotalSegmentator labels): {', '.join(cp_pairs) or 'n/a'}")
     hdr = (f"{'method':<52s} | {'FU mean':>7s} {'median':>7s} {'p90':>7s} {'CPM@10':>7s} | "
@@ -318,7 +321,7 @@ def main(argv=None) -> int:
     print("FU = simulated follow-ups of the held-out CT (errors in mm); XP = cross-patient organ centroids "
           "(mm; in-organ = match inside the same structure's mask, 3 mm tolerance).")
     if args.json:
-        out = {"heldout": str(heldout), "model": str(model_path) if have_model else None,
+        out = {"heldout": str(heldout), "model": str(model_path) if have_model else None, "mr_like": args.mr_like,
                "followups": args.followups, "points_per_followup": args.points, "cross_patient_pairs": cp_pairs,
                "simulated_followups": True, "results": results}
         Path(args.json).write_text(json.dumps(out, indent=2))
