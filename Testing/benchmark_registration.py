@@ -11,7 +11,10 @@ Pairs
   map at evaluation points every 15 mm inside the fixed body whose true position is inside
   the moving image). No real follow-up pair exists in the data: these are simulations.
 * INTER-PATIENT real CTs with TotalSegmentator labels (model outputs, not manual ground truth):
-  Dice of the shared labels after warping the moving labels onto the fixed grid.
+  Dice of the shared labels after warping the moving labels onto the fixed grid. Fixed = the
+  whole 3 mm CT of patient A, whose labels exist for its first 30 slices (Dice is measured in
+  that slab); moving = a 40 mm contrast-CT slab of patient B (31 labels) and a chest CT crop of
+  patient C (aorta and T12 masks).
 
 Columns: time = wall clock of the whole method (SAM rows include embedding both images
 without cache; "reg" = SAM stages after embedding), peak = peak resident memory above the
@@ -170,6 +173,7 @@ class Case:
     eval_points: np.ndarray | None = None
     truth_points: np.ndarray | None = None
     body: np.ndarray | None = None  # fixed body mask on the fixed grid (for folding)
+    eval_mask: np.ndarray | None = None  # where the fixed labels are defined (Dice is measured there)
 
 
 def _eval_points(case: Case) -> None:
@@ -226,22 +230,34 @@ def build_cases(quick: bool) -> list[Case]:
     for c in cases:
         _eval_points(c)
 
-    # inter-patient real CTs with TotalSegmentator labels
-    a_ct = load_volume(SHARED / "ct" / "totalseg_example" / "ct_3mm_30slices.nii.gz", "CT")
-    a_seg = _read_seg(SHARED / "ct" / "totalseg_example" / "seg_3mm_30slices.nii.gz")
+    # inter-patient real CTs with TotalSegmentator labels. Fixed: the whole 3 mm CT (patient A);
+    # its labels exist for 30 of its slices (ct_3mm_30slices / seg_3mm_30slices: the LAST 30
+    # slices, although their header keeps the full scan's origin), so Dice is measured there.
+    a30 = sitk.GetArrayFromImage(sitk.ReadImage(str(SHARED / "ct" / "totalseg_example" / "ct_3mm_30slices.nii.gz")))
+    a_seg30 = _read_seg(SHARED / "ct" / "totalseg_example" / "seg_3mm_30slices.nii.gz")
+    n30 = a30.shape[0]
+    k0 = int(np.argmin([np.abs(ct.array[k:k + n30] - a30).mean() for k in range(ct.array.shape[0] - n30 + 1)]))
+    assert np.abs(ct.array[k0:k0 + n30] - a30).mean() < 1.0, "the 30-slice CT is not a block of the full CT"
+    a_lab = np.zeros(ct.array.shape, np.uint16)
+    a_lab[k0:k0 + n30] = sitk.GetArrayFromImage(a_seg30)
+    a_seg = sitk.GetImageFromArray(a_lab)
+    a_seg.CopyInformation(ct.to_sitk())
+    slab = np.zeros(ct.array.shape, bool)
+    slab[k0:k0 + n30] = True
     b_ct = load_volume(SHARED / "ct" / "totalseg_dicom" / "dicom", "CT")
     b_seg = _read_seg(SHARED / "ct" / "totalseg_dicom" / "seg.nii.gz")
-    cases.append(Case("inter-patient CT B -> A (abdomen)", a_ct, b_ct, "dice", ["initial"] + SAM_ALL + PEERS_DEF,
-                      fixed_labels=a_seg, moving_labels=b_seg, labels=_shared_labels(a_seg, b_seg)))
+    cases.append(Case("inter-patient CT B (40 mm slab) -> A", ct, b_ct, "dice", ["initial"] + SAM_ALL + PEERS_DEF,
+                      fixed_labels=a_seg, moving_labels=b_seg, labels=_shared_labels(a_seg30, b_seg),
+                      eval_mask=slab))
     if not quick:
         aorta = SHARED / "ct" / "totalseg_aorta"
         c_ct = load_volume(aorta / "ct_1.5mm.nii.gz", "CT")
         c_seg = _masks_to_labels(aorta / "ct_1.5mm.nii.gz", {52: aorta / "masks" / "aorta.nii.gz",
                                                              32: aorta / "masks" / "vertebrae_T12.nii.gz"})
-        cases.append(Case("inter-patient CT C -> A (aorta, T12)", a_ct, c_ct, "dice",
+        cases.append(Case("inter-patient CT C (chest) -> A (aorta, T12)", ct, c_ct, "dice",
                           ["initial", "SAM-affine", "SAM-affine+coarse+deformable", "ANTs Affine", "ANTs SyN",
                            "elastix affine", "elastix affine+B-spline"],
-                          fixed_labels=a_seg, moving_labels=c_seg, labels=(32, 52)))
+                          fixed_labels=a_seg, moving_labels=c_seg, labels=(32, 52), eval_mask=slab))
     for c in cases:
         fm = c.fixed
         c.body = body_mask(fm)
@@ -289,6 +305,8 @@ def evaluate(case: Case, mapping: Mapping, deformable: bool) -> dict:
     else:
         warped = sitk.GetArrayFromImage(mapping.labels(case.moving_labels, case.fixed))
         fixed = sitk.GetArrayFromImage(case.fixed_labels)
+        if case.eval_mask is not None:  # labels only known there: ignore the rest of the fixed grid
+            warped, fixed = warped[case.eval_mask], fixed[case.eval_mask]
         dices = []
         for lab in case.labels:
             a, b = fixed == lab, warped == lab
@@ -466,6 +484,8 @@ def save_case(case: Case, folder: Path) -> None:
     else:
         sitk.WriteImage(case.fixed_labels, str(folder / "fixed_labels.nii.gz"))
         sitk.WriteImage(case.moving_labels, str(folder / "moving_labels.nii.gz"))
+        if case.eval_mask is not None:
+            np.save(folder / "eval_mask.npy", case.eval_mask)
     (folder / "case.json").write_text(json.dumps(meta))
 
 
@@ -480,6 +500,8 @@ def load_case(folder: Path) -> tuple[Case, Volume, Volume]:
     else:
         case.fixed_labels = sitk.ReadImage(str(folder / "fixed_labels.nii.gz"))
         case.moving_labels = sitk.ReadImage(str(folder / "moving_labels.nii.gz"))
+        if (folder / "eval_mask.npy").exists():
+            case.eval_mask = np.load(folder / "eval_mask.npy")
     return case, rd("peer_fixed.nii.gz", meta["fixed_modality"]), rd("peer_moving.nii.gz", meta["moving_modality"])
 
 
@@ -519,6 +541,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="SAM weights (.safetensors); default: the bundled model")
     ap.add_argument("--quick", action="store_true", help="fewer pairs (smoke run)")
     ap.add_argument("--no-peers", action="store_true", help="SAM rows only")
+    ap.add_argument("--only", help="run only the pairs whose name contains this text")
     ap.add_argument("--json", help="also write all rows here")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch threads for SAM (default 1: on this shared 2-core machine 1 thread was measured "
@@ -533,6 +556,8 @@ def main(argv=None) -> int:
         return 1
     t_all = time.perf_counter()
     cases = build_cases(args.quick)
+    if args.only:
+        cases = [c for c in cases if args.only in c.name]
     sam = SamRunner(args.model)
     rows: list[Row] = []
     tmp = Path(tempfile.mkdtemp(prefix="samv2_regbench_"))

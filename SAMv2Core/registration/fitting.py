@@ -171,7 +171,8 @@ def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min
             "(the images may not share anatomy, or the similarity threshold is too strict)")
     requested = mode
     if mode == "affine":
-        spread = np.linalg.svd(src - src.mean(0), compute_uv=False) / np.sqrt(n)
+        spread = np.minimum(np.linalg.svd(src - src.mean(0), compute_uv=False),
+                            np.linalg.svd(dst - dst.mean(0), compute_uv=False)) / np.sqrt(n)
         if spread[-1] < affine_min_spread_mm:
             mode = "similarity"
     if not _spread_ok(src, mode, min_extent_mm) or not _spread_ok(dst, mode, min_extent_mm):
@@ -209,7 +210,9 @@ def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min
         if core.size < k:
             break
         # residual norms of 3D Gaussian errors: median = 1.538 sigma
-        sigma = max(float(np.median(core)) / 1.538, 1e-3)
+        # floored at 0.5 mm: matches live on a 4 mm embedding grid, a near-zero spread only
+        # means the consensus is a minimal sample that fits itself exactly
+        sigma = max(float(np.median(core)) / 1.538, 0.5)
         cutoff = min(float(threshold_mm), tukey_sigmas * sigma)
         sel = res < cutoff
         if sel.sum() < k or not _spread_ok(src[sel], mode, min_extent_mm):

@@ -51,6 +51,10 @@ def _inside_fov(volume: Volume, points: np.ndarray, margin_mm: float) -> np.ndar
     return np.all((ijk >= m) & (ijk <= size - 1 - m), axis=1)
 
 
+def _min_extent(volume: Volume) -> float:
+    return float(((np.asarray(volume.size_xyz) - 1) * np.asarray(volume.spacing)).min())
+
+
 def _subvoxel(template_emb, query_emb, template_pts: np.ndarray, query_pts: np.ndarray,
               max_shift_mm: float) -> tuple[np.ndarray, int]:
     """Refine the query end of each match to sub-voxel precision (NN search with a parabolic
@@ -97,7 +101,8 @@ def registration_matches(emb_f, emb_m, mask_f: np.ndarray, mask_m: np.ndarray, *
         t_emb, q_emb, t_mv, t_mask, q_mv, q_mask = emb_f, emb_m, mv_f, mask_f, mv_m, mask_m
     used_spacing = float(spacing_mm)
     while True:
-        queries = grid_points_in_mask(t_mv, t_mask, used_spacing, max_points=max_points)
+        queries = grid_points_in_mask(t_mv, t_mask, used_spacing, max_points=max_points, min_levels=4,
+                                      border_mm=min(8.0, 0.125 * _min_extent(t_mv)))
         queries = queries[_inside_fov(t_mv, queries, edge_margin_mm)]
         # small images (crops): sample more densely, down to the 4 mm embedding grid
         if len(queries) >= min_query_points or used_spacing <= 4.0:

@@ -8,8 +8,11 @@ from ..volume import Volume
 
 
 def grid_points_in_mask(volume: Volume, mask: np.ndarray, spacing_mm: float = 16.0,
-                        border_mm: float = 8.0, max_points: int | None = 4000) -> np.ndarray:
+                        border_mm: float = 8.0, max_points: int | None = 4000, min_levels: int = 1) -> np.ndarray:
     """LPS points (N, 3) on a regular ``spacing_mm`` grid that fall inside ``mask``.
+
+    With ``min_levels`` > 1 the spacing shrinks along thin axes so that the mask's extent
+    holds at least that many grid planes (a 40 mm slab still gets points at several depths).
 
     ``mask`` is a boolean (z, y, x) array on ``volume``'s grid. Points closer than
     ``border_mm`` to the mask edge or the image edge are dropped: embeddings there see
@@ -33,9 +36,12 @@ def grid_points_in_mask(volume: Volume, mask: np.ndarray, spacing_mm: float = 16
     kji = np.argwhere(mask)
     lps = volume.index_to_lps(kji[:, ::-1].astype(np.float64))
     lo, hi = lps.min(0), lps.max(0)
-    n = np.floor((hi - lo) / spacing_mm).astype(int) + 1
-    start = (lo + hi) / 2 - (n - 1) * spacing_mm / 2
-    axes = [start[d] + spacing_mm * np.arange(n[d]) for d in range(3)]
+    step = np.minimum(float(spacing_mm), np.maximum((hi - lo) / max(min_levels, 1), 1e-3))
+    if min_levels <= 1:
+        step = np.full(3, float(spacing_mm))
+    n = np.floor((hi - lo) / step + 1e-9).astype(int) + 1
+    start = (lo + hi) / 2 - (n - 1) * step / 2
+    axes = [start[d] + step[d] * np.arange(n[d]) for d in range(3)]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     ijk = np.rint(volume.lps_to_index(grid)).astype(int)
     size = np.asarray(volume.size_xyz)
