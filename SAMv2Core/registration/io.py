@@ -9,7 +9,9 @@ them as "from parent" transforms, so a moving volume placed under them lands on 
   BEFORE the linear part (vector image in LPS millimetres / ITK DisplacementFieldTransform);
   only when a coarse/deformable stage ran. Slicer reads the .nii.gz correctly but warns that
   its NIfTI intent is 'vector' (1007) rather than 'displacement' (1006): ITK writes vector
-  images that way; the .h5 loads without the warning;
+  images that way; the .h5 loads without the warning. Slicer interpolates grid transforms
+  cubically by default (ITK: linearly), a difference of hundredths of a millimetre on these
+  smooth fields (Testing/test_registration_io.py);
 * ``composite.h5``: the complete map linear o (x + d(x)) in one file;
 * ``moving_resampled.nii.gz``: the moving image on the fixed grid, through ``composite``;
 * ``report.json``: inliers, residuals, Jacobian statistics, folding, timings, settings.

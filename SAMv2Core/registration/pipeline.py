@@ -1,9 +1,12 @@
 """register(): the SAME++ / CrossSAM pipeline on two volumes.
 
 1. checks (3D, not all background, modality flags, physical overlap);
-2. embeddings of both volumes; query points every 16 mm inside the moving body mask;
-3. cycle-consistent stable matches (score > 0.7), both ends inside the body masks;
-4. SAM-rigid (Arun SVD) or SAM-affine (least squares) with RANSAC + IRLS, minimum inliers;
+2. embeddings of both volumes; query points every 16 mm inside the body mask of the image with
+   the smaller body (CrossSAM; options.query_side='moving' follows SAME++ literally);
+3. cycle-consistent stable matches (score > 0.7), both ends inside the body masks and away from
+   the field-of-view borders, matched end refined below the 4 mm embedding grid;
+4. SAM-rigid (Arun SVD) or SAM-affine (least squares) with RANSAC + Tukey IRLS, minimum inlier
+   count and fraction (a similarity when the matches only span a thin slab);
 5. crop to the common field of view (margin) -> optional SAM-coarse control-grid field and
    optional deformable instance optimisation (SVF on embeddings + LNCC / MIND-SSC);
 6. ITK transforms (fixed -> moving) and a report with residuals, Jacobian statistics, timings.
