@@ -523,8 +523,8 @@ def run_peer_subprocess(folder: Path, method: str, timeout: float = 900.0) -> di
     import subprocess
 
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(folder), method],
-                          capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS="2"))
+                          capture_output=True, text=True, timeout=timeout, cwd=str(folder),  # elastix writes
+                          env=dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS="2"))  # files to the cwd
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise RuntimeError(f"peer process failed (status {proc.returncode}): {tail[:120]}")
