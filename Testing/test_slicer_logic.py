@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "SAMv2Slicer"))
 
 from samv2core.coords import lps_to_ras, ras_to_lps  # noqa: E402
 from samv2core.errors import CheckpointError, DeviceError, InputError, SAMv2Error  # noqa: E402
+from samv2core import registration as reg  # noqa: E402
 from samv2core.volume import Volume  # noqa: E402
 from SAMv2SlicerLib import logic as L  # noqa: E402
 from SAMv2SlicerLib import nodes  # noqa: E402
@@ -489,9 +490,6 @@ def test_propagate_lesion_segment(session):
 
 
 def test_register_end_to_end(session):
-    reg = pytest.importorskip("samv2core.registration")
-    if not hasattr(reg, "register"):
-        pytest.skip("not available: samv2core.registration.register is not implemented yet")
     s = session
     logic, scene = s["logic"], s["scene"]
     fixed_fp = node_fingerprint(s["base"])
@@ -652,9 +650,6 @@ def test_background_task_progress_result_and_errors():
 
 
 def test_register_deformable_nodes_map_like_the_core_composite(session):
-    reg = pytest.importorskip("samv2core.registration")
-    if not hasattr(reg, "register"):
-        pytest.skip("not available: samv2core.registration.register is not implemented yet")
     s = session
     logic, scene = s["logic"], s["scene"]
     before = set(scene_state(scene))

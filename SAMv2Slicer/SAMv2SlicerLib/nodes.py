@@ -56,6 +56,18 @@ def ras_matrix_to_lps(matrix_ras) -> np.ndarray:
 
 
 # --- volumes --------------------------------------------------------------------------
+
+def _apply_parent_transform(node, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """``ijk_to_ras`` composed with the node's parent transform to world (linear only)."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return ijk_to_ras
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(f"{node.GetName()}: is under a non-linear transform; harden it before use")
+    to_world = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(to_world)
+    return np_from_vtk_matrix(to_world) @ ijk_to_ras
+
 def node_ijk_to_ras(node, world: bool = True) -> np.ndarray:
     """4x4 IJK -> RAS matrix of a volume node; with ``world`` the parent transforms are included.
 
@@ -64,14 +76,7 @@ def node_ijk_to_ras(node, world: bool = True) -> np.ndarray:
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     ijk_to_ras = np_from_vtk_matrix(m)
-    parent = node.GetParentTransformNode() if world else None
-    if parent is not None:
-        if not parent.IsTransformToWorldLinear():
-            raise InputError(f"{node.GetName()}: is under a non-linear transform; harden it before use")
-        to_world = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(to_world)
-        ijk_to_ras = np_from_vtk_matrix(to_world) @ ijk_to_ras
-    return ijk_to_ras
+    return _apply_parent_transform(node, ijk_to_ras) if world else ijk_to_ras
 
 
 def volume_from_node(node, modality: "str | Modality" = "auto", world: bool = True) -> Volume:
@@ -358,13 +363,7 @@ def segment_mask(segmentation_node, segment_id: str) -> Volume:
     ijk_to_ras = np_from_vtk_matrix(m)
     # shift so that array index 0 is the extent's first voxel
     ijk_to_ras[:3, 3] = ijk_to_ras[:3, :3] @ np.array(ext[0::2], float) + ijk_to_ras[:3, 3]
-    parent = segmentation_node.GetParentTransformNode()
-    if parent is not None:
-        if not parent.IsTransformToWorldLinear():
-            raise InputError(f"{segmentation_node.GetName()}: is under a non-linear transform; harden it first")
-        to_world = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(to_world)
-        ijk_to_ras = np_from_vtk_matrix(to_world) @ ijk_to_ras
+    ijk_to_ras = _apply_parent_transform(segmentation_node, ijk_to_ras)
     lps = _F4 @ ijk_to_ras
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     return Volume(mask, tuple(spacing), tuple(lps[:3, 3]), lps[:3, :3] / spacing, Modality.CT,
