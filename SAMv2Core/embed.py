@@ -202,7 +202,9 @@ class Embedder:
         py, px = math.ceil(y / my) * my, math.ceil(x / mx) * mx
         pad_value = float(image.min())
         slab = self._slab_depth(py, px)
-        margin = max(mz, (self.slab_margin // mz) * mz)
+        # context on each side, but never more than a quarter of the slab: the kept part must
+        # stay at least half of what is computed
+        margin = max(mz, (min(self.slab_margin, slab // 4) // mz) * mz)
         starts = _slab_starts(z, slab, margin, mz)
         fz, fy, fx = self.fine_stride
         cz = self.coarse_stride[0]
@@ -256,7 +258,7 @@ class Embedder:
         if self.slab_voxels:
             return max(self.multiple[0], (self.slab_voxels // self.multiple[0]) * self.multiple[0])
         # Peak memory is dominated by the full-resolution first stage (a few live copies).
-        bytes_per_slice = py * px * self._first_channels * 4 * 6
+        bytes_per_slice = py * px * self._first_channels * 4 * 4
         depth = int(self.memory_budget_gb * 1e9 // bytes_per_slice)
         return max(32, (depth // self.multiple[0]) * self.multiple[0])
 
