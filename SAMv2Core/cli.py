@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import SAMv2Error
+from .errors import SAMv2Error, run_cli
 
 
 def _progress_bar(desc: str):
@@ -234,14 +234,7 @@ def _join_negative_points(argv: list) -> list:
 def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_points(sys.argv[1:] if argv is None else argv))
-    try:
-        return int(args.func(args) or 0)
-    except SAMv2Error as exc:
-        print(f"samv2: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("samv2: interrupted", file=sys.stderr)
-        return 130
+    return run_cli("samv2", lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,3 +24,18 @@ class MatchingError(SAMv2Error):
 
 class RegistrationError(SAMv2Error):
     """Registration refused: the matches cannot support a transform, images do not overlap..."""
+
+
+def run_cli(prog: str, action, interrupted: str = "interrupted") -> int:
+    """Run a command-line action: a SAMv2Error becomes one ``prog: error: ...`` line on stderr
+    and exit code 2, Ctrl-C exit code 130; otherwise the action's own exit code."""
+    import sys
+
+    try:
+        return int(action() or 0)
+    except SAMv2Error as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from samv2core.errors import SAMv2Error
+from samv2core.errors import run_cli
 
 
 def main(argv=None) -> int:
@@ -33,14 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check-config", metavar="CONFIG", help="validate a config and its data, then exit")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     args = ap.parse_args(argv)
-    try:
-        return _run(args, ap)
-    except SAMv2Error as exc:
-        print(f"samv2-train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("samv2-train: interrupted (resume with --resume RUN_DIR)", file=sys.stderr)
-        return 130
+    return run_cli("samv2-train", lambda: _run(args, ap), "interrupted (resume with --resume RUN_DIR)")
 
 
 def _run(args, ap) -> int:
