@@ -351,6 +351,13 @@ def match_points(template: Embeddings, query: Embeddings, points_lps, method: st
     raise InputError(f"unknown matching method {method!r}: use 'nn' or 'fixed_point'")
 
 
+def nn_query_points(template: Embeddings, query: Embeddings, points_lps, subvoxel: bool = True):
+    """Forward NN only, without the cycle check: (query LPS (N, 3), scores (N,))."""
+    matcher = Matcher(template, query)
+    q_idx, score = matcher._forward(matcher._template_index(points_lps), subvoxel)
+    return matcher.q.grid.index_to_lps(q_idx), score
+
+
 def stable_matches(template: Embeddings, query: Embeddings, points_lps, passes: int = 5,
                    min_score: float = 0.7) -> StableMatches:
     """Cycle-consistent (forward-backward fixed point) matches of ``points_lps`` for registration."""

@@ -60,17 +60,14 @@ def _subvoxel(template_emb, query_emb, template_pts: np.ndarray, query_pts: np.n
     """Refine the query end of each match to sub-voxel precision (NN search with a parabolic
     peak fit from the same template point); keeps the voxel answer when the refinement moves
     further than ``max_shift_mm`` (a different peak, not a refinement)."""
-    from ..matching import match_points
+    from ..matching import nn_query_points
 
-    refined = match_points(template_emb, query_emb, template_pts, method="nn")
+    # forward search only: the NN round trip's backward search would be thrown away here
+    refined, _ = nn_query_points(template_emb, query_emb, template_pts)
+    close = np.linalg.norm(refined - query_pts, axis=1) <= max_shift_mm
     out = query_pts.copy()
-    moved = 0
-    for n, r in enumerate(refined):
-        q = np.asarray(r.query_point.to("LPS").xyz)
-        if np.linalg.norm(q - query_pts[n]) <= max_shift_mm:
-            out[n] = q
-            moved += 1
-    return out, moved
+    out[close] = refined[close]
+    return out, int(close.sum())
 
 
 def registration_matches(emb_f, emb_m, mask_f: np.ndarray, mask_m: np.ndarray, *, spacing_mm: float = 16.0,
