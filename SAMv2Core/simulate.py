@@ -105,9 +105,8 @@ def simulate_followup(volume: Volume, seed: int = 0, rotation_deg: float = 4.0, 
     if mr:
         arr = mr_like(arr)
         modality = Modality.MR
-    out = Volume.from_sitk(moved, modality,
-                           name=f"{volume.name}_followup")
-    out = out.with_array(arr.astype(np.float32), name=f"{volume.name}_simfollowup{seed}")
+    out = Volume(arr.astype(np.float32), moved.GetSpacing(), moved.GetOrigin(),
+                 np.array(moved.GetDirection()).reshape(3, 3), modality, f"{volume.name}_simfollowup{seed}")
     params = {"seed": seed, "rotation_deg_max": rotation_deg, "translation_mm_max": translation_mm,
               "deformation_mm_peak": deformation_mm, "noise": noise, "contrast": contrast,
               "crop_fraction": crop_fraction, "mr_like": mr, "simulated": True}
