@@ -16,7 +16,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .device import select_device
 from .errors import InputError
@@ -272,8 +271,9 @@ class Embedder:
                 out = self.net(x)
         else:
             out = self.net(x)
-        # re-normalise after reduced precision, store compactly on the CPU
-        return {k: F.normalize(v[0].float(), dim=0).to("cpu", self.storage_dtype) for k, v in out.items()}
+        # the network returns float32 unit vectors (normalised after any reduced-precision
+        # compute); store them compactly on the CPU
+        return {k: v[0].to("cpu", self.storage_dtype) for k, v in out.items()}
 
     # --- disk cache ---------------------------------------------------------------------
     def _disk_path(self, key: str) -> Optional[Path]:
@@ -341,21 +341,42 @@ def _slab_starts(z: int, slab: int, margin: int, multiple: int) -> list[tuple[in
     return [(s, min(z, s + keep)) for s in range(0, z, keep)]
 
 
+def _linear_weights(positions: np.ndarray, n: int) -> torch.Tensor:
+    """(len(positions), n) linear-interpolation matrix at fractional indices, clamped to the
+    border (grid_sample's padding_mode='border')."""
+    p = np.clip(positions, 0.0, n - 1.0)
+    i0 = np.minimum(np.floor(p).astype(int), max(n - 2, 0))
+    w1 = p - i0
+    w = np.zeros((len(p), n))
+    w[np.arange(len(p)), i0] = 1.0 - w1
+    if n > 1:
+        w[np.arange(len(p)), i0 + 1] += w1
+    else:
+        w[:, 0] = 1.0
+    return torch.as_tensor(w, dtype=torch.float32)
+
+
 def _fill_coarse_on_fine(rows: torch.Tensor, start: int, coarse: torch.Tensor, coarse_grid: EmbeddingGrid,
                          fine_grid: EmbeddingGrid, chunk: int = 16) -> None:
     """Write the coarse head, trilinearly interpolated at every fine voxel centre, into
-    ``rows[..., start:start + C]`` (in z-chunks, so no full-size float32 copy is made)."""
+    ``rows[..., start:start + C]`` (in z-chunks, so no full-size float32 copy is made).
+
+    Both grids are axis-aligned with each other (same model grid), so trilinear
+    interpolation separates into one small weight matrix per axis."""
     c = coarse.shape[0]
     nz, ny, nx = fine_grid.shape
-    size = np.array(coarse_grid.shape[::-1], float)  # (x, y, z)
-    cf = coarse[None].float()
-    ys, xs = np.arange(ny), np.arange(nx)
+    cz, cy, cx = coarse.shape[1:]
+    axes = []
+    for axis, (nf, nc) in enumerate(zip((nx, ny, nz), (cx, cy, cz))):  # x, y, z
+        # fine voxel centres in coarse index units
+        t = (fine_grid.origin[axis] + fine_grid.spacing[axis] * np.arange(nf) - coarse_grid.origin[axis]) \
+            / coarse_grid.spacing[axis]
+        axes.append(_linear_weights(t, nc))
+    wx, wy, wz = axes
     for z0 in range(0, nz, chunk):
-        zs = np.arange(z0, min(nz, z0 + chunk))
-        zz, yy, xx = np.meshgrid(zs, ys, xs, indexing="ij")
-        ijk = np.stack([xx, yy, zz], -1).reshape(-1, 3)
-        cidx = coarse_grid.lps_to_index(fine_grid.index_to_lps(ijk))
-        norm = (2 * cidx + 1) / size - 1  # align_corners=False
-        grid = torch.as_tensor(norm, dtype=torch.float32).reshape(1, len(zs), ny, nx, 3)
-        vals = F.grid_sample(cf, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-        rows[z0: z0 + len(zs), ..., start: start + c] = vals.permute(1, 2, 3, 0).to(rows.dtype)
+        z1 = min(nz, z0 + chunk)
+        used = torch.nonzero(wz[z0:z1].sum(0)).flatten()  # the coarse slices this chunk needs
+        a, b = int(used.min()), int(used.max()) + 1
+        part = torch.einsum("Zz,kzyx->kZyx", wz[z0:z1, a:b], coarse[:, a:b].float())
+        vals = torch.einsum("kZyx,Yy,Xx->ZYXk", part, wy, wx)
+        rows[z0:z1, ..., start: start + c] = vals.to(rows.dtype)

@@ -27,20 +27,24 @@ def model_grid_for(volume: Volume, spacing_mm: float = 2.0, margin_mm: float = 0
     return lo, tuple(int(s) for s in size)
 
 
-def resample_to_model_grid(volume: Volume, spacing_mm: float = 2.0, fill_value: float | None = None) -> Volume:
+def resample_to_model_grid(volume: Volume, spacing_mm: float = 2.0, fill_value: float | None = None,
+                           antialias: bool = True) -> Volume:
     """Resample onto the canonical LPS grid at ``spacing_mm`` (linear, anti-aliased).
 
     Returns a new Volume; the input is untouched. Voxels outside the source are filled with
     the source minimum (air for CT, background for MR) unless ``fill_value`` is given.
+    ``antialias=False`` skips the Gaussian pre-filter (quick looks such as the body check).
     """
     if spacing_mm <= 0:
         raise InputError(f"model spacing must be positive, got {spacing_mm}")
     src = volume.to_sitk()
-    sigmas = [0.5 * np.sqrt(max(spacing_mm ** 2 - s ** 2, 0.0)) if s < spacing_mm / 1.5 else 0.0
-              for s in volume.spacing]
-    if any(s > 0 for s in sigmas):
-        # Anti-aliasing before decimation; axes already near the target spacing stay sharp.
-        src = sitk.SmoothingRecursiveGaussian(src, [max(s, 1e-3) if s > 0 else 1e-3 for s in sigmas])
+    if antialias:
+        # Anti-aliasing before decimation, one recursive pass per axis that is decimated;
+        # axes already near the target spacing stay sharp (and cost nothing).
+        for axis, s in enumerate(volume.spacing):
+            if s < spacing_mm / 1.5:
+                src = sitk.RecursiveGaussian(src, 0.5 * float(np.sqrt(spacing_mm ** 2 - s ** 2)), False,
+                                             sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
     origin, size = model_grid_for(volume, spacing_mm)
     fill = float(volume.array.min()) if fill_value is None else float(fill_value)
     out = sitk.Resample(src, size, sitk.Transform(), sitk.sitkLinear, tuple(origin),

@@ -4,12 +4,14 @@ ANTs (antspyx) and elastix (itk-elastix), on the same pairs, in one run, one tab
 Run:  python Testing/benchmark_registration.py [--model PATH] [--quick] [--no-peers] [--json OUT]
 
 Pairs
-* SIMULATED from a real CT (TotalSegmentator example, 3 mm): a follow-up made with a known
-  motion (rigid, or affine with scaling; optionally a smooth deformation), noise and a contrast
-  change; optionally a 50% field-of-view crop and an MR-like intensity remap (cross-modality).
-  fixed = simulated follow-up, moving = the real scan; the point error is exact (ground-truth
-  map at evaluation points every 15 mm inside the fixed body whose true position is inside
-  the moving image). No real follow-up pair exists in the data: these are simulations.
+* SIMULATED from a real CT: a follow-up made with a known motion (rigid, or affine with
+  scaling; optionally a smooth deformation), noise and a contrast change; optionally a 50%
+  field-of-view crop and an MR-like intensity remap (cross-modality). Source scans: the
+  TotalSegmentator example CT (3 mm) and, at native clinical resolution, the pyradiomics lung
+  CT (512 x 512 x 48 at 0.57 x 0.57 x 5 mm). fixed = simulated follow-up, moving = the real
+  scan; the point error is exact (ground-truth map at evaluation points every 15 mm inside the
+  fixed body whose true position is inside the moving image). No real follow-up pair exists in
+  the data: these are simulations.
 * INTER-PATIENT real CTs with TotalSegmentator labels (model outputs, not manual ground truth):
   Dice of the shared labels after warping the moving labels onto the fixed grid. Fixed = the
   whole 3 mm CT of patient A, whose labels exist for its first 30 slices (Dice is measured in
@@ -27,9 +29,11 @@ type_of_transform Rigid / Affine / SyN (Mattes MI, 4-level pyramid, SyN iteratio
 centre-of-mass initialisation); elastix = itk-elastix default 'affine' and 'bspline' parameter
 maps (Mattes MI, 4 resolutions, 256 iterations, 2048 random samples) plus centre-of-gravity
 initialisation; the B-spline map uses 3 resolutions and a 20 mm final control-point spacing.
-Peers get the inputs resampled to at least 3 mm per axis (linear); SAM uses its own 2 mm
-model grid. Threads: ITK 2 (ANTs, elastix); torch 1 by default (--torch-threads; measured
-faster than 2 on this shared 2-core machine).
+Peers get the inputs resampled to at least 3 mm per axis (Gaussian pre-filter, linear) unless
+the method is marked "(native)": then they run on the scans' own grids, as ants.registration
+and elastix are used by default. SAM always works on its own 2 mm model grid.
+Threads: ITK 2 (ANTs, elastix); torch 2 (--torch-threads; use 1 when other jobs share the
+cores); the deformable loop itself runs on 1 thread (DeformableOptions.cpu_threads).
 """
 from __future__ import annotations
 
@@ -203,6 +207,7 @@ SAM_LINEAR = ["SAM-rigid", "SAM-affine"]
 SAM_ALL = ["SAM-affine", "SAM-affine+coarse", "SAM-affine+coarse+deformable"]
 PEERS_LINEAR = ["ANTs Rigid", "ANTs Affine", "elastix affine"]
 PEERS_DEF = ["ANTs Affine", "ANTs SyN", "elastix affine", "elastix affine+B-spline"]
+NATIVE = " (native)"  # peer method suffix: run on the native grids instead of >= 3 mm input
 
 
 def build_cases(quick: bool) -> list[Case]:
@@ -227,6 +232,19 @@ def build_cases(quick: bool) -> list[Case]:
     p = simulate_followup(ct, seed=15, rotation_deg=4.0, translation_mm=8.0, deformation_mm=8.0, control_mm=60.0)
     cases.append(Case("sim CT rigid + 8 mm smooth deformation", p.followup, ct, "points",
                       ["initial"] + SAM_ALL + PEERS_DEF, truth=p.transform, mode="affine"))
+    # native clinical resolution (512 x 512 x 48 at 0.57 x 0.57 x 5 mm, pyradiomics lung CT):
+    # peers run on the native grid (their default use) and, for comparison, on >= 3 mm input
+    lung = load_volume(SHARED / "ct" / "radiomics_lung1" / "image.nrrd", "CT")
+    lung = Volume(lung.array, lung.spacing, lung.origin, lung.direction, "CT", "lung1", dict(lung.meta))
+    p = simulate_followup(lung, seed=21, rotation_deg=5.0, translation_mm=10.0, deformation_mm=0.0)
+    cases.append(Case("native lung CT rigid, full FOV", p.followup, lung, "points",
+                      ["initial"] + SAM_LINEAR + [m + NATIVE for m in PEERS_LINEAR] + ["ANTs Rigid"],
+                      truth=p.transform, mode="rigid"))
+    if not quick:
+        p = simulate_followup(lung, seed=22, rotation_deg=4.0, translation_mm=8.0, deformation_mm=8.0, control_mm=60.0)
+        cases.append(Case("native lung CT rigid + 8 mm smooth deformation", p.followup, lung, "points",
+                          ["initial"] + SAM_ALL + [m + NATIVE for m in ("ANTs SyN", "elastix affine+B-spline")]
+                          + ["ANTs SyN"], truth=p.transform, mode="affine"))
     for c in cases:
         _eval_points(c)
 
@@ -505,9 +523,17 @@ def load_case(folder: Path) -> tuple[Case, Volume, Volume]:
     return case, rd("peer_fixed.nii.gz", meta["fixed_modality"]), rd("peer_moving.nii.gz", meta["moving_modality"])
 
 
+def peer_method(method: str) -> tuple[str, bool]:
+    """(method without the suffix, runs on native grids)."""
+    return (method[: -len(NATIVE)], True) if method.endswith(NATIVE) else (method, False)
+
+
 def worker(folder: str, method: str) -> int:
     """Run one peer method on a saved case; print its metrics as JSON (last stdout line)."""
     case, f, m = load_case(Path(folder))
+    method, native = peer_method(method)
+    if native:
+        f, m = case.fixed, case.moving
     deformable = any(k in method for k in ("SyN", "B-spline"))
     with PeakMemory() as mem:
         if method.startswith("ANTs"):
@@ -543,9 +569,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="SAM rows only")
     ap.add_argument("--only", help="run only the pairs whose name contains this text")
     ap.add_argument("--json", help="also write all rows here")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="torch threads for SAM (default 1: on this shared 2-core machine 1 thread was measured "
-                         "faster than 2 for embedding, matching and the deformable loop)")
+    ap.add_argument("--torch-threads", type=int, default=2,
+                    help="torch threads for SAM embedding and matching (default 2 = the peers' ITK threads; "
+                         "1 is faster when other jobs share the cores)")
     ap.add_argument("--worker", nargs=2, metavar=("CASE_DIR", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -605,7 +631,7 @@ def main(argv=None) -> int:
           "Inter-patient: Dice of TotalSegmentator labels (model outputs).")
     print("Peers: ANTs defaults (Rigid/Affine/SyN, Mattes MI, SyN iterations 40x20x0, centre-of-mass init); "
           "elastix default affine map + centre-of-gravity init, B-spline map with 3 resolutions and 20 mm final grid; "
-          "peer inputs resampled to >= 3 mm.")
+          "peer inputs resampled to >= 3 mm unless marked (native).")
     print("time = whole method (SAM: includes embedding both images, uncached); reg s = SAM stages after embedding; "
           "peak MB = peak RSS above baseline; fold % = det J <= 0 in the fixed body (complete map).")
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))

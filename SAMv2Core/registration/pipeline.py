@@ -138,8 +138,8 @@ def preflight(fixed: Volume, moving: Volume, options: Optional[RegistrationOptio
     check_volume(moving, "moving")
     pair = check_modalities(fixed, moving, opts)
     # a cheap 4 mm look at each image: refuse all-background inputs before any embedding
-    _body(resample_to_model_grid(fixed, 4.0), "fixed", opts)
-    _body(resample_to_model_grid(moving, 4.0), "moving", opts)
+    _body(resample_to_model_grid(fixed, 4.0, antialias=False), "fixed", opts)
+    _body(resample_to_model_grid(moving, 4.0, antialias=False), "moving", opts)
     if opts.require_physical_overlap and not _boxes_intersect(fixed, moving):
         raise RegistrationError(
             "the fixed and moving images do not overlap physically (their scanner-coordinate boxes are disjoint); "

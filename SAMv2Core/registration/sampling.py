@@ -25,16 +25,13 @@ def grid_points_in_mask(volume: Volume, mask: np.ndarray, spacing_mm: float = 16
         raise ValueError(f"mask shape {mask.shape} does not match the volume {volume.array.shape}")
     if not mask.any():
         return np.zeros((0, 3))
-    if border_mm > 0:
-        # Erode by distance (in mm, honouring anisotropic spacing) and cut the image border.
-        sampling = (volume.spacing[2], volume.spacing[1], volume.spacing[0])
-        padded = np.pad(mask, 1, constant_values=False)
-        dist = ndimage.distance_transform_edt(padded, sampling=sampling)[1:-1, 1:-1, 1:-1]
-        inner = dist >= border_mm
-        if inner.sum() >= 8:  # a thin mask keeps its points rather than losing all of them
-            mask = inner
-    kji = np.argwhere(mask)
-    lps = volume.index_to_lps(kji[:, ::-1].astype(np.float64))
+    inner, f = (_inner(mask, volume.spacing, border_mm) if border_mm > 0 else (mask, 1))
+    k = np.argwhere(inner.any(axis=(1, 2)))[[0, -1], 0], np.argwhere(inner.any(axis=(0, 2)))[[0, -1], 0], \
+        np.argwhere(inner.any(axis=(0, 1)))[[0, -1], 0]
+    # LPS box of the sampling region: the 8 corners of its index box (exact for axis-aligned grids)
+    centre = (f - 1) / 2.0
+    corners = np.array([[k[2][a], k[1][b], k[0][c]] for a in (0, 1) for b in (0, 1) for c in (0, 1)]) * f + centre
+    lps = volume.index_to_lps(corners.astype(np.float64))
     lo, hi = lps.min(0), lps.max(0)
     step = np.minimum(float(spacing_mm), np.maximum((hi - lo) / max(min_levels, 1), 1e-3))
     if min_levels <= 1:
@@ -47,7 +44,30 @@ def grid_points_in_mask(volume: Volume, mask: np.ndarray, spacing_mm: float = 16
     size = np.asarray(volume.size_xyz)
     ok = np.all((ijk >= 0) & (ijk < size), axis=1)
     grid, ijk = grid[ok], ijk[ok]
-    grid = grid[mask[ijk[:, 2], ijk[:, 1], ijk[:, 0]]]
+    c = np.minimum(ijk // f, np.asarray(inner.shape[::-1]) - 1)
+    grid = grid[mask[ijk[:, 2], ijk[:, 1], ijk[:, 0]] & inner[c[:, 2], c[:, 1], c[:, 0]]]
     if max_points is not None and len(grid) > max_points:
         grid = grid[np.linspace(0, len(grid) - 1, max_points).round().astype(int)]
     return grid
+
+
+def _inner(mask: np.ndarray, spacing_xyz, border_mm: float) -> tuple[np.ndarray, int]:
+    """The part of ``mask`` at least ``border_mm`` from its edge and the image edge, on a grid
+    coarsened by the returned factor f (index // f). Coarsening (a cell is inside when all
+    its voxels are) keeps the distance transform cheap; the threshold grows by half a coarse
+    cell so the approximation errs on the safe side. A mask too thin to keep 8 cells is
+    returned whole (it keeps its points rather than losing all of them)."""
+    sp = np.asarray(spacing_xyz, float)[::-1]  # (z, y, x)
+    f = int(max(1, border_mm // (2.0 * sp.max())))
+    if f > 1:
+        pad = [(0, (-n) % f) for n in mask.shape]
+        m = np.pad(mask, pad, constant_values=False)
+        z, y, x = (n // f for n in m.shape)
+        coarse = m.reshape(z, f, y, f, x, f).all(axis=(1, 3, 5))
+    else:
+        coarse = mask
+    dist = ndimage.distance_transform_edt(np.pad(coarse, 1, constant_values=False), sampling=sp * f)[1:-1, 1:-1, 1:-1]
+    inner = dist >= border_mm + 0.5 * (f - 1) * sp.max()
+    if inner.sum() >= 8:
+        return inner, f
+    return mask, 1
