@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,42 +50,13 @@ def mind_embeddings(template_emb):
 
 
 def _mind_embeddings(template_emb):
-    """Embeddings-shaped MIND-SSC descriptors on the same grids as ``template_emb``.
+    """MIND-SSC descriptors (samv2core.registration.mind_features) on the same fine and coarse
+    grids as ``template_emb`` (coarse cells of the network's (4, 16, 16) stride)."""
+    from samv2core.registration.mind_features import mind_embeddings as core_mind
 
-    fine: MIND-SSC (dilations 1 and 2 model voxels) averaged over each fine cell; coarse:
-    MIND-SSC at dilations 4 and 8 of the smoothed image, averaged over each coarse cell and
-    interpolated onto the fine grid like the network's coarse head. Channels are centred on
-    the volume mean before L2 normalisation so cosine similarity discriminates (raw MIND
-    values are all positive).
-    """
-    from samv2core.embed import Embeddings, _fill_coarse_on_fine
-    from samv2core.preprocess import normalize_intensity
-    from samv2core.registration.mind import mind_ssc
-
-    mv = template_emb.model_volume
-    img = torch.from_numpy(normalize_intensity(mv.array, mv.modality))[None, None]
-
-    def pooled(desc, shape, stride):
-        z, y, x = desc.shape[2:]
-        tz, ty, tx = (s * k for s, k in zip(shape, stride))
-        desc = F.pad(desc, (0, max(0, tx - x), 0, max(0, ty - y), 0, max(0, tz - z)), mode="replicate")
-        desc = desc[:, :, :tz, :ty, :tx]
-        out = F.avg_pool3d(desc, stride)[0]
-        out = out - out.mean(dim=(1, 2, 3), keepdim=True)
-        return F.normalize(out, dim=0)
-
-    fine_d = torch.cat([mind_ssc(img, 1, 1), mind_ssc(img, 1, 2)], 1)
-    smooth = F.avg_pool3d(F.pad(img, (1,) * 6, mode="replicate"), 3, stride=1)
-    coarse_d = torch.cat([mind_ssc(smooth, 2, 4), mind_ssc(smooth, 2, 8)], 1)
-    fine = pooled(fine_d, template_emb.fine_grid.shape, (2, 2, 2))
-    coarse = pooled(coarse_d, template_emb.coarse_grid.shape, (4, 16, 16))
-    cf, cc = fine.shape[0], coarse.shape[0]
-    rows = torch.empty((*template_emb.fine_grid.shape, cf + cc), dtype=torch.float32)
-    rows[..., :cf] = fine.permute(1, 2, 3, 0)
-    _fill_coarse_on_fine(rows, cf, coarse, template_emb.coarse_grid, template_emb.fine_grid)
-    rows[..., cf:] = F.normalize(rows[..., cf:], dim=-1)
-    return Embeddings(rows.reshape(-1, cf + cc), (("fine", cf), ("coarse", cc)), coarse,
-                      template_emb.fine_grid, template_emb.coarse_grid, mv, "mind-ssc")
+    emb = core_mind(template_emb.model_volume, coarse_stride=(4, 16, 16))
+    assert emb.fine_grid == template_emb.fine_grid and emb.coarse_grid.shape == template_emb.coarse_grid.shape
+    return emb
 
 
 def appearance_only(emb):

@@ -376,6 +376,8 @@ class SamRunner:
         rep = res.report
         reg_s = rep["timing"]["total_s"] - rep["timing"].get("embedding_s", 0.0)
         note = f"{rep['linear']['inliers']}/{rep['linear']['matches']} inliers"
+        if rep["features"] != "sam":
+            note += f" on {rep['features']}"
         if deformable:
             note += f", {rep['deformable_refinement']['intensity_term']}+emb"
         return sitk_mapping(res.composite), embed + reg_s, reg_s, note

@@ -147,3 +147,26 @@ def test_oblique_scan_points_are_checked_against_the_scan_not_its_bounding_box(e
     centre = obl.index_to_lps((np.array(obl.size_xyz) - 1) / 2)
     res = match_points(emb, emb, centre[None], method="nn")[0]
     assert np.linalg.norm(np.array(res.query_point.xyz) - centre) < 2.5
+
+
+def test_coarse_head_on_fine_grid_equals_trilinear_sampling(template):
+    """The separable coarse->fine interpolation equals grid_sample (trilinear, border clamp) at
+    every fine voxel centre, on a real embedding's grids."""
+    import torch.nn.functional as F
+
+    from samv2core.embed import _fill_coarse_on_fine
+
+    fg, cg, coarse = template.fine_grid, template.coarse_grid, template.coarse
+    c = coarse.shape[0]
+    rows = torch.zeros(tuple(fg.shape) + (c + 2,), dtype=torch.float32)
+    _fill_coarse_on_fine(rows, 1, coarse.float(), cg, fg, chunk=3)  # chunks that split the z range
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in fg.shape], indexing="ij")
+    ijk = np.stack([xx, yy, zz], -1).reshape(-1, 3).astype(float)
+    cidx = (np.asarray(fg.origin) + ijk * np.asarray(fg.spacing) - np.asarray(cg.origin)) / np.asarray(cg.spacing)
+    norm = (2 * cidx + 1) / np.array(cg.shape[::-1], float) - 1
+    grid = torch.as_tensor(norm, dtype=torch.float32).reshape(1, *fg.shape, 3)
+    ref = F.grid_sample(coarse[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    assert torch.allclose(rows[..., 1:1 + c], ref[0].permute(1, 2, 3, 0), atol=1e-5)
+    assert rows[..., 0].abs().max() == 0 and rows[..., -1].abs().max() == 0  # other columns untouched
+    # the stored coarse_on_fine head is the same interpolation (in storage precision)
+    assert torch.allclose(template.coarse_on_fine.float(), ref[0], atol=2e-2)

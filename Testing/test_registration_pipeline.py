@@ -195,7 +195,7 @@ def test_cli_writes_outputs_on_success_and_nothing_with_exit_2_on_refusal(lung, 
                               "--fixed-modality", "CT", "--moving-modality", "CT", "--quiet"), embedder=oracle)
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["inliers"] >= 12
+    assert summary["inliers"] >= 12 and summary["features"] == "sam" and summary["warnings"] == []
     t = sitk.ReadTransform(str(out / "linear.tfm"))
     err = np.linalg.norm(np.array([t.TransformPoint(tuple(p)) for p in pts]) - truth, axis=1)
     assert err.mean() < 1.0
@@ -208,4 +208,69 @@ def test_cli_writes_outputs_on_success_and_nothing_with_exit_2_on_refusal(lung, 
                         embedder=_NeverCalled())
     assert code == 2
     assert "2D" in capsys.readouterr().err
+    from samv2core.registration.cli import options_from_args
+
+    assert options_from_args(_args("--fixed", "f", "--moving", "m", "--out", "o", "--features", "mind")).features == "mind"
+    with pytest.raises(SystemExit):
+        _args("--fixed", "f", "--moving", "m", "--out", "o", "--features", "sift")
     assert not bad_out.exists() or not any(bad_out.iterdir())
+
+
+def test_query_points_lie_inside_the_body_and_away_from_its_edge(lung_crop):
+    """grid_points_in_mask on a real CT: every point inside the body, at least about
+    border_mm (exact distance transform, one voxel of tolerance) from the body edge or the
+    image edge, on the requested LPS grid spacing; a mask thinner than the border keeps points."""
+    from scipy import ndimage
+
+    fm = resample_to_model_grid(lung_crop, 2.0)
+    mask = body_mask(fm)
+    border = 10.0
+    pts = grid_points_in_mask(fm, mask, 8.0, border_mm=border, max_points=None)
+    assert len(pts) > 50
+    ijk = np.rint(fm.lps_to_index(pts)).astype(int)
+    assert mask[ijk[:, 2], ijk[:, 1], ijk[:, 0]].all()
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=fm.spacing[::-1])[1:-1, 1:-1, 1:-1]
+    assert dist[ijk[:, 2], ijk[:, 1], ijk[:, 0]].min() >= border - max(fm.spacing)
+    steps = np.diff(np.unique(np.round(pts[:, 0], 6)))
+    assert np.allclose(steps % 8.0, 0.0, atol=1e-6) or np.allclose(steps, 8.0)
+    # deeper interior points are not lost: about as many as the exact erosion allows
+    exact = grid_points_in_mask(fm, dist >= border, 8.0, border_mm=0.0, max_points=None)
+    assert len(pts) >= 0.7 * len(exact)
+    thin = np.zeros_like(mask)
+    thin[:, 40:44, 30:70] = True  # an 8 mm thick plate: thinner than twice the border
+    assert len(grid_points_in_mask(fm, thin, 4.0, border_mm=border)) > 0
+
+
+# --- cross-modality: MIND-SSC descriptors ---------------------------------------------------------
+def _noise_embedder(*volumes):
+    """A test double for a model that cannot match: every voxel gets an unrelated random
+    position, so no two matches agree on a transform."""
+    rng = np.random.default_rng(5)
+    return OracleEmbedder({v.name: (lambda p: rng.uniform(-1e4, 1e4, np.shape(p))) for v in volumes})
+
+
+def test_ct_onto_mr_like_followup_falls_back_to_mind_and_recovers_the_motion(lung):
+    """A real CT and an MR-like follow-up simulated from it (known rigid motion, intensities
+    remapped): with SAM embeddings that cannot match across modalities, 'auto' retries on
+    MIND-SSC, says so, and recovers the motion; a same-modality pair is refused instead."""
+    pair = simulate_followup(lung, seed=9, rotation_deg=5.0, translation_mm=10.0, deformation_mm=0.0, mr=True)
+    fixed = pair.followup
+    assert fixed.modality.value == "MR"
+    fm = resample_to_model_grid(fixed, 2.0)
+    pts = grid_points_in_mask(fm, body_mask(fm), 12.0, border_mm=10.0)
+    truth = _sitk_map(pair.transform)(pts)
+    res = register(fixed, lung, "rigid", embedder=_noise_embedder(fixed, lung))
+    err = np.linalg.norm(res.transform_points(pts) - truth, axis=1)
+    assert err.mean() < 3.0, (np.linalg.norm(pts - truth, axis=1).mean(), err.mean())
+    assert res.report["features"] == "mind-ssc (cross-modality fallback)"
+    assert any("MIND-SSC" in w for w in res.report["warnings"])
+    # asked for explicitly: the same descriptors, no SAM model needed
+    direct = register(fixed, lung, "rigid", embedder=None, options=RegistrationOptions(features="mind"))
+    assert direct.report["features"] == "mind-ssc"
+    assert np.allclose(direct.transform_points(pts), res.transform_points(pts), atol=1e-6)
+    # same modality: no silent change of descriptors, a refusal
+    ct_pair = simulate_followup(lung, seed=9, rotation_deg=5.0, translation_mm=10.0, deformation_mm=0.0)
+    with pytest.raises(RegistrationError, match="too few"):
+        register(ct_pair.followup, lung, "rigid", embedder=_noise_embedder(ct_pair.followup, lung))
+    with pytest.raises(ValueError, match="features"):
+        RegistrationOptions(features="sift")

@@ -13,7 +13,7 @@ import sys
 
 from ..errors import SAMv2Error
 from .deformable import INTENSITY_TERMS, DeformableOptions
-from .options import MODALITY_PAIRS, RegistrationOptions
+from .options import FEATURES, MODALITY_PAIRS, RegistrationOptions
 
 
 def add_register_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,9 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moving-modality", default="auto", help="CT, MR or auto")
     parser.add_argument("--modality-pair", default="auto", choices=list(MODALITY_PAIRS),
                         help="declare 'same' or 'cross' modality: refuse if the images disagree")
+    parser.add_argument("--features", default="auto", choices=list(FEATURES),
+                        help="descriptors to match: sam (the model), mind (training-free MIND-SSC), auto (SAM; "
+                             "a CT-MRI pair whose SAM matches disagree is retried with MIND-SSC, said in the report)")
     parser.add_argument("--min-score", type=float, default=0.7, help="similarity threshold of a match (0.7)")
     parser.add_argument("--grid-spacing", type=float, default=16.0, help="query point spacing in mm (16)")
     parser.add_argument("--min-inliers", type=int, default=12, help="refuse with fewer inlier matches (12)")
@@ -55,7 +58,7 @@ def options_from_args(args) -> RegistrationOptions:
                              embedding_weight=0.0 if args.no_embedding_term else 1.0)
     if args.smoothness is not None:
         dopt.smoothness = float(args.smoothness)
-    return RegistrationOptions(grid_spacing_mm=args.grid_spacing, min_score=args.min_score,
+    return RegistrationOptions(features=args.features, grid_spacing_mm=args.grid_spacing, min_score=args.min_score,
                                min_inliers=args.min_inliers, inlier_threshold_mm=args.inlier_threshold,
                                fov_margin_mm=args.fov_margin, modality_pair=args.modality_pair,
                                require_physical_overlap=not args.ignore_physical_overlap, deformable=dopt,
@@ -94,7 +97,9 @@ def run_register(args, embedder=None) -> int:
         fixed = load_volume(args.fixed, args.fixed_modality)
         moving = load_volume(args.moving, args.moving_modality)
         preflight(fixed, moving, options)  # refuse bad inputs before loading a model
-        if embedder is None:
+        if embedder is None and options.features == "mind":
+            label = "mind-ssc (training-free)"
+        elif embedder is None:
             resolved = resolve_model(args.model, device="cpu")
             embedder = Embedder(resolved.model, device=args.device, cache_dir=args.cache_dir)
             label = resolved.label
@@ -118,6 +123,7 @@ def run_register(args, embedder=None) -> int:
     summary = {"out": str(args.out), "files": {k: str(v) for k, v in paths.items()}, "mode": rep["mode"],
                "inliers": rep["linear"]["inliers"], "matches": rep["linear"]["matches"],
                "residual_mm_median": rep["linear"]["residual_mm_inliers"]["median"],
-               "folding_percent": rep.get("folding_percent"), "timing": rep["timing"], "model": label}
+               "folding_percent": rep.get("folding_percent"), "timing": rep["timing"], "model": label,
+               "features": rep["features"], "warnings": rep["warnings"]}
     print(json.dumps(summary, indent=2))
     return 0

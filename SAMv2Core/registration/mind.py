@@ -20,11 +20,10 @@ PAIRS = [(a, b) for a, b in itertools.combinations(_SIX, 2)
          if sum((x - y) ** 2 for x, y in zip(a, b)) == 2]
 
 
-def _shift(x: torch.Tensor, offset, pad: int) -> torch.Tensor:
-    """x(v + offset) for offsets in voxels (z, y, x), replicate-padded: same shape as x."""
-    xp = F.pad(x, (pad,) * 6, mode="replicate")
+def _shifted(xp: torch.Tensor, offset, pad: int, shape) -> torch.Tensor:
+    """View of x(v + offset) (offsets in voxels (z, y, x)) from the replicate-padded ``xp``."""
     dz, dy, dx = offset
-    d, h, w = x.shape[-3:]
+    d, h, w = shape
     return xp[..., pad + dz:pad + dz + d, pad + dy:pad + dy + h, pad + dx:pad + dx + w]
 
 
@@ -34,12 +33,13 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         raise ValueError(f"expected a (1, 1, z, y, x) tensor, got {tuple(image.shape)}")
     x = image.float()
     pad = dilation
-    chans = []
-    for a, b in PAIRS:
-        sa = _shift(x, tuple(dilation * v for v in a), pad)
-        sb = _shift(x, tuple(dilation * v for v in b), pad)
-        chans.append((sa - sb) ** 2)
-    dist = torch.cat(chans, dim=1)
+    xp = F.pad(x, (pad,) * 6, mode="replicate")  # once; the 12 pairs are views into it
+    shape = x.shape[-3:]
+    dist = torch.empty((1, len(PAIRS)) + tuple(shape), dtype=x.dtype, device=x.device)
+    for n, (a, b) in enumerate(PAIRS):
+        sa = _shifted(xp, tuple(dilation * v for v in a), pad, shape)
+        sb = _shifted(xp, tuple(dilation * v for v in b), pad, shape)
+        torch.sub(sa, sb, out=dist[:, n:n + 1]).square_()
     k = 2 * radius + 1
     dist = F.avg_pool3d(F.pad(dist, (radius,) * 6, mode="replicate"), k, stride=1)
     dist = dist - dist.min(dim=1, keepdim=True).values

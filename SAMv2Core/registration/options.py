@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from .deformable import DeformableOptions
 
 MODALITY_PAIRS = ("auto", "same", "cross")
+FEATURES = ("auto", "sam", "mind")
 
 
 @dataclass
@@ -14,6 +15,9 @@ class RegistrationOptions:
     """All knobs of :func:`samv2core.registration.register`."""
 
     # --- SAM-affine / SAM-rigid --------------------------------------------------------
+    # descriptors to match: 'sam' (the model), 'mind' (training-free MIND-SSC), 'auto' (SAM; for
+    # a cross-modality pair whose SAM matches cannot support a transform, retry with MIND-SSC)
+    features: str = "auto"
     grid_spacing_mm: float = 16.0  # query points every 16 mm (8 voxels at 2 mm) inside the moving body
     max_query_points: int = 600  # evenly thinned beyond this (600 vs 1500: same errors on the benchmark pairs, 40% less matching time)
     min_score: float = 0.7  # similarity threshold of a stable match
@@ -43,6 +47,8 @@ class RegistrationOptions:
     def __post_init__(self):
         if self.modality_pair not in MODALITY_PAIRS:
             raise ValueError(f"modality_pair must be one of {MODALITY_PAIRS}, got {self.modality_pair!r}")
+        if self.features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
         if not 0.0 <= self.min_score <= 1.0:
             raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
 

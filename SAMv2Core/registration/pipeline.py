@@ -33,6 +33,7 @@ from .grid import Grid, sample
 from .options import RegistrationOptions
 from .result import RegistrationResult
 from .matches import registration_matches
+from .mind_features import MindEmbedder
 from .svf import jacobian_determinant, jacobian_stats
 
 Progress = Optional[Callable[[float, str], None]]
@@ -148,6 +149,22 @@ def preflight(fixed: Volume, moving: Volume, options: Optional[RegistrationOptio
     return pair
 
 
+def _match_and_fit(emb_f, emb_m, mask_f, mask_m, mode: str, opts: RegistrationOptions):
+    """Stable matches and the robust linear fit; RegistrationError when they cannot support it."""
+    t0 = time.perf_counter()
+    pairs = registration_matches(emb_f, emb_m, mask_f, mask_m, spacing_mm=opts.grid_spacing_mm,
+                                 max_points=opts.max_query_points, passes=opts.stable_passes,
+                                 min_score=opts.min_score, mask_margin_mm=opts.mask_margin_mm,
+                                 query_side=opts.query_side, subvoxel=opts.subvoxel, min_points=opts.min_inliers)
+    t1 = time.perf_counter()
+    fit = robust_fit(pairs.fixed, pairs.moving, mode, threshold_mm=opts.inlier_threshold_mm,
+                     min_inliers=opts.min_inliers, iterations=opts.ransac_iterations, scores=pairs.scores,
+                     max_scale=opts.max_scale, affine_min_spread_mm=opts.affine_min_spread_mm, seed=opts.seed)
+    t2 = time.perf_counter()
+    pairs.report["seconds"] = {"matching_s": round(t1 - t0, 3), "linear_fit_s": round(t2 - t1, 3)}
+    return pairs, fit
+
+
 # --- the pipeline --------------------------------------------------------------------------------
 def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bool = False, coarse: bool = False,
              embedder=None, options: Optional[RegistrationOptions] = None, progress: Progress = None) -> RegistrationResult:
@@ -177,7 +194,9 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
     t = time.perf_counter()
 
     # 2. embeddings -----------------------------------------------------------------------
-    if embedder is None:
+    if opts.features == "mind":
+        embedder = MindEmbedder()
+    elif embedder is None:
         try:
             embedder = _default_embedder(opts.device)
         except SAMv2Error as exc:
@@ -190,31 +209,39 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
     mv_f, mv_m = emb_f.model_volume, emb_m.model_volume
     mask_f, mask_m = _body(mv_f, "fixed", opts), _body(mv_m, "moving", opts)
 
-    # 3. stable matches ---------------------------------------------------------------------
+    # 3-4. stable matches and the linear fit ----------------------------------------------
     report_progress(0.60, "stable matching")
-    pairs = registration_matches(emb_f, emb_m, mask_f, mask_m, spacing_mm=opts.grid_spacing_mm,
-                                 max_points=opts.max_query_points, passes=opts.stable_passes,
-                                 min_score=opts.min_score, mask_margin_mm=opts.mask_margin_mm,
-                                 query_side=opts.query_side, subvoxel=opts.subvoxel, min_points=opts.min_inliers)
+    features = "mind-ssc" if opts.features == "mind" else "sam"
+    try:
+        pairs, fit = _match_and_fit(emb_f, emb_m, mask_f, mask_m, mode, opts)
+    except RegistrationError as exc:
+        if not (opts.features == "auto" and pair == "cross"):
+            raise
+        # a model not trained across modalities: retry on modality-independent descriptors
+        warnings.append(f"SAM embeddings: {exc}; used training-free MIND-SSC descriptors instead")
+        report_progress(0.62, "SAM matches disagree across modalities: MIND-SSC descriptors")
+        mind = MindEmbedder()
+        emb_f, emb_m = mind.embed(fixed), mind.embed(moving)
+        features = "mind-ssc (cross-modality fallback)"
+        try:
+            pairs, fit = _match_and_fit(emb_f, emb_m, mask_f, mask_m, mode, opts)
+        except RegistrationError as again:
+            raise RegistrationError(f"{again} (MIND-SSC descriptors; SAM embeddings failed too: {exc})") from None
     fixed_pts, moving_pts, scores, match_report = pairs.fixed, pairs.moving, pairs.scores, pairs.report
-    t = lap("matching_s", t)
-
-    # 4. linear fit ----------------------------------------------------------------------------
+    timing.update(pairs.report.pop("seconds"))
+    t = time.perf_counter()
     report_progress(0.70, f"{mode} fit on {len(scores)} matches")
-    fit = robust_fit(fixed_pts, moving_pts, mode, threshold_mm=opts.inlier_threshold_mm,
-                     min_inliers=opts.min_inliers, iterations=opts.ransac_iterations, scores=scores,
-                     max_scale=opts.max_scale, affine_min_spread_mm=opts.affine_min_spread_mm, seed=opts.seed)
     lin4 = fit.homogeneous()
     fov = overlap_crop(fixed, moving, lin4, opts.fov_margin_mm)  # raises when nothing overlaps
     linear = _affine(lin4)
-    t = lap("linear_fit_s", t)
 
     report = {"mode": mode, "coarse": bool(coarse), "deformable": bool(deformable), "modality_pair": pair,
               "fixed": {"name": fixed.name, "modality": fixed.modality.value, "size_xyz": list(fixed.size_xyz),
                         "spacing_mm": list(fixed.spacing)},
               "moving": {"name": moving.name, "modality": moving.modality.value, "size_xyz": list(moving.size_xyz),
                          "spacing_mm": list(moving.spacing)},
-              "model_id": getattr(embedder, "model_id", None), "convention": "fixed LPS -> moving LPS (ITK)",
+              "model_id": getattr(embedder, "model_id", None), "features": features,
+              "convention": "fixed LPS -> moving LPS (ITK)",
               "matches": match_report, "linear": fit.report(), "field_of_view": fov.report(),
               "inliers": fit.n_inliers, "residual_mm_median": fit.report()["residual_mm_inliers"]["median"]}
     if "warning" in fit.stats:

@@ -471,8 +471,11 @@ class SAMv2Logic:
             if moving is not None:
                 moving.SetAndObserveTransformNodeID(old_parent)
             raise
+        features = report.get("features", "sam")
         self.status = (f"registered {base}: linear transform '{linear.GetName()}'"
-                       + (f" and grid transform '{grid.GetName()}'" if grid is not None else ""))
+                       + (f" and grid transform '{grid.GetName()}'" if grid is not None else "")
+                       + (f" (matched on {features} descriptors)" if features != "sam" else "")
+                       + "".join(f" - note: {w}" for w in report.get("warnings", [])))
         return RegistrationOutcome(linear, grid, result, report)
 
     # --- helpers for the widget -----------------------------------------------------------
