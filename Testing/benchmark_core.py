@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -97,8 +96,6 @@ def part_embedding(args) -> None:
 
 
 def part_matching(args) -> None:
-    import torch
-
     from samv2core.embed import Embedder
     from samv2core.matching import match_points
     from samv2core.models import resolve_model

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,8 @@ from . import checkpoint as ck
 from .config import TrainConfig, load_config, save_config
 from .data import TrainVolume, load_dataset
 from .losses import (alice_loss, appearance_loss, coarse_spec, fine_spec, labels_on_grid, prototype_supcon,
-                     random_global_negatives, sample_features)
-from .sampling import FINE_STRIDE, ViewPair, fixed_view_pair, make_view_pair, output_grid_centres, patch_to_output
+                     random_global_negatives)
+from .sampling import FINE_STRIDE, ViewPair, fixed_view_pair, make_view_pair, output_grid_centres
 
 LOG_FIELDS = ["step", "wall_s", "lr", "loss", "fine", "coarse", "semantic", "alice", "pair", "fine_acc",
               "val_median_mm", "val_mean_mm", "val_cpm10"]
