@@ -18,6 +18,9 @@ Pairs
   that slab); moving = a 40 mm contrast-CT slab of patient B (31 labels) and a chest CT crop of
   patient C (aorta and T12 masks).
 
+SAM rows: "+refine" adds the intensity refinement of the linear map (LNCC, or MIND-SSC across
+modalities; RegistrationOptions.refine, on by default); rows without it are the pure SAM fit.
+
 Columns: time = wall clock of the whole method (SAM rows include embedding both images
 without cache; "reg" = SAM stages after embedding), peak = peak resident memory above the
 baseline during the method (Linux VmHWM, reset before each method), err = point error (mm),
@@ -203,8 +206,9 @@ def _masks_to_labels(reference: Path, masks: dict) -> sitk.Image:
     return img
 
 
-SAM_LINEAR = ["SAM-rigid", "SAM-affine"]
-SAM_ALL = ["SAM-affine", "SAM-affine+coarse", "SAM-affine+coarse+deformable"]
+SAM_LINEAR = ["SAM-rigid", "SAM-affine", "SAM-rigid+refine", "SAM-affine+refine"]
+SAM_ALL = ["SAM-affine", "SAM-affine+refine", "SAM-affine+coarse", "SAM-affine+coarse+deformable",
+           "SAM-affine+refine+coarse+deformable"]
 PEERS_LINEAR = ["ANTs Rigid", "ANTs Affine", "elastix affine"]
 PEERS_DEF = ["ANTs Affine", "ANTs SyN", "elastix affine", "elastix affine+B-spline"]
 NATIVE = " (native)"  # peer method suffix: run on the native grids instead of >= 3 mm input
@@ -224,11 +228,13 @@ def build_cases(quick: bool) -> list[Case]:
     if not quick:
         fu, t = affine_followup(ct, seed=13, crop_fraction=0.5)
         cases.append(Case("sim CT affine (+-6% scale), 50% FOV", fu, ct, "points",
-                          ["initial", "SAM-affine", "ANTs Affine", "elastix affine"], truth=t, mode="affine"))
+                          ["initial", "SAM-affine", "SAM-affine+refine", "ANTs Affine", "elastix affine"], truth=t,
+                          mode="affine"))
     p = simulate_followup(ct, seed=14, rotation_deg=5.0, translation_mm=10.0, deformation_mm=0.0, crop_fraction=0.5,
                           mr=True)
     cases.append(Case("sim CT->MR-like rigid, 50% FOV", p.followup, ct, "points",
-                      ["initial", "SAM-rigid", "ANTs Rigid", "elastix affine"], truth=p.transform, mode="rigid"))
+                      ["initial", "SAM-rigid", "SAM-rigid+refine", "ANTs Rigid", "elastix affine"], truth=p.transform,
+                      mode="rigid"))
     p = simulate_followup(ct, seed=15, rotation_deg=4.0, translation_mm=8.0, deformation_mm=8.0, control_mm=60.0)
     cases.append(Case("sim CT rigid + 8 mm smooth deformation", p.followup, ct, "points",
                       ["initial"] + SAM_ALL + PEERS_DEF, truth=p.transform, mode="affine"))
@@ -368,7 +374,7 @@ class SamRunner:
         mode = "rigid" if method.startswith("SAM-rigid") else "affine"
         coarse = "coarse" in method
         deformable = "deformable" in method
-        opts = RegistrationOptions(require_physical_overlap=case.kind == "points",
+        opts = RegistrationOptions(require_physical_overlap=case.kind == "points", refine="refine" in method,
                                    deformable=DeformableOptions(device="cpu"))
         embed = self.embed_time(case.fixed) + self.embed_time(case.moving)
         res = register(case.fixed, case.moving, mode=mode, coarse=coarse, deformable=deformable,
@@ -378,6 +384,9 @@ class SamRunner:
         note = f"{rep['linear']['inliers']}/{rep['linear']['matches']} inliers"
         if rep["features"] != "sam":
             note += f" on {rep['features']}"
+        if "linear_refinement" in rep:
+            lr = rep["linear_refinement"]
+            note += f", refine {lr['term']} {lr['seconds']:.1f} s" + ("" if lr["accepted"] else " (not applied)")
         if deformable:
             note += f", {rep['deformable_refinement']['intensity_term']}+emb"
         return sitk_mapping(res.composite), embed + reg_s, reg_s, note

@@ -22,6 +22,8 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moving", required=True, help="moving image, registered onto the fixed one")
     parser.add_argument("--mode", default="affine", choices=["rigid", "affine"],
                         help="linear model: rigid (same patient, e.g. CT-MRI) or affine (default)")
+    parser.add_argument("--no-refine", action="store_true",
+                        help="skip the intensity refinement (LNCC / MIND-SSC) of the linear transform: pure SAM fit")
     parser.add_argument("--coarse", action="store_true", help="add the SAM-coarse control-grid displacement")
     parser.add_argument("--deformable", action="store_true",
                         help="add the diffeomorphic deformable refinement (instance optimisation)")
@@ -58,7 +60,7 @@ def options_from_args(args) -> RegistrationOptions:
                              embedding_weight=0.0 if args.no_embedding_term else 1.0)
     if args.smoothness is not None:
         dopt.smoothness = float(args.smoothness)
-    return RegistrationOptions(features=args.features, grid_spacing_mm=args.grid_spacing, min_score=args.min_score,
+    return RegistrationOptions(refine=not args.no_refine, features=args.features, grid_spacing_mm=args.grid_spacing, min_score=args.min_score,
                                min_inliers=args.min_inliers, inlier_threshold_mm=args.inlier_threshold,
                                fov_margin_mm=args.fov_margin, modality_pair=args.modality_pair,
                                require_physical_overlap=not args.ignore_physical_overlap, deformable=dopt,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .deformable import DeformableOptions
+from .linear_refine import LinearRefineOptions
 
 MODALITY_PAIRS = ("auto", "same", "cross")
 FEATURES = ("auto", "sam", "mind")
@@ -30,6 +31,8 @@ class RegistrationOptions:
     query_side: str = "auto"  # sample query points in: 'auto' (smaller body), 'moving' (SAME++), 'fixed'
     subvoxel: bool = True  # refine the matched end of each stable match below the 4 mm embedding grid
     affine_min_spread_mm: float = 15.0  # thinner match clouds (std) get a similarity instead of an affine
+    refine: bool = True  # intensity refinement of the linear map (LNCC / MIND-SSC) started from the SAM fit
+    refine_options: LinearRefineOptions = field(default_factory=LinearRefineOptions)
     # --- inputs ---------------------------------------------------------------------------
     modality_pair: str = "auto"  # 'same' / 'cross': refuse when the volumes' modality flags disagree
     require_physical_overlap: bool = True  # refuse images whose scanner coordinates do not overlap
@@ -55,4 +58,5 @@ class RegistrationOptions:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["deformable"] = self.deformable.to_dict()
+        d["refine_options"] = self.refine_options.to_dict()
         return d

@@ -6,7 +6,8 @@
 3. cycle-consistent stable matches (score > 0.7), both ends inside the body masks and away from
    the field-of-view borders, matched end refined below the 4 mm embedding grid;
 4. SAM-rigid (Arun SVD) or SAM-affine (least squares) with RANSAC + Tukey IRLS, minimum inlier
-   count and fraction (a similarity when the matches only span a thin slab);
+   count and fraction (a similarity when the matches only span a thin slab), then (``refine``)
+   a short intensity optimisation of that transform (LNCC / MIND-SSC) started from it;
 5. crop to the common field of view (margin) -> optional SAM-coarse control-grid field and
    optional deformable instance optimisation (SVF on embeddings + LNCC / MIND-SSC);
 6. ITK transforms (fixed -> moving) and a report with residuals, Jacobian statistics, timings.
@@ -29,6 +30,7 @@ from .coarse import fit_coarse_field
 from .deformable import make_deformable_image, refine_deformable, resolve_intensity_term, taper_window
 from .fitting import MODES, robust_fit
 from .fov import crop_volume, overlap_crop
+from .linear_refine import refine_linear
 from .grid import Grid, sample
 from .options import RegistrationOptions
 from .result import RegistrationResult
@@ -111,6 +113,19 @@ def _crop_embedded(model_volume: Volume, mask: np.ndarray, lo, hi, emb):
     z, y, x = cropped.array.shape
     sub_mask = mask[i0[2]:i0[2] + z, i0[1]:i0[1] + y, i0[0]:i0[0] + x]
     return make_deformable_image(cropped, sub_mask, emb)
+
+
+def _valid_box(model_volume: Volume, mask: np.ndarray, fov) -> tuple[np.ndarray, np.ndarray]:
+    """LPS box where the refinements measure similarity: the fixed side of the common field of
+    view, limited to the fixed body's bounding box."""
+    kji = np.argwhere(mask)
+    body_pts = model_volume.index_to_lps(kji[[kji[:, d].argmin() for d in range(3)] +
+                                             [kji[:, d].argmax() for d in range(3)]][:, ::-1].astype(float))
+    lo = np.maximum(fov.fixed_lo, body_pts.min(0))
+    hi = np.minimum(fov.fixed_hi, body_pts.max(0))
+    if np.any(hi - lo < 16.0):
+        raise RegistrationError("the common field of view contains too little of the fixed body to refine the transform")
+    return lo, hi
 
 
 def _displacement_image(field: torch.Tensor, grid: Grid) -> sitk.Image:
@@ -233,6 +248,22 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
     report_progress(0.70, f"{mode} fit on {len(scores)} matches")
     lin4 = fit.homogeneous()
     fov = overlap_crop(fixed, moving, lin4, opts.fov_margin_mm)  # raises when nothing overlaps
+    refine_stats = None
+    if opts.refine:
+        report_progress(0.72, f"intensity refinement of the {mode} transform")
+        lo, hi = _valid_box(mv_f, mask_f, fov)
+        term = opts.deformable.intensity if opts.deformable.intensity in ("lncc", "mind") else "auto"
+        try:
+            lin4, refine_stats = refine_linear(
+                _crop_embedded(mv_f, mask_f, lo - 8.0, hi + 8.0, None),
+                _crop_embedded(mv_m, mask_m, fov.moving_lo, fov.moving_hi, None), lin4, mode, lo, hi, term,
+                opts.refine_options)
+        except ValueError as exc:
+            raise RegistrationError(f"linear refinement impossible: {exc}") from None
+        if not refine_stats["accepted"]:
+            warnings.append(f"intensity refinement not applied: {refine_stats['reason']}")
+        fov = overlap_crop(fixed, moving, lin4, opts.fov_margin_mm)
+        t = lap("refine_s", t)
     linear = _affine(lin4)
 
     report = {"mode": mode, "coarse": bool(coarse), "deformable": bool(deformable), "modality_pair": pair,
@@ -246,17 +277,14 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
               "inliers": fit.n_inliers, "residual_mm_median": fit.report()["residual_mm_inliers"]["median"]}
     if "warning" in fit.stats:
         warnings.append(fit.stats["warning"])
+    if refine_stats is not None:
+        report["linear_refinement"] = refine_stats
+        report["linear_matrix"] = lin4.tolist()  # 'linear' above describes the SAM fit before refinement
 
     # 5. nonlinear stages ----------------------------------------------------------------------
     displacement_img = None
     if coarse or deformable:
-        # valid box: the fixed side of the common FOV, limited to the fixed body
-        kji = np.argwhere(mask_f)
-        body_pts = mv_f.index_to_lps(kji[:, ::-1].astype(float))
-        valid_lo = np.maximum(fov.fixed_lo, body_pts.min(0))
-        valid_hi = np.minimum(fov.fixed_hi, body_pts.max(0))
-        if np.any(valid_hi - valid_lo < 16.0):
-            raise RegistrationError("the common field of view contains too little of the fixed body for a deformable step")
+        valid_lo, valid_hi = _valid_box(mv_f, mask_f, fov)
         dopt = opts.deformable
         dom_lo, dom_hi = valid_lo - dopt.taper_mm, valid_hi + dopt.taper_mm
         field_grid = Grid.covering(dom_lo, dom_hi, dopt.field_spacing_mm)
