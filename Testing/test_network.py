@@ -7,13 +7,11 @@ import torch
 from samv2core.errors import CheckpointError, InputError
 from samv2core.network import NetConfig, SAMv2Net, build_network, count_parameters
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def lite():
-    torch.manual_seed(0)
-    return build_network(NetConfig.lite()).eval()
+def lite(lite_net):
+    return lite_net  # the shared deterministic lite network (conftest); these tests only read it
 
 
 @pytest.fixture(scope="module")

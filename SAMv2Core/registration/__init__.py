@@ -1,4 +1,5 @@
-"""Embedding-driven registration: SAM-rigid/affine, SAM-coarse, deformable refinement.
+"""Embedding-driven registration: SAM-rigid/affine (+ intensity refinement), SAM-coarse,
+deformable refinement; MIND-SSC descriptors for CT-MRI pairs the model cannot match.
 
 ``register(fixed, moving, mode='rigid'|'affine', deformable=False, coarse=False, ...)`` returns
 a :class:`RegistrationResult` whose transforms map FIXED physical LPS points to MOVING points
@@ -7,8 +8,10 @@ displacement .nii.gz, composite .h5), the resampled moving image and a JSON repo
 """
 from .deformable import DeformableOptions
 from .io import write_registration
+from .linear_refine import LinearRefineOptions
 from .options import RegistrationOptions
 from .pipeline import register
 from .result import RegistrationResult
 
-__all__ = ["register", "write_registration", "RegistrationOptions", "RegistrationResult", "DeformableOptions"]
+__all__ = ["register", "write_registration", "RegistrationOptions", "RegistrationResult", "DeformableOptions",
+           "LinearRefineOptions"]

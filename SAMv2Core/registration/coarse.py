@@ -8,7 +8,6 @@ result still folds, the smoothness weight is raised until it does not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,27 +15,8 @@ import scipy.sparse.linalg as spla
 import torch
 
 from ..errors import RegistrationError
-from .grid import Grid, sample
+from .grid import DisplacementField, Grid
 from .svf import jacobian_determinant, jacobian_stats
-
-
-@dataclass
-class CoarseField:
-    """Control-grid displacement (1, 3, z, y, x) in mm (x, y, z components) and fit statistics."""
-
-    grid: Grid
-    displacement: torch.Tensor
-    stats: dict = field(default_factory=dict)
-
-    def resample(self, target: Grid) -> torch.Tensor:
-        """The displacement interpolated (trilinearly) onto ``target``: (1, 3, z, y, x)."""
-        pts = target.points_torch(dtype=self.displacement.dtype)
-        return sample(self.displacement, self.grid, pts)
-
-    def at(self, points_lps: np.ndarray) -> np.ndarray:
-        """Displacement (N, 3) at LPS points (N, 3)."""
-        pts = torch.as_tensor(np.asarray(points_lps, float), dtype=self.displacement.dtype)[None]
-        return sample(self.displacement, self.grid, pts)[0].T.numpy().astype(np.float64)
 
 
 def _interp_matrix(grid: Grid, points: np.ndarray) -> sp.csr_matrix:
@@ -75,7 +55,7 @@ def _diffusion_matrix(grid: Grid) -> sp.csr_matrix:
 
 def fit_coarse_field(source, target, box_lo, box_hi, spacing_mm: float = 32.0, smoothness: float = 1.0,
                      huber_mm: float = 5.0, irls_iterations: int = 5, min_points: int = 8,
-                     max_refits: int = 8, tukey_sigmas: float | None = None) -> CoarseField:
+                     max_refits: int = 8, tukey_sigmas: float | None = None) -> DisplacementField:
     """Fit u on a ``spacing_mm`` control grid over [box_lo, box_hi] so that source + u(source) ~= target.
 
     ``source`` / ``target`` are (N, 3) LPS points in the same (fixed) space: the fixed end of
@@ -83,7 +63,7 @@ def fit_coarse_field(source, target, box_lo, box_hi, spacing_mm: float = 32.0, s
     Minimises mean_i w_i |u(x_i) - (y_i - x_i)|^2 + smoothness * mean_edges |u_a - u_b|^2 with
     robust weights w_i (IRLS): Huber with scale ``huber_mm``, or with ``tukey_sigmas`` set,
     Tukey's biweight with a cutoff of that many robust standard deviations of the current
-    residuals (rejects wrong matches entirely). Returns a CoarseField; raises
+    residuals (rejects wrong matches entirely). Returns a DisplacementField; raises
     RegistrationError with fewer than ``min_points`` pairs inside the box.
     """
     src = np.asarray(source, float).reshape(-1, 3)
@@ -127,4 +107,4 @@ def fit_coarse_field(source, target, box_lo, box_hi, spacing_mm: float = 32.0, s
              "residual_mm_after": round(float(np.median(res)), 3),
              "downweighted_points": int(np.count_nonzero(weights < 0.5)),
              "control_jacobian": jstats}
-    return CoarseField(grid, torch.as_tensor(field_np[None], dtype=torch.float32), stats)
+    return DisplacementField(grid, torch.as_tensor(field_np[None], dtype=torch.float32), stats)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..device import select_device
-from .grid import Grid, sample
+from .grid import DisplacementField, Grid, sample
 from .mind import mind_ssc
 from .similarity import diffusion
 from .svf import integrate_svf
@@ -82,15 +82,6 @@ class DeformableImage:
     mask: Optional[torch.Tensor] = None
     features: Optional[torch.Tensor] = None
     feature_grid: Optional[Grid] = None
-
-
-@dataclass
-class DeformableResult:
-    """Total nonlinear displacement (1, 3, z, y, x) mm on ``grid``, CPU float32, and statistics."""
-
-    grid: Grid
-    displacement: torch.Tensor
-    stats: dict = field(default_factory=dict)
 
 
 def intensity_tensor(volume, modality: str) -> torch.Tensor:
@@ -238,7 +229,7 @@ def _torch_threads(n: Optional[int], device: torch.device):
 
 def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_moving: np.ndarray,
                       valid_lo, valid_hi, init=None, options: Optional[DeformableOptions] = None,
-                      progress: Progress = None) -> DeformableResult:
+                      progress: Progress = None) -> DisplacementField:
     """Optimise the deformable refinement and return the total nonlinear displacement.
 
     ``fixed_to_moving`` is the 4x4 linear map (fixed LPS -> moving LPS). The similarity is
@@ -246,7 +237,7 @@ def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_
     the warped point lies inside the moving image; the field's domain is that box grown by
     ``taper_mm``. ``init`` is an optional callable mapping (1, ..., 3) LPS point tensors to
     their initial displacement (e.g. SAM-coarse); it is applied after the optimised flow:
-    total(x) = d(x) + init(x + d(x)). Returns a DeformableResult on a ``field_spacing_mm`` grid.
+    total(x) = d(x) + init(x + d(x)). Returns a DisplacementField on a ``field_spacing_mm`` grid.
     """
     opt = options or DeformableOptions()
     dev = select_device(opt.device)
@@ -254,7 +245,7 @@ def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_
         return _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progress, dev)
 
 
-def _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progress, dev) -> DeformableResult:
+def _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progress, dev) -> DisplacementField:
     if len(opt.levels_mm) != len(opt.iterations):
         raise ValueError("levels_mm and iterations must have the same length")
     report = progress or (lambda f, m: None)
@@ -390,4 +381,4 @@ def _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progr
              "device": str(dev), "velocity_grid": g.to_dict(), "field_grid": out_grid.to_dict(),
              "sample_points": int(len(cand)), "history": history,
              "seconds": round(time.perf_counter() - t0, 3), "options": opt.to_dict()}
-    return DeformableResult(out_grid, total.detach().to("cpu", torch.float32), stats)
+    return DisplacementField(out_grid, total.detach().to("cpu", torch.float32), stats)

@@ -1,8 +1,9 @@
 """An axis-aligned LPS sampling grid (identity direction) for displacement fields and the
-deformable optimisation, and the conversions torch's ``grid_sample`` needs."""
+deformable optimisation, the conversions torch's ``grid_sample`` needs, and a displacement
+field on such a grid."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -89,3 +90,23 @@ def sample(volume: torch.Tensor, grid: Grid, points_lps: torch.Tensor, mode: str
     if len(shp) != 5:
         out = out.reshape(out.shape[0], out.shape[1], *shp[1:-1])
     return out
+
+
+@dataclass
+class DisplacementField:
+    """A displacement (1, 3, z, y, x) in mm (x, y, z components) on ``grid``, with the
+    statistics of the stage that made it (SAM-coarse fit, deformable optimisation)."""
+
+    grid: Grid
+    displacement: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+    def resample(self, target: Grid) -> torch.Tensor:
+        """The displacement interpolated (trilinearly) onto ``target``: (1, 3, z, y, x)."""
+        pts = target.points_torch(dtype=self.displacement.dtype)
+        return sample(self.displacement, self.grid, pts)
+
+    def at(self, points_lps: np.ndarray) -> np.ndarray:
+        """Displacement (N, 3) at LPS points (N, 3)."""
+        pts = torch.as_tensor(np.asarray(points_lps, float), dtype=self.displacement.dtype)[None]
+        return sample(self.displacement, self.grid, pts)[0].T.numpy().astype(np.float64)
