@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - plain Python
     raise ImportError("SAMv2Slicer.py is the 3D Slicer module and needs the Slicer application; "
                       "in plain Python use the SAMv2SlicerLib package (logic) instead") from exc
 
-from SAMv2SlicerLib.constants import DEVICES, METHODS, REGISTRATION_MODES
+from SAMv2SlicerLib.constants import DEVICES, METHODS, REGISTRATION_FEATURES, REGISTRATION_MODES
 
 
 #
@@ -129,6 +129,8 @@ class SAMv2SlicerParameterNode:
     lesionRadius: Annotated[float, WithinRange(0.5, 200.0)] = 10.0
     registrationMode: Annotated[str, Choice(list(REGISTRATION_MODES))] = "affine"
     deformable: bool = False
+    refineLinear: bool = True
+    registrationFeatures: Annotated[str, Choice(list(REGISTRATION_FEATURES))] = "auto"
     outputLinearTransform: vtkMRMLLinearTransformNode
     outputGridTransform: vtkMRMLGridTransformNode
 
@@ -434,7 +436,8 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRegisterButton(self) -> None:
         p = self._parameterNode
         self._run(lambda core: core.prepare_register(p.baselineVolume, p.followupVolume, p.registrationMode,
-                                                     p.deformable), self._onRegisterDone)
+                                                     p.deformable, refine=p.refineLinear,
+                                                     features=p.registrationFeatures), self._onRegisterDone)
 
     def _onRegisterDone(self, outcome) -> None:
         p = self._parameterNode

@@ -495,6 +495,8 @@ def test_register_end_to_end(session):
     fixed_fp = node_fingerprint(s["base"])
     out = logic.register(s["base"], s["follow"], mode="rigid", deformable=False, apply_to_moving=False)
     assert out.linear_node.IsA("vtkMRMLLinearTransformNode") and out.grid_node is None
+    settings = json.loads(out.linear_node.GetAttribute("SAMv2.Report"))["settings"]
+    assert settings["refine"] is True and settings["features"] == "auto"  # the module's defaults
     assert s["follow"].GetTransformNodeID() is None  # apply_to_moving=False leaves the moving volume alone
     assert node_fingerprint(s["base"]) == fixed_fp
     p = _probe_points_lps(5, lo=-20, hi=20) + np.asarray(logic.volume(s["base"]).corners_lps().mean(0))
@@ -533,6 +535,7 @@ def _bad_cases(s, tmp_path):
         "no follow-up": (lambda lg: lg.match_points(b, None, p), InputError, "no follow-up"),
         "same volume": (lambda lg: lg.match_points(b, b, p), InputError, "same volume"),
         "same volume (register)": (lambda lg: lg.register(b, b), InputError, "same volume"),
+        "unknown descriptors": (lambda lg: lg.register(b, f, features="sift"), InputError, "descriptors"),
         "point outside": (lambda lg: lg.match_points(b, f, far), InputError, "outside the baseline"),
         "no points": (lambda lg: lg.match_points(b, f, empty), InputError, "no points"),
         "2D volume": (lambda lg: lg.match_points(flat, f, p), InputError, "2D"),
@@ -547,7 +550,7 @@ def _bad_cases(s, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no baseline", "no follow-up", "same volume", "same volume (register)",
-                                  "point outside", "no points", "2D volume", "RGB volume", "lesion outside",
+                                  "unknown descriptors", "point outside", "no points", "2D volume", "RGB volume", "lesion outside",
                                   "bad radius", "invalid model file", "missing model file"])
 def test_bad_input_leaves_scene_unchanged(session, tmp_path, case):
     s = session

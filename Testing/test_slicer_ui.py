@@ -83,8 +83,8 @@ def ui_attributes_used() -> set[str]:
 
 def parameters() -> dict[str, dict]:
     """Parameters of the @parameterNodeWrapper class: {name: {type, choices, range, default}}."""
-    namespace = {"DEVICES": constants.DEVICES, "METHODS": constants.METHODS,
-                 "REGISTRATION_MODES": constants.REGISTRATION_MODES, "list": list}
+    namespace = {name: getattr(constants, name) for name in dir(constants) if name.isupper()}
+    namespace["list"] = list
     for node in module_ast().body:
         if isinstance(node, ast.ClassDef) and any(
                 isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list):
@@ -177,6 +177,9 @@ def test_choices_come_from_the_logic_constants():
     assert tuple(params["matchingMethod"]["choices"]) == logic.METHODS
     assert tuple(params["registrationMode"]["choices"]) == logic.REGISTRATION_MODES
     assert tuple(params["device"]["choices"]) == constants.DEVICES
+    from samv2core.registration.options import FEATURES
+
+    assert tuple(params["registrationFeatures"]["choices"]) == logic.REGISTRATION_FEATURES == FEATURES
 
 
 def test_mrml_widgets_receive_the_scene_and_classes_are_declared():

@@ -2,6 +2,7 @@
 
 METHODS = ("fixed_point", "nn")  # point matching: SAMv2 fixed-point, or plain nearest neighbour
 REGISTRATION_MODES = ("rigid", "affine")
+REGISTRATION_FEATURES = ("auto", "sam", "mind")  # = samv2core.registration.options.FEATURES (tested)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ATTRIBUTE_PREFIX = "SAMv2."
 FIXED_REFERENCE_ROLE = "fixedVolume"

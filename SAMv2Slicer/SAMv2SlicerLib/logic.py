@@ -32,7 +32,8 @@ from samv2core.volume import Volume
 
 from . import nodes
 from .constants import (ATTRIBUTE_PREFIX, FIXED_REFERENCE_ROLE, FLAGGED_SUFFIX, METHODS,  # noqa: F401
-                        MOVING_REFERENCE_ROLE, REGISTRATION_MODES, SOURCE_POINTS_ROLE, SOURCE_VOLUME_ROLE)
+                        MOVING_REFERENCE_ROLE, REGISTRATION_FEATURES, REGISTRATION_MODES, SOURCE_POINTS_ROLE,
+                        SOURCE_VOLUME_ROLE)
 from .worker import Cancelled, ProgressCallback, run_sync
 
 
@@ -403,15 +404,23 @@ class SAMv2Logic:
 
     # --- registration ---------------------------------------------------------------------
     def prepare_register(self, fixed_node, moving_node, mode: str = "affine", deformable: bool = False,
-                         apply_to_moving: bool = True, output_name: Optional[str] = None, options=None) -> Job:
+                         apply_to_moving: bool = True, output_name: Optional[str] = None, options=None,
+                         refine: bool = True, features: str = "auto") -> Job:
         """Register moving onto fixed; outputs a linear (and optionally a grid) transform node.
 
         The moving volume is read without its current parent transform (as Slicer's registration
         modules do) and, with ``apply_to_moving``, placed under the new transform(s).
-        ``options``: a samv2core.registration.RegistrationOptions (defaults when None).
+        ``options``: a samv2core.registration.RegistrationOptions; when None, the defaults with
+        ``refine`` (intensity refinement of the linear map) and ``features`` ('auto', 'sam', 'mind').
         """
         if mode not in REGISTRATION_MODES:
             raise InputError(f"unknown registration mode {mode!r}: use one of {', '.join(REGISTRATION_MODES)}")
+        if features not in REGISTRATION_FEATURES:
+            raise InputError(f"unknown descriptors {features!r}: use one of {', '.join(REGISTRATION_FEATURES)}")
+        if options is None:
+            from samv2core.registration import RegistrationOptions
+
+            options = RegistrationOptions(refine=bool(refine), features=features)
         fixed, moving = self._pair(fixed_node, moving_node, ("fixed volume", "moving volume"), world_second=False)
         base = output_name or f"{moving_node.GetName()} to {fixed_node.GetName()}"
         ids = {"fixed": fixed_node.GetID(), "moving": moving_node.GetID()}
@@ -431,9 +440,10 @@ class SAMv2Logic:
 
     def register(self, fixed_node, moving_node, mode: str = "affine", deformable: bool = False,
                  apply_to_moving: bool = True, output_name: Optional[str] = None, options=None,
-                 progress=None) -> RegistrationOutcome:
+                 progress=None, refine: bool = True, features: str = "auto") -> RegistrationOutcome:
         return self.run(lambda: self.prepare_register(fixed_node, moving_node, mode, deformable, apply_to_moving,
-                                                      output_name, options), progress, "Register volumes")
+                                                      output_name, options, refine, features),
+                        progress, "Register volumes")
 
     def add_registration_nodes(self, result, fixed_node, moving_node, mode: str = "affine",
                                name: Optional[str] = None, apply_to_moving: bool = True) -> RegistrationOutcome:
