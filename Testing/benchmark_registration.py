@@ -386,7 +386,8 @@ class SamRunner:
             note += f" on {rep['features']}"
         if "linear_refinement" in rep:
             lr = rep["linear_refinement"]
-            note += f", refine {lr['term']} {lr['seconds']:.1f} s" + ("" if lr["accepted"] else " (not applied)")
+            note += (f", refine {lr['term']} {lr['seconds']:.1f} s" if "term" in lr else ", refine") \
+                + ("" if lr["accepted"] else " (not applied)")
         if deformable:
             note += f", {rep['deformable_refinement']['intensity_term']}+emb"
         return sitk_mapping(res.composite), embed + reg_s, reg_s, note

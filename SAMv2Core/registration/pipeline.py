@@ -235,31 +235,33 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
         # a model not trained across modalities: retry on modality-independent descriptors
         warnings.append(f"SAM embeddings: {exc}; used training-free MIND-SSC descriptors instead")
         report_progress(0.62, "SAM matches disagree across modalities: MIND-SSC descriptors")
+        t_mind = time.perf_counter()
         mind = MindEmbedder()
         emb_f, emb_m = mind.embed(fixed), mind.embed(moving)
+        timing["mind_descriptors_s"] = round(time.perf_counter() - t_mind, 3)
         features = "mind-ssc (cross-modality fallback)"
         try:
             pairs, fit = _match_and_fit(emb_f, emb_m, mask_f, mask_m, mode, opts)
         except RegistrationError as again:
             raise RegistrationError(f"{again} (MIND-SSC descriptors; SAM embeddings failed too: {exc})") from None
-    fixed_pts, moving_pts, scores, match_report = pairs.fixed, pairs.moving, pairs.scores, pairs.report
+    fixed_pts, moving_pts, match_report = pairs.fixed, pairs.moving, pairs.report
     timing.update(pairs.report.pop("seconds"))
     t = time.perf_counter()
-    report_progress(0.70, f"{mode} fit on {len(scores)} matches")
     lin4 = fit.homogeneous()
     fov = overlap_crop(fixed, moving, lin4, opts.fov_margin_mm)  # raises when nothing overlaps
     refine_stats = None
     if opts.refine:
-        report_progress(0.72, f"intensity refinement of the {mode} transform")
-        lo, hi = _valid_box(mv_f, mask_f, fov)
+        report_progress(0.70, f"intensity refinement of the {mode} fit ({fit.n_inliers} inliers)")
+        # the term follows the deformable option when that names one, else LNCC / MIND by modality
         term = opts.deformable.intensity if opts.deformable.intensity in ("lncc", "mind") else "auto"
         try:
+            lo, hi = _valid_box(mv_f, mask_f, fov)
             lin4, refine_stats = refine_linear(
                 _crop_embedded(mv_f, mask_f, lo - 8.0, hi + 8.0, None),
                 _crop_embedded(mv_m, mask_m, fov.moving_lo, fov.moving_hi, None), lin4, mode, lo, hi, term,
                 opts.refine_options)
-        except ValueError as exc:
-            raise RegistrationError(f"linear refinement impossible: {exc}") from None
+        except (ValueError, RegistrationError) as exc:  # too little overlap to refine: the SAM fit stands
+            refine_stats = {"accepted": False, "reason": f"skipped: {exc}"}
         if not refine_stats["accepted"]:
             warnings.append(f"intensity refinement not applied: {refine_stats['reason']}")
         fov = overlap_crop(fixed, moving, lin4, opts.fov_margin_mm)
