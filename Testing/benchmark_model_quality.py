@@ -51,10 +51,11 @@ def mind_embeddings(template_emb):
 
 def _mind_embeddings(template_emb):
     """MIND-SSC descriptors (samv2core.registration.mind_features) on the same fine and coarse
-    grids as ``template_emb`` (coarse cells of the network's (4, 16, 16) stride)."""
+    grids as ``template_emb`` (coarse cells of the network's (4, 16, 16) stride, coarse descriptor
+    on the full-resolution grid: the baseline as published in the model card)."""
     from samv2core.registration.mind_features import mind_embeddings as core_mind
 
-    emb = core_mind(template_emb.model_volume, coarse_stride=(4, 16, 16))
+    emb = core_mind(template_emb.model_volume, coarse_stride=(4, 16, 16), coarse_downsample=1)
     assert emb.fine_grid == template_emb.fine_grid and emb.coarse_grid.shape == template_emb.coarse_grid.shape
     return emb
 

@@ -295,3 +295,19 @@ def test_refinement_that_cannot_run_keeps_the_sam_fit_with_a_warning(lung, monke
     assert np.allclose(res.linear_matrix, plain.linear_matrix)
     assert res.report["linear_refinement"]["accepted"] is False
     assert any("refinement not applied: skipped: only 3 sample points" in w for w in res.report["warnings"])
+
+
+def test_mind_coarse_descriptor_on_the_downsampled_grid_matches_the_full_resolution_one():
+    """The fast coarse MIND-SSC (2x averaged image, same physical offsets) lands on the same
+    grids as the full-resolution one and points the same way (real CT, bundled)."""
+    from samv2core.registration.mind_features import mind_embeddings
+    from samv2core.sample_data import load_sample
+
+    v = load_sample("lung1_ct")
+    full, fast = mind_embeddings(v, coarse_downsample=1), mind_embeddings(v)
+    assert full.fine_grid == fast.fine_grid and full.coarse_grid == fast.coarse_grid
+    assert torch.equal(full.fine, fast.fine)
+    cos = (full.coarse_on_fine.float() * fast.coarse_on_fine.float()).sum(0)
+    assert float(cos.median()) > 0.98 and float(cos.mean()) > 0.95
+    with pytest.raises(ValueError, match="coarse_downsample"):
+        mind_embeddings(v, coarse_downsample=3)

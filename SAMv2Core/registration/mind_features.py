@@ -49,18 +49,30 @@ def _grid(model_volume: Volume, stride: tuple) -> EmbeddingGrid:
     return EmbeddingGrid(tuple(org + sp * (k - 1) / 2), tuple(sp * k), shape)
 
 
-def mind_embeddings(volume: Volume, spacing_mm: float = 2.0, coarse_stride: tuple = (4, 4, 4)) -> Embeddings:
+def mind_embeddings(volume: Volume, spacing_mm: float = 2.0, coarse_stride: tuple = (4, 4, 4),
+                    coarse_downsample: int = 2) -> Embeddings:
     """MIND-SSC descriptors of ``volume`` as an Embeddings object (heads 'fine', 'coarse').
 
     ``coarse_stride``: model voxels (z, y, x) per coarse cell (the network's coarse head uses
-    (4, 16, 16); isotropic 8 mm cells keep more of the coarse structure)."""
+    (4, 16, 16); isotropic 8 mm cells keep more of the coarse structure). ``coarse_downsample``
+    2: the coarse descriptor (8 and 16 mm offsets) is computed on a 2x averaged image, 8x fewer
+    voxels for the same physical offsets; 1: on the full model grid (smoothed 3^3)."""
     mv = resample_to_model_grid(volume, spacing_mm)
     img = torch.from_numpy(normalize_intensity(mv.array, volume.modality))[None, None]
     fine_grid, coarse_grid = _grid(mv, FINE_STRIDE), _grid(mv, tuple(coarse_stride))
     fine = _pooled(torch.cat([mind_ssc(img, 1, 1), mind_ssc(img, 1, 2)], 1), fine_grid.shape, FINE_STRIDE)
-    smooth = F.avg_pool3d(F.pad(img, (1,) * 6, mode="replicate"), 3, stride=1)
-    coarse = _pooled(torch.cat([mind_ssc(smooth, 2, 4), mind_ssc(smooth, 2, 8)], 1), coarse_grid.shape,
-                     tuple(coarse_stride))
+    k = int(coarse_downsample)
+    if k not in (1, 2) or any(s % k for s in coarse_stride):
+        raise ValueError(f"coarse_downsample must be 1 or 2 and divide the coarse stride {tuple(coarse_stride)}")
+    if k == 1:
+        smooth = F.avg_pool3d(F.pad(img, (1,) * 6, mode="replicate"), 3, stride=1)
+        coarse_d = torch.cat([mind_ssc(smooth, 2, 4), mind_ssc(smooth, 2, 8)], 1)
+    else:
+        z, y, x = img.shape[2:]
+        even = F.pad(img, (0, x % 2, 0, y % 2, 0, z % 2), mode="replicate")
+        small = F.avg_pool3d(even, 2)  # cell m covers model voxels [2m, 2m + 2): cells stay aligned
+        coarse_d = torch.cat([mind_ssc(small, 1, 2), mind_ssc(small, 1, 4)], 1)
+    coarse = _pooled(coarse_d, coarse_grid.shape, tuple(s // k for s in coarse_stride))
     cf, cc = fine.shape[0], coarse.shape[0]
     rows = torch.empty((*fine_grid.shape, cf + cc), dtype=torch.float32)
     rows[..., :cf] = fine.permute(1, 2, 3, 0)
