@@ -233,8 +233,8 @@ def build_cases(quick: bool) -> list[Case]:
     p = simulate_followup(ct, seed=14, rotation_deg=5.0, translation_mm=10.0, deformation_mm=0.0, crop_fraction=0.5,
                           mr=True)
     cases.append(Case("sim CT->MR-like rigid, 50% FOV", p.followup, ct, "points",
-                      ["initial", "SAM-rigid", "SAM-rigid+refine", "ANTs Rigid", "elastix affine"], truth=p.transform,
-                      mode="rigid"))
+                      ["initial", "SAM-rigid", "SAM-rigid+refine", "SAM-rigid+refine+deformable", "ANTs Rigid",
+                       "elastix affine"], truth=p.transform, mode="rigid"))
     p = simulate_followup(ct, seed=15, rotation_deg=4.0, translation_mm=8.0, deformation_mm=8.0, control_mm=60.0)
     cases.append(Case("sim CT rigid + 8 mm smooth deformation", p.followup, ct, "points",
                       ["initial"] + SAM_ALL + PEERS_DEF, truth=p.transform, mode="affine"))
