@@ -235,6 +235,13 @@ def build_cases(quick: bool) -> list[Case]:
     cases.append(Case("sim CT->MR-like rigid, 50% FOV", p.followup, ct, "points",
                       ["initial", "SAM-rigid", "SAM-rigid+refine", "SAM-rigid+refine+deformable", "ANTs Rigid",
                        "elastix affine"], truth=p.transform, mode="rigid"))
+    if not quick:
+        p = simulate_followup(ct, seed=16, rotation_deg=4.0, translation_mm=8.0, deformation_mm=8.0, control_mm=60.0,
+                              mr=True)
+        cases.append(Case("sim CT->MR-like rigid + 8 mm smooth deformation", p.followup, ct, "points",
+                          ["initial", "SAM-affine+refine", "SAM-affine+refine+coarse+deformable", "ANTs Affine",
+                           "ANTs SyN", "elastix affine", "elastix affine+B-spline"], truth=p.transform,
+                          mode="affine"))
     p = simulate_followup(ct, seed=15, rotation_deg=4.0, translation_mm=8.0, deformation_mm=8.0, control_mm=60.0)
     cases.append(Case("sim CT rigid + 8 mm smooth deformation", p.followup, ct, "points",
                       ["initial"] + SAM_ALL + PEERS_DEF, truth=p.transform, mode="affine"))
