@@ -60,8 +60,8 @@ def options_from_args(args) -> RegistrationOptions:
                              embedding_weight=0.0 if args.no_embedding_term else 1.0)
     if args.smoothness is not None:
         dopt.smoothness = float(args.smoothness)
-    return RegistrationOptions(refine=not args.no_refine, features=args.features, grid_spacing_mm=args.grid_spacing, min_score=args.min_score,
-                               min_inliers=args.min_inliers, inlier_threshold_mm=args.inlier_threshold,
+    return RegistrationOptions(refine=not args.no_refine, features=args.features,
+                               grid_spacing_mm=args.grid_spacing, min_score=args.min_score, min_inliers=args.min_inliers, inlier_threshold_mm=args.inlier_threshold,
                                fov_margin_mm=args.fov_margin, modality_pair=args.modality_pair,
                                require_physical_overlap=not args.ignore_physical_overlap, deformable=dopt,
                                device=args.device, seed=args.seed)

@@ -83,24 +83,18 @@ def mind_embeddings(volume: Volume, spacing_mm: float = 2.0, coarse_stride: tupl
 
 
 class MindEmbedder:
-    """An embedder (``embed(volume, progress)``) returning MIND-SSC descriptors; keeps the
-    last few results so a registration and its retries compute each volume once."""
+    """An embedder (``embed(volume, progress)``, as samv2core.embed.Embedder) returning
+    MIND-SSC descriptors, so register() can use them in place of a model."""
 
     model_id = MODEL_ID
 
-    def __init__(self, spacing_mm: float = 2.0, cache_size: int = 4):
+    def __init__(self, spacing_mm: float = 2.0):
         self.spacing_mm = spacing_mm
-        self.cache_size = cache_size
-        self._cache: list[tuple[Volume, Embeddings]] = []
 
     def embed(self, volume: Volume, progress: Optional[Callable[[float, str], None]] = None) -> Embeddings:
-        for v, emb in self._cache:
-            if v is volume:
-                return emb
         if progress:
             progress(0.0, "MIND-SSC descriptors")
         emb = mind_embeddings(volume, self.spacing_mm)
-        self._cache = (self._cache + [(volume, emb)])[-self.cache_size:]
         if progress:
             progress(1.0, "done")
         return emb
