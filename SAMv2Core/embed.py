@@ -238,14 +238,8 @@ class Embedder:
             coarse_parts.append(out["coarse"][:, c0:c1])
             del out
         coarse = torch.cat(coarse_parts, 1).contiguous()
-        sp = np.asarray(mv.spacing)
-        org = np.asarray(mv.origin)
-        # Output voxel n of a stride-s level covers input voxels [s*n, s*n + s): its centre
-        # sits at s*n + (s - 1)/2 in model-grid index units.
-        fs = np.array([fx, fy, fz], float)
-        cs = np.array(self.coarse_stride[::-1], float)
-        fine_grid = EmbeddingGrid(tuple(org + sp * (fs - 1) / 2), tuple(sp * fs), (nfz, nfy, nfx))
-        coarse_grid = EmbeddingGrid(tuple(org + sp * (cs - 1) / 2), tuple(sp * cs), tuple(coarse.shape[1:]))
+        fine_grid = cell_grid(mv, self.fine_stride, (nfz, nfy, nfx))
+        coarse_grid = cell_grid(mv, self.coarse_stride, tuple(coarse.shape[1:]))
         report(0.92, "combining heads")
         _fill_coarse_on_fine(rows, c, coarse, coarse_grid, fine_grid)
         rows = rows.reshape(-1, rows.shape[-1])
@@ -313,6 +307,17 @@ class Embedder:
         mv = resample_to_model_grid(volume, self.spacing_mm)
         return Embeddings(t["rows"], head_dims, t["coarse"], grids[0], grids[1], mv, self.model_id,
                           {"from_disk_cache": True, "source": source_geometry(volume)})
+
+
+def cell_grid(model_volume: Volume, stride_zyx, shape: Optional[tuple] = None) -> EmbeddingGrid:
+    """The grid of a stride-``stride_zyx`` output level over ``model_volume``'s (identity
+    direction) grid. Output voxel n covers input voxels [s*n, s*n + s): its centre sits at
+    s*n + (s - 1)/2 in model-grid index units. ``shape`` (z, y, x) defaults to ceil(n / s)."""
+    sp, org = np.asarray(model_volume.spacing, float), np.asarray(model_volume.origin, float)
+    k = np.asarray(tuple(stride_zyx)[::-1], float)  # (x, y, z)
+    if shape is None:
+        shape = tuple(math.ceil(n / s) for n, s in zip(model_volume.array.shape, stride_zyx))
+    return EmbeddingGrid(tuple(org + sp * (k - 1) / 2), tuple(sp * k), tuple(int(n) for n in shape))
 
 
 def source_geometry(volume: Volume) -> dict:

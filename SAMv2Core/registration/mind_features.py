@@ -14,14 +14,12 @@ per-volume centring removes the modality-dependent offset.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embed import EmbeddingGrid, Embeddings, _fill_coarse_on_fine, source_geometry
+from ..embed import Embeddings, _fill_coarse_on_fine, cell_grid, source_geometry
 from ..preprocess import normalize_intensity, resample_to_model_grid
 from ..volume import Volume
 from .mind import mind_ssc
@@ -41,14 +39,6 @@ def _pooled(desc: torch.Tensor, shape: tuple, stride: tuple) -> torch.Tensor:
     return F.normalize(out, dim=0)
 
 
-def _grid(model_volume: Volume, stride: tuple) -> EmbeddingGrid:
-    """The grid of stride-``stride`` (z, y, x) cells over the model grid (cell centres, as the network's outputs)."""
-    sp, org = np.asarray(model_volume.spacing), np.asarray(model_volume.origin)
-    k = np.asarray(stride[::-1], float)  # (x, y, z)
-    shape = tuple(math.ceil(n / s) for n, s in zip(model_volume.array.shape, stride))
-    return EmbeddingGrid(tuple(org + sp * (k - 1) / 2), tuple(sp * k), shape)
-
-
 def mind_embeddings(volume: Volume, spacing_mm: float = 2.0, coarse_stride: tuple = (4, 4, 4),
                     coarse_downsample: int = 2) -> Embeddings:
     """MIND-SSC descriptors of ``volume`` as an Embeddings object (heads 'fine', 'coarse').
@@ -59,7 +49,7 @@ def mind_embeddings(volume: Volume, spacing_mm: float = 2.0, coarse_stride: tupl
     voxels for the same physical offsets; 1: on the full model grid (smoothed 3^3)."""
     mv = resample_to_model_grid(volume, spacing_mm)
     img = torch.from_numpy(normalize_intensity(mv.array, volume.modality))[None, None]
-    fine_grid, coarse_grid = _grid(mv, FINE_STRIDE), _grid(mv, tuple(coarse_stride))
+    fine_grid, coarse_grid = cell_grid(mv, FINE_STRIDE), cell_grid(mv, tuple(coarse_stride))
     fine = _pooled(torch.cat([mind_ssc(img, 1, 1), mind_ssc(img, 1, 2)], 1), fine_grid.shape, FINE_STRIDE)
     k = int(coarse_downsample)
     if k not in (1, 2) or any(s % k for s in coarse_stride):
