@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         try:
             model_path = bundled_model_path()
         except CheckpointError:
-            model_path = REPO / "SAMv2Core" / "models" / "samv2_lite.safetensors"
+            model_path = REPO / "SAMv2Core" / "samv2core" / "models" / "samv2_lite.safetensors"
     t0 = time.time()
     torch.manual_seed(0)
     untrained = build_network(NetConfig.lite()).eval()

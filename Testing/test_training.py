@@ -2,7 +2,7 @@
 checkpoint integrity, bad data, export, and the CrossSAM loop on a simulated pair.
 
 Runs a handful of iterations on tiny patches (16 x 32 x 32 voxels at 2 mm) of the committed
-pyradiomics lung CT (SAMv2Core/data), so the whole file stays well under three minutes on two
+pyradiomics lung CT (SAMv2Core/samv2core/data), so the whole file stays well under three minutes on two
 cores. Tests needing the TotalSegmentator label maps read ../shared/data and skip if absent.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from samv2core.errors import CheckpointError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "SAMv2Core" / "data"
+SAMPLE = REPO / "SAMv2Core" / "samv2core" / "data"
 
 
 def _shared() -> Path:
