@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -230,6 +232,71 @@ def test_module_file_refuses_plain_python_clearly():
 
 
 # --------------------------------------------------------------------------------------------
+# the .ui loaded by a real Qt (PySide6 from PyPI)
+# --------------------------------------------------------------------------------------------
+REAL_QT_LOAD = r"""
+import json, os, re, sys, tempfile
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+from PySide6.QtCore import QObject, Qt, Signal, Slot, qInstallMessageHandler
+from PySide6.QtUiTools import QUiLoader
+from PySide6.QtWidgets import QApplication, QFormLayout, QWidget
+
+messages = []
+qInstallMessageHandler(lambda mode, context, text: messages.append(text))
+app = QApplication([])
+text = open(sys.argv[1]).read()
+custom = re.findall(r"<customwidget>\s*<class>(\w+)</class>", text)
+# Stand-ins for Slicer's classes: QWidgets with the scene signal/slot the .ui connects, typed
+# QObject* (vtkMRMLScene* is unknown here), and without the CTK-only set property 'filters'.
+text = text.replace("vtkMRMLScene*", "QObject*")
+text = re.sub(r'<property name="filters">\s*<set>ctkPathLineEdit::[^<]*</set>\s*</property>', "", text)
+received = []
+
+class Placeholder(QWidget):
+    mrmlSceneChanged = Signal(QObject)
+
+    @Slot(QObject)
+    def setMRMLScene(self, scene):
+        received.append(self.objectName())
+
+classes = [type(name, (Placeholder,), {}) for name in custom]  # kept alive: the loader holds no reference
+loader = QUiLoader()
+for cls in classes:
+    loader.registerCustomWidget(cls)
+with tempfile.NamedTemporaryFile("w", suffix=".ui", delete=False) as handle:
+    handle.write(text)
+top = loader.load(handle.name)
+os.unlink(handle.name)
+top.mrmlSceneChanged.emit(QObject())
+outside = []  # widgets of a form whose layout does not hold them (drawn on top of the others)
+for form in top.findChildren(QFormLayout):
+    for child in form.parentWidget().findChildren(QWidget, options=Qt.FindDirectChildrenOnly):
+        if form.indexOf(child) < 0:
+            outside.append(child.objectName())
+print(json.dumps({"class": type(top).__name__, "messages": messages, "received": received, "outside": outside}))
+"""
+
+
+def test_ui_loads_in_real_qt_without_warnings():
+    """QUiLoader (PySide6, offscreen) builds the whole .ui: no Qt warning (occupied form cells,
+    bad properties, failed connections), every widget inside its layout, every MRML widget
+    connected to the scene signal. Slicer/CTK classes are QWidget stand-ins."""
+    pytest.importorskip("PySide6.QtUiTools", reason="PySide6 (PyPI) is not installed")
+    proc = subprocess.run([sys.executable, "-c", REAL_QT_LOAD, str(UI_FILE)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["class"] == "qMRMLWidget"
+    unknown = re.compile(r"unable to create a custom widget of the class")
+    warnings = [m for m in out["messages"] if not unknown.search(m)]
+    assert warnings == [], warnings
+    assert out["outside"] == [], f"widgets outside their form layout: {out['outside']}"
+    mrml = {name for name, w in ui_widgets().items()
+            if w.get("class").startswith(("qMRML", "qSlicer")) and name != "SAMv2Slicer"}
+    assert set(out["received"]) == mrml
+
+
+# --------------------------------------------------------------------------------------------
 # CMake (Extension Wizard layout)
 # --------------------------------------------------------------------------------------------
 def test_cmake_files_follow_extension_conventions():
@@ -250,6 +317,41 @@ def test_cmake_files_follow_extension_conventions():
                 "Scripts/samv2_batch.py"):
         assert rel in mod
         assert (MODULE_DIR / rel.replace("${MODULE_NAME}", "SAMv2Slicer")).is_file()
+
+
+def _cmake_block(text: str, start: str) -> str:
+    i = text.index(start)
+    return text[i:text.index(")", i)]
+
+
+def test_cmake_lists_and_package_data_name_the_same_files():
+    """The extension ships what the wheel ships: the CMake data globs of the bundled core equal
+    pyproject's package-data (weights with NOTICE and model card), and the module's script and
+    resource lists name every file of the module folder."""
+    import tomllib
+
+    mod = (MODULE_DIR / "CMakeLists.txt").read_text()
+    core = REPO / "SAMv2Core" / "samv2core"
+    cmake_globs = re.findall(r"\$\{SAMV2CORE_SOURCE_DIR\}/(\S+)", _cmake_block(mod, "file(GLOB SAMV2CORE_RESOURCES"))
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    by_cmake = {p.relative_to(core) for g in cmake_globs for p in core.glob(g)}
+    by_wheel = {p.relative_to(core) for g in package_data["samv2core"] for p in core.glob(g)}
+    assert by_cmake == by_wheel, (sorted(by_cmake - by_wheel), sorted(by_wheel - by_cmake))
+    for needed in ("models/NOTICE.txt", "models/MODEL_CARD.md", "data/NOTICE.txt"):
+        assert Path(needed) in by_cmake, needed
+    assert any(p.suffix == ".safetensors" for p in by_cmake)
+
+    def listed(block: str) -> set[str]:
+        return {entry.replace("${MODULE_NAME}", "SAMv2Slicer")
+                for entry in _cmake_block(mod, block).split()[1:]}
+
+    scripts = listed("set(MODULE_PYTHON_SCRIPTS")
+    on_disk = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
+    assert scripts == on_disk, (sorted(scripts - on_disk), sorted(on_disk - scripts))
+    resources = listed("set(MODULE_PYTHON_RESOURCES")
+    data_files = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    data_files.add("requirements.txt")
+    assert resources == data_files, (sorted(resources - data_files), sorted(data_files - resources))
 
 
 STUB_SLICER = r"""
@@ -309,7 +411,8 @@ def test_cmake_configures_and_lays_out_the_module(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lib = build / "lib" / "Slicer" / "qt-scripted-modules"
     for rel in ("SAMv2Slicer.py", "SAMv2SlicerLib/logic.py", "Resources/UI/SAMv2Slicer.ui", "requirements.txt",
-                "Scripts/samv2_batch.py", "samv2core/__init__.py", "samv2core/matching.py"):
+                "Scripts/samv2_batch.py", "samv2core/__init__.py", "samv2core/matching.py",
+                "samv2core/models/NOTICE.txt", "samv2core/models/MODEL_CARD.md"):
         assert (lib / rel).is_file(), rel
     # the bundled core brings its sample scans along (used by the Sample Data entry)
     assert any((lib / "samv2core" / "data").glob("*.nrrd"))
