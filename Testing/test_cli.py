@@ -59,6 +59,19 @@ def test_match_inline_points_json_in_lps(workdir, capsys):
     assert (d / "baseline.nrrd").read_bytes() == before  # inputs never modified
 
 
+def test_match_figure_writes_a_picture_per_point_and_an_overview(workdir, capsys, tmp_path):
+    pytest.importorskip("matplotlib", reason="--figure needs the 'figures' extra (matplotlib)")
+    d, pts = workdir
+    args = ["match", "--template", d / "baseline.nrrd", "--query", d / "followup.nii.gz", "--model", d / "model.safetensors",
+            "--method", "nn", "--device", "cpu", "--figure", tmp_path / "figs"]
+    for p in pts:
+        args += ["--point", ",".join(f"{v:.3f}" for v in p)]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    assert len(json.loads(out)["matches"]) == 2
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["01_P1.png", "02_P2.png", "overview.png"]
+
+
 def test_match_markups_in_ras_writes_ras_outputs(workdir, capsys, tmp_path):
     d, pts = workdir
     write_markups(tmp_path / "in.mrk.json", pts, ["lesionA", "lesionB"], "RAS")

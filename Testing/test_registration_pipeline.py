@@ -11,6 +11,7 @@ Testing/benchmark_registration.py.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 import numpy as np
@@ -203,6 +204,8 @@ def test_cli_writes_outputs_on_success_and_nothing_with_exit_2_on_refusal(lung, 
     err = np.linalg.norm(np.array([t.TransformPoint(tuple(p)) for p in pts]) - truth, axis=1)
     assert err.mean() < 1.0
     assert (out / "moving_resampled.nii.gz").exists() and (out / "report.json").exists()
+    if importlib.util.find_spec("matplotlib"):  # the before/after picture comes with the 'figures' extra
+        assert (out / "overlay.png").stat().st_size > 10_000
 
     flat = tmp_path / "flat.nii.gz"
     sitk.WriteImage(fixed.to_sitk()[:, :, 5:6], str(flat))

@@ -125,8 +125,17 @@ def cmd_match(args) -> int:
     from .markups import write_csv, write_markups
 
     pts, labels, out_system = _gather_points(args)
+    template, query = args.template, args.query
+    if args.figure:
+        from .figures import figures_available
+        from .volume import load_volume
+
+        if not figures_available():
+            raise SAMv2Error("--figure needs matplotlib: pip install 'samv2core[figures]'")
+        template = load_volume(args.template, args.modality)
+        query = load_volume(args.query, args.query_modality or args.modality)
     embedder, resolved = _embedder(args)
-    results, timing = match_volumes(args.template, args.query, pts, labels, args, embedder)
+    results, timing = match_volumes(template, query, pts, labels, args, embedder)
     doc = {"template": str(args.template), "query": str(args.query), "model": resolved.label,
            "method": args.method, "coordinate_system": out_system, **timing,
            "matches": [dict(label=l, **r.to_dict(out_system)) for l, r in zip(labels, results)]}
@@ -146,6 +155,11 @@ def cmd_match(args) -> int:
                                   "coordinate_system": out_system, "score": round(r.score, 4),
                                   "confident": r.confident, "reason": r.reason or ""}
                                  for l, r in zip(labels, results)])
+    if args.figure:
+        from .figures import pictures_from_matches, write_match_figures
+
+        paths = write_match_figures(args.figure, template, query, pictures_from_matches(labels, results))
+        print(f"wrote {len(paths)} pictures to {args.figure}", file=sys.stderr)
     return 0
 
 
@@ -192,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", help="write the JSON result here instead of stdout")
     m.add_argument("--out-markups", help="also write the matched points as a Slicer .mrk.json")
     m.add_argument("--out-csv", help="also write the matched points as CSV")
+    m.add_argument("--figure", metavar="DIR", help="also write a PNG per point and overview.png here (needs matplotlib)")
     _add_model_args(m)
     m.set_defaults(func=cmd_match)
 

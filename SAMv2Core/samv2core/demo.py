@@ -35,6 +35,16 @@ def demo_points(volume, label, n_landmarks: int = 6, seed: int = 0):
     return np.array(pts), labels
 
 
+def write_demo_figures(out_dir: Path, baseline, followup, labels, results, truth) -> str:
+    """The figure hook: a PNG per point and an overview when matplotlib is installed; returns a note."""
+    from .figures import figures_available, pictures_from_matches, write_match_figures
+
+    if not figures_available():
+        return "pictures skipped: matplotlib is not installed (pip install 'samv2core[figures]')"
+    paths = write_match_figures(out_dir, baseline, followup, pictures_from_matches(labels, results, truth))
+    return f"wrote {len(paths)} pictures to {out_dir}/ (one per point, fixed-point matching, and overview.png)"
+
+
 def run_demo(args) -> int:
     from .cli import _embed_with_progress, _embedder
     from .matching import match_points
@@ -72,6 +82,7 @@ def run_demo(args) -> int:
         for l, e, r in zip(labels, err, res):
             rows.append((method, l, r.score, r.confident, e))
         if method == "fixed_point":
+            figure_results = res
             write_markups(out / "followup_matches.mrk.json", np.array([r.query_point.xyz for r in res]),
                           [f"{l}-match" for l in labels], "RAS",
                           [f"score {r.score:.3f}" + ("" if r.confident else f"; NOT CONFIDENT: {r.reason}") for r in res],
@@ -79,6 +90,7 @@ def run_demo(args) -> int:
     write_markups(out / "baseline_points.mrk.json", pts, labels, "RAS")
     write_markups(out / "followup_truth.mrk.json", truth, [f"{l}-truth" for l in labels], "RAS")
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    figures_note = write_demo_figures(out / "figures", baseline, followup, labels, figure_results, truth)
 
     print("\nFollow-up SIMULATED from the bundled lung CT (known motion), so errors are exact:")
     print(f"{'method':<12}{'point':<12}{'score':>7}  {'confident':<10}{'error mm':>9}")
@@ -88,6 +100,7 @@ def run_demo(args) -> int:
         print(f"{method}: median error {m['median_error_mm']} mm, {m['ms_per_point']} ms per point")
     print(f"\nwrote {out}/: baseline.nrrd, followup_simulated.nrrd, baseline_points.mrk.json, "
           f"followup_matches.mrk.json, followup_truth.mrk.json, report.json (load them in 3D Slicer)")
+    print(figures_note)
     if not resolved.trained:
         print("WARNING: no trained model is installed; the numbers above come from random weights.")
     return 0

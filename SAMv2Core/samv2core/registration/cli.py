@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..errors import SAMv2Error
 from .deformable import INTENSITY_TERMS, DeformableOptions
@@ -83,6 +84,18 @@ def _progress(quiet: bool):
     return update, bar.close
 
 
+def write_overlay(result, moving, fixed, out_dir) -> dict:
+    """``overlay.png`` (before/after colour fusion, three planes) when matplotlib is installed."""
+    from ..figures import figures_available, registration_figure
+    from .io import resample_moving
+
+    if not figures_available():
+        print("samv2 register: note: overlay.png skipped (pip install 'samv2core[figures]')", file=sys.stderr)
+        return {}
+    return {"overlay": registration_figure(fixed, moving, resample_moving(result, moving, fixed),
+                                           Path(out_dir) / "overlay.png")}
+
+
 def run_register(args, embedder=None) -> int:
     """Run ``samv2 register``; returns the exit status (0 ok, 2 refused / failed).
 
@@ -115,6 +128,7 @@ def run_register(args, embedder=None) -> int:
             close()
         result.report["model"] = label
         paths = write_registration(result, moving, fixed, args.out)
+        paths.update(write_overlay(result, moving, fixed, args.out))
     except SAMv2Error as exc:
         print(f"samv2 register: error: {exc}", file=sys.stderr)
         return 2
