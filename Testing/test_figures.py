@@ -8,18 +8,16 @@ import SimpleITK as sitk
 
 pytest.importorskip("matplotlib", reason="pictures need the 'figures' extra (matplotlib)")
 
-from matplotlib.image import imread  # noqa: E402
-
-from samv2core.figures import (  # noqa: E402
+from matplotlib.image import imread
+from samv2core.figures import (
     MatchPicture,
     fusion_panels,
     registration_figure,
     sample_plane,
     write_match_figures,
 )
-from samv2core.simulate import simulate_followup  # noqa: E402
-from samv2core.volume import Volume  # noqa: E402
-
+from samv2core.simulate import simulate_followup
+from samv2core.volume import Volume
 
 PLANE_NORMAL = {"axial": (0, 0, 1), "coronal": (0, 1, 0), "sagittal": (1, 0, 0)}
 

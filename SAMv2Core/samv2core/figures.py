@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -59,12 +59,12 @@ class PlaneImage:
 
 
 def sample_plane(volume: Volume, center_lps, plane: str = "axial", half_mm: float = 80.0,
-                 pixel_mm: float = 0.5, fill: Optional[float] = None) -> PlaneImage:
+                 pixel_mm: float = 0.5, fill: float | None = None) -> PlaneImage:
     """The slice of ``volume`` through ``center_lps`` in ``plane``, on an LPS-aligned square grid."""
     if plane not in PLANES:
         raise SAMv2Error(f"unknown plane {plane!r}: use one of {', '.join(PLANES)}")
     col, row, normal = (np.array(a, float) for a in PLANES[plane][:3])
-    n = int(round(2 * half_mm / pixel_mm)) + 1
+    n = round(2 * half_mm / pixel_mm) + 1
     center = np.asarray(center_lps, float)
     origin = center - half_mm * col - half_mm * row
     direction = np.column_stack([col, row, normal])
@@ -111,7 +111,7 @@ def decorate(ax, letters: tuple[str, str, str, str], x_range, y_range) -> None:
     ``x_range`` = (left, right) and ``y_range`` = (bottom, top) of the axes in mm (data units).
     """
     left, right, top, bottom = letters
-    style = dict(color="yellow", fontsize=11, fontweight="bold", transform=ax.transAxes)
+    style = {"color": "yellow", "fontsize": 11, "fontweight": "bold", "transform": ax.transAxes}
     ax.text(0.02, 0.5, left, ha="left", va="center", **style)
     ax.text(0.98, 0.5, right, ha="right", va="center", **style)
     ax.text(0.5, 0.98, top, ha="center", va="top", **style)
@@ -175,8 +175,8 @@ class MatchPicture:
     query_point: np.ndarray
     score: float
     confident: bool
-    reason: Optional[str] = None
-    truth_point: Optional[np.ndarray] = None  # known answer on simulated follow-ups
+    reason: str | None = None
+    truth_point: np.ndarray | None = None  # known answer on simulated follow-ups
 
 
 def pictures_from_matches(labels: Sequence[str], results, truth_lps=None) -> list[MatchPicture]:
@@ -279,7 +279,7 @@ def fusion(fixed: np.ndarray, moving: np.ndarray, fixed_window, moving_window) -
 
 
 def fusion_panels(fixed: Volume, moving: Volume, moving_registered: Volume, center_lps=None,
-                  half_mm: Optional[float] = None) -> dict:
+                  half_mm: float | None = None) -> dict:
     """{(stage, plane): (rgb, PlaneImage of the fixed image)} for stage "before"/"after" and the three planes.
 
     "before" is the moving image where its scanner coordinates put it; "after" the moving image
@@ -301,7 +301,7 @@ def fusion_panels(fixed: Volume, moving: Volume, moving_registered: Volume, cent
 
 
 def registration_figure(fixed: Volume, moving: Volume, moving_registered: Volume, path, center_lps=None,
-                        half_mm: Optional[float] = None):
+                        half_mm: float | None = None):
     """Before/after colour fusion (fixed magenta, moving green) in the three planes: one PNG."""
     Figure, _ = _matplotlib()
     panels = fusion_panels(fixed, moving, moving_registered, center_lps, half_mm)
