@@ -5,12 +5,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from .errors import SAMv2Error, run_cli
+from .outputs import OutputSet, check_outputs
 
 
 def _progress_bar(desc: str):
@@ -57,10 +57,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 # --- embed ------------------------------------------------------------------------------------
 def cmd_embed(args) -> int:
-    from safetensors.torch import save_file
-
+    from .checked_tensors import save_checked
     from .volume import load_volume
 
+    check_outputs([args.out], [args.image, args.model])
     vol = load_volume(args.image, args.modality)
     embedder, resolved = _embedder(args)
     t0 = time.perf_counter()
@@ -73,10 +73,9 @@ def cmd_embed(args) -> int:
         tensors = {"fine": emb.fine.contiguous(), "coarse": emb.coarse.contiguous()}
         if emb.semantic is not None:
             tensors["semantic"] = emb.semantic.contiguous()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, args.out, metadata={"fine_grid": json.dumps(emb.fine_grid.__dict__),
-                                               "coarse_grid": json.dumps(emb.coarse_grid.__dict__),
-                                               "coordinate_system": "LPS", "model": resolved.label})
+        save_checked(args.out, tensors, {"fine_grid": json.dumps(emb.fine_grid.__dict__),
+                                         "coarse_grid": json.dumps(emb.coarse_grid.__dict__),
+                                         "coordinate_system": "LPS", "model": resolved.label})
         summary["out"] = args.out
     print(json.dumps(summary, indent=2))
     return 0
@@ -124,6 +123,8 @@ def match_volumes(template_path, query_path, points_lps, labels, args, embedder=
 def cmd_match(args) -> int:
     from .markups import write_csv, write_markups
 
+    check_outputs([args.out, args.out_markups, args.out_csv],
+                  [args.template, args.query, args.points, args.model])
     pts, labels, out_system = _gather_points(args)
     template, query = args.template, args.query
     if args.figure:
@@ -140,21 +141,24 @@ def cmd_match(args) -> int:
            "method": args.method, "coordinate_system": out_system, **timing,
            "matches": [dict(label=l, **r.to_dict(out_system)) for l, r in zip(labels, results)]}
     text = json.dumps(doc, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    else:
+    points = np.array([r.query_point.xyz for r in results])
+    notes = [f"score {r.score:.3f}" + ("" if r.confident else f"; NOT CONFIDENT: {r.reason}") for r in results]
+    rows = [{"label": l, "x": r.query_point.to(out_system).xyz[0], "y": r.query_point.to(out_system).xyz[1],
+             "z": r.query_point.to(out_system).xyz[2], "coordinate_system": out_system, "score": round(r.score, 4),
+             "confident": r.confident, "reason": r.reason or ""} for l, r in zip(labels, results)]
+    try:
+        with OutputSet() as files:  # JSON, point list and CSV: all written or none
+            if args.out:
+                files.write_text(args.out, text)
+            if args.out_markups:
+                write_markups(files.stage(args.out_markups), points, labels, out_system, notes,
+                              [r.confident for r in results])
+            if args.out_csv:
+                write_csv(files.stage(args.out_csv), rows)
+    except OSError as exc:
+        raise SAMv2Error(f"could not write the outputs: {exc}") from None
+    if not args.out:
         print(text)
-    if args.out_markups:
-        write_markups(args.out_markups, np.array([r.query_point.xyz for r in results]), labels, out_system,
-                      [f"score {r.score:.3f}" + ("" if r.confident else f"; NOT CONFIDENT: {r.reason}") for r in results],
-                      [r.confident for r in results])
-    if args.out_csv:
-        write_csv(args.out_csv, [{"label": l, "x": r.query_point.to(out_system).xyz[0],
-                                  "y": r.query_point.to(out_system).xyz[1], "z": r.query_point.to(out_system).xyz[2],
-                                  "coordinate_system": out_system, "score": round(r.score, 4),
-                                  "confident": r.confident, "reason": r.reason or ""}
-                                 for l, r in zip(labels, results)])
     if args.figure:
         from .figures import pictures_from_matches, write_match_figures
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -17,12 +18,14 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .checked_tensors import CorruptFileError, load_checked, save_checked
 from .device import select_device
 from .errors import InputError
 from .preprocess import normalize_intensity, resample_to_model_grid
 from .volume import Volume
 
 Progress = Optional[Callable[[float, str], None]]
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -277,35 +280,36 @@ class Embedder:
         path = self._disk_path(key)
         if path is None:
             return
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"rows": emb.rows, "coarse": emb.coarse}
         meta = {"key": key, "fine_grid": json.dumps(emb.fine_grid.__dict__),
                 "coarse_grid": json.dumps(emb.coarse_grid.__dict__), "head_dims": json.dumps(emb.head_dims)}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        try:
+            save_checked(path, {"rows": emb.rows, "coarse": emb.coarse}, meta)
+        except OSError as exc:  # a cache that cannot be written only costs time later
+            _log.warning("samv2: warning: could not write the embedding cache entry %s (%s)", path, exc)
 
     def _load_disk(self, key: str, volume: Volume) -> Optional[Embeddings]:
+        """A cache entry, checked against its checksum; a bad one is reported, removed and
+        recomputed (None)."""
         path = self._disk_path(key)
         if path is None or not path.exists():
             return None
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata()
-                if meta.get("key") != key:
-                    return None
-                t = {k: f.get_tensor(k) for k in f.keys()}
+            t, meta = load_checked(path)
+            if meta.get("key") != key:
+                raise CorruptFileError(f"{path}: entry is for another volume or model")
             grids = [EmbeddingGrid(**{k: tuple(v) for k, v in json.loads(meta[g]).items()})
                      for g in ("fine_grid", "coarse_grid")]
             head_dims = tuple((str(h), int(d)) for h, d in json.loads(meta["head_dims"]))
-        except Exception:
-            return None  # unreadable cache entries are recomputed, never trusted
+            rows, coarse = t["rows"], t["coarse"]
+            if rows.shape != (math.prod(grids[0].shape), sum(d for _, d in head_dims)) \
+                    or tuple(coarse.shape[1:]) != grids[1].shape:
+                raise CorruptFileError(f"{path}: tensor shapes do not match the entry's grids")
+        except (CorruptFileError, KeyError, TypeError, ValueError) as exc:
+            _log.warning("samv2: warning: embedding cache entry ignored and recomputed: %s", exc)
+            path.unlink(missing_ok=True)
+            return None
         mv = resample_to_model_grid(volume, self.spacing_mm)
-        return Embeddings(t["rows"], head_dims, t["coarse"], grids[0], grids[1], mv, self.model_id,
+        return Embeddings(rows, head_dims, coarse, grids[0], grids[1], mv, self.model_id,
                           {"from_disk_cache": True, "source": source_geometry(volume)})
 
 

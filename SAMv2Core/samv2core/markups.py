@@ -15,6 +15,7 @@ import numpy as np
 
 from .coords import CoordinateSystem, lps_to_ras, ras_to_lps
 from .errors import InputError
+from .outputs import atomic_write, write_text_atomic
 
 MARKUPS_SCHEMA = "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#"
 
@@ -122,20 +123,18 @@ def write_markups(path: "str | Path", points_lps: np.ndarray, labels: Sequence[s
     doc = {"@schema": MARKUPS_SCHEMA,
            "markups": [{"type": "Fiducial", "coordinateSystem": system, "coordinateUnits": "mm",
                         "controlPoints": cps}]}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2))
-    return path
+    return write_text_atomic(path, json.dumps(doc, indent=2))
 
 
 def write_csv(path: "str | Path", rows: Sequence[dict]) -> Path:
     """Write dict rows (same keys) as CSV; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise InputError("nothing to write")
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+
+    return atomic_write(path, write)

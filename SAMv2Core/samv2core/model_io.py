@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +21,7 @@ import torch
 
 from .errors import CheckpointError, DeviceError, InputError
 from .network import NetConfig, SAMv2Net, build_network
+from .outputs import atomic_write
 
 FORMAT_VERSION = 1
 MODALITIES = ("CT", "MR", "CT+MR")
@@ -131,23 +130,6 @@ def _expected_state(model: SAMv2Net) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``target`` so readers never see a partial file."""
-    # A fresh name in the same directory (same filesystem, so os.replace is atomic); files
-    # are created normally so the user's umask applies.
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        write(Path(tmp))
-        # safetensors creates its files 0600; give the result the usual umask-based mode.
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: SAMv2Net, card: ModelCard, path: "str | Path", fp16: bool = False) -> Path:
     """Write ``model`` weights to ``path`` (.safetensors) and its card to ``path.with_suffix('.json')``.
 
@@ -176,7 +158,7 @@ def save_model(model: SAMv2Net, card: ModelCard, path: "str | Path", fp16: bool 
     cfg = model.config
     meta = {"format": _HEADER_FORMAT, "format_version": str(FORMAT_VERSION),
             "architecture": json.dumps(cfg.to_dict(), sort_keys=True)}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     out = ModelCard(**{**card.to_dict(), "architecture": cfg.to_dict(), "heads": list(cfg.heads),
                        "sha256": sha256_of(path), "format_version": FORMAT_VERSION,
                        "storage_dtype": "float16" if fp16 else "float32"})
@@ -184,7 +166,7 @@ def save_model(model: SAMv2Net, card: ModelCard, path: "str | Path", fp16: bool 
         out.matching_heads = list(cfg.heads)
     out.validate()
     text = json.dumps(out.to_dict(), indent=2, sort_keys=False) + "\n"
-    _atomic_write(card_path_for(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(card_path_for(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 

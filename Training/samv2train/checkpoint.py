@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from samv2core.errors import CheckpointError
+from samv2core.outputs import atomic_write, write_text_atomic
 
 CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -29,21 +30,19 @@ def _sha256(path: Path) -> str:
 
 
 def atomic_torch_save(obj, path: "str | os.PathLike") -> None:
-    """torch.save to ``path`` via temp file + fsync + rename, plus a ``.sha256`` side file."""
+    """torch.save to ``path`` atomically (fsync'ed before the rename), plus a ``.sha256`` side file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    side_tmp = path.with_name(f".{path.name}.sha256.tmp{os.getpid()}")
-    side_tmp.write_text(digest + "\n")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
     # payload first, then its digest: a crash in between leaves a mismatch -> skipped, and
     # the previous checkpoint (different file name) is still intact.
-    os.replace(tmp, path)
-    os.replace(side_tmp, path.with_name(path.name + ".sha256"))
+    atomic_write(path, write)
+    write_text_atomic(path.with_name(path.name + ".sha256"), _sha256(path) + "\n")
 
 
 def load_checked(path: "str | os.PathLike") -> dict:

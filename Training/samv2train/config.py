@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from samv2core.errors import InputError
+from samv2core.outputs import write_text_atomic
 
 # Network stride multiples in (z, y, x): patch sizes must be divisible by these.
 PATCH_MULTIPLE = (4, 16, 16)
@@ -400,7 +401,4 @@ def save_config(cfg: TrainConfig, path: "str | os.PathLike") -> None:
     """Write the resolved config (absolute paths) as YAML, atomically."""
     import yaml
 
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, p)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

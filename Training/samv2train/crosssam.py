@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from samv2core.errors import RegistrationError
+from samv2core.outputs import atomic_write
 from samv2core.volume import Volume, load_volume
 
 from .augment import View, augment_intensity, extract_mask, extract_patch, random_view
@@ -69,10 +70,7 @@ class PairRegistration:
                   "method": np.array(self.method), "n_matches": np.array(self.n_matches)}
         if self.disp is not None:
             arrays.update(disp=self.disp, disp_origin=self.disp_origin, disp_spacing=np.array(self.disp_spacing))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
     @classmethod
     def load(cls, path: Path) -> "PairRegistration":

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from samv2core.errors import CheckpointError, InputError
 from samv2core.network import NetConfig, build_network
+from samv2core.outputs import atomic_write
 
 from . import checkpoint as ck
 from .config import TrainConfig, load_config, save_config
@@ -205,12 +206,13 @@ class Trainer:
             return
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, LOG_FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+
+        atomic_write(path, write)
 
     def save_checkpoint(self) -> Path:
         obj = {
@@ -520,10 +522,10 @@ def plot_loss_log(csv_path: Path, png_path: Path) -> None:
         axes[1].set_xlabel("step")
         axes[1].legend()
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=90))
+    finally:
+        plt.close(fig)
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: "int | None" = None, log=None) -> Trainer:

@@ -16,21 +16,20 @@ them as "from parent" transforms, so a moving volume placed under them lands on 
 * ``moving_resampled.nii.gz``: the moving image on the fixed grid, through ``composite``;
 * ``report.json``: inliers, residuals, Jacobian statistics, folding, timings, settings.
 
-Files are written to a temporary folder first and moved into place only when all of them
-were written, so a failure never leaves a partial result that looks complete.
+Files are written as one ``outputs.OutputSet``: staged next to their targets and renamed into
+place only when all of them were written, so a failure never leaves a partial result that
+looks complete.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import RegistrationError
+from ..outputs import OutputSet
 from ..volume import Volume
 from .result import RegistrationResult
 
@@ -63,37 +62,25 @@ def write_registration(result: RegistrationResult, moving: Volume, fixed: Volume
     if not isinstance(result, RegistrationResult):
         raise RegistrationError("write_registration needs a RegistrationResult from register()")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     names = {"linear_tfm": "linear.tfm", "linear_h5": "linear.h5", "composite": "composite.h5",
              "moving_resampled": "moving_resampled.nii.gz", "report": "report.json"}
     if result.displacement is not None:
         names["displacement"] = "displacement.nii.gz"
         names["displacement_h5"] = "displacement.h5"
     try:
-        sitk.WriteTransform(result.linear, str(tmp / names["linear_tfm"]))
-        sitk.WriteTransform(result.linear, str(tmp / names["linear_h5"]))
-        if result.displacement is not None:
-            sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), str(tmp / names["displacement"]),
-                            True)
-            sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(result.displacement)),
-                                str(tmp / names["displacement_h5"]))
-        sitk.WriteTransform(result.composite, str(tmp / names["composite"]))
-        sitk.WriteImage(resample_moving(result, moving, fixed).to_sitk(), str(tmp / names["moving_resampled"]), True)
-        report = dict(result.report)
-        report["files"] = dict(names)
-        (tmp / names["report"]).write_text(json.dumps(report, indent=2, default=_json_default))
-        paths = {}
-        try:
-            for key, name in names.items():
-                os.replace(tmp / name, out / name)
-                paths[key] = out / name
-        except OSError:
-            for moved in paths.values():  # all or nothing
-                moved.unlink(missing_ok=True)
-            raise
-        return paths
+        with OutputSet() as files:  # all or nothing
+            tmp = {key: str(files.stage(out / name)) for key, name in names.items() if key != "report"}
+            sitk.WriteTransform(result.linear, tmp["linear_tfm"])
+            sitk.WriteTransform(result.linear, tmp["linear_h5"])
+            if result.displacement is not None:
+                sitk.WriteImage(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), tmp["displacement"], True)
+                sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(result.displacement)),
+                                    tmp["displacement_h5"])
+            sitk.WriteTransform(result.composite, tmp["composite"])
+            sitk.WriteImage(resample_moving(result, moving, fixed).to_sitk(), tmp["moving_resampled"], True)
+            report = dict(result.report)
+            report["files"] = dict(names)
+            files.write_text(out / names["report"], json.dumps(report, indent=2, default=_json_default))
+        return {key: out / name for key, name in names.items()}
     except (RuntimeError, OSError) as exc:
         raise RegistrationError(f"could not write the registration to {out}: {str(exc).strip().splitlines()[-1]}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
