@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from samv2core.embed import Embedder
+from samv2core.session import EmbeddingSession
 from samv2core.errors import DeviceError, InputError, MatchingError
 from samv2core.matching import MatchOptions, Matcher, match_points, stable_matches
 from samv2core.volume import Volume
@@ -50,11 +51,11 @@ def test_embeddings_shapes_grids_and_normalisation(template, lung_crop):
 
 
 def test_cache_returns_same_embeddings_and_disk_cache_round_trips(lite_net, lung_crop, tmp_path):
-    e = Embedder(lite_net, device="cpu", model_id="cache-test", cache_dir=tmp_path)
+    e = EmbeddingSession(Embedder(lite_net, device="cpu", model_id="cache-test"), cache_dir=tmp_path)
     a = e.embed(lung_crop)
     assert e.embed(lung_crop) is a
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
-    e2 = Embedder(lite_net, device="cpu", model_id="cache-test", cache_dir=tmp_path)
+    e2 = EmbeddingSession(Embedder(lite_net, device="cpu", model_id="cache-test"), cache_dir=tmp_path)
     b = e2.embed(lung_crop)
     assert b.meta.get("from_disk_cache") and torch.equal(a.fine, b.fine) and b.fine_grid == a.fine_grid
     # other content -> other entry
@@ -170,3 +171,19 @@ def test_coarse_head_on_fine_grid_equals_trilinear_sampling(template):
     assert rows[..., 0].abs().max() == 0 and rows[..., -1].abs().max() == 0  # other columns untouched
     # the stored coarse_on_fine head is the same interpolation (in storage precision)
     assert torch.allclose(template.coarse_on_fine.float(), ref[0], atol=2e-2)
+
+
+def test_session_cache_is_bounded_and_keyed_by_content(lite_net, lung_crop):
+    from samv2core.registration.mind_features import MindEmbedder
+    from samv2core.session import Descriptors
+
+    session = EmbeddingSession(Embedder(lite_net, device="cpu", model_id="session-test"), cache_size=2)
+    a = session.embed(lung_crop)
+    copy = Volume(lung_crop.array, lung_crop.spacing, lung_crop.origin, lung_crop.direction, "CT", "copy")
+    assert session.embed(copy) is a  # the same voxels and geometry in another object
+    session.embed(lung_crop.with_array(lung_crop.array + 10))
+    session.embed(lung_crop.with_array(lung_crop.array + 20))
+    assert len(session.cache) == 2
+    again = session.embed(lung_crop)  # evicted: computed anew, identical values
+    assert again is not a and torch.equal(again.rows, a.rows)
+    assert isinstance(session.descriptors, Descriptors) and isinstance(MindEmbedder(), Descriptors)

@@ -123,18 +123,24 @@ def test_checked_tensors_detect_payload_corruption(tmp_path):
         load_checked(path)
 
 
-def test_disk_cache_entry_corrupted_is_recomputed_and_replaced(tmp_path, lite_net, lung_crop, caplog):
+def _session(lite_net, cache=None):
     from samv2core.embed import Embedder
+    from samv2core.session import EmbeddingSession
+
+    return EmbeddingSession(Embedder(lite_net, device="cpu", precision="fp32", model_id="lite-test"), cache_dir=cache)
+
+
+def test_disk_cache_entry_corrupted_is_recomputed_and_replaced(tmp_path, lite_net, lung_crop, caplog):
     from samv2core.matching import match_points
 
     cache = tmp_path / "cache"
-    emb = Embedder(lite_net, device="cpu", precision="fp32", cache_dir=cache, model_id="lite-test")
+    emb = _session(lite_net, cache)
     first = emb.embed(lung_crop)
     (entry,) = cache.iterdir()
     data = bytearray(entry.read_bytes())
     data[len(data) // 2: len(data) // 2 + 4096] = b"\x7f" * 4096  # corrupt the payload only
     entry.write_bytes(bytes(data))
-    fresh = Embedder(lite_net, device="cpu", precision="fp32", cache_dir=cache, model_id="lite-test")
+    fresh = _session(lite_net, cache)
     with caplog.at_level(logging.WARNING):
         again = fresh.embed(lung_crop)
     assert "checksum mismatch" in caplog.text
@@ -144,20 +150,19 @@ def test_disk_cache_entry_corrupted_is_recomputed_and_replaced(tmp_path, lite_ne
     assert torch.equal(t["rows"], first.rows) and entry.read_bytes() != bytes(data)
     # a self-match through the cache is exact again
     p = lung_crop.index_to_lps(np.array([60.0, 50.0, 15.0]))
-    third = Embedder(lite_net, device="cpu", precision="fp32", cache_dir=cache, model_id="lite-test").embed(lung_crop)
+    third = _session(lite_net, cache).embed(lung_crop)
     assert third.meta.get("from_disk_cache")
     (m,) = match_points(third, third, [p], method="nn")
     assert np.isfinite(m.score) and np.linalg.norm(m.query_point.xyz - p) < 4.5
 
 
 def test_concurrent_cache_writers_do_not_collide(tmp_path, lite_net, lung_crop):
-    from samv2core.embed import Embedder
+    from samv2core.cache import EmbeddingDiskCache
 
-    emb = Embedder(lite_net, device="cpu", precision="fp32", model_id="lite-test")
-    e = emb.embed(lung_crop)
-    writers = [Embedder(lite_net, device="cpu", cache_dir=tmp_path, model_id="lite-test") for _ in range(20)]
+    e = _session(lite_net).embed(lung_crop)
+    writers = [EmbeddingDiskCache(tmp_path) for _ in range(20)]
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda w: w._save_disk("same-key", e), writers))
+        list(pool.map(lambda w: w.save("same-key", e), writers))
     files = _listing(tmp_path)
     assert len(files) == 1 and files[0].endswith(".safetensors")
     load_checked(tmp_path / files[0])

@@ -436,15 +436,28 @@ def test_embeddings_are_computed_once_per_volume(session, monkeypatch):
     logic = s["logic"]
     logic.match_points(s["base"], s["follow"], s["points"], method="nn")  # warm (cached by the test above)
     calls = []
-    embedder = logic._get_embedder()
+    embedder = logic.session().descriptors
     original = embedder.embed
     monkeypatch.setattr(embedder, "embed", lambda *a, **k: calls.append(1) or original(*a, **k))
     logic.match_points(s["base"], s["follow"], s["points"], method="nn")
     assert calls == []
-    # changing the voxels of a volume invalidates its cached embeddings
+    # a modified node is read again, but the same voxels keep their embeddings
     s["follow"].GetImageData().Modified()
     logic.match_points(s["base"], s["follow"], s["points"], method="nn")
-    assert len(calls) == 1
+    assert calls == []
+    # changing the voxels of a volume invalidates its cached embeddings
+    from vtk.util import numpy_support
+
+    scalars = numpy_support.vtk_to_numpy(s["follow"].GetImageData().GetPointData().GetScalars())
+    saved = scalars.copy()
+    try:
+        scalars += 5
+        s["follow"].GetImageData().Modified()
+        logic.match_points(s["base"], s["follow"], s["points"], method="nn")
+        assert len(calls) == 1
+    finally:
+        scalars[:] = saved
+        s["follow"].GetImageData().Modified()
 
 
 def test_propagate_lesion_point_and_radius(session):
@@ -558,7 +571,7 @@ def test_bad_input_leaves_scene_unchanged(session, tmp_path, case):
     call, error, message = cases[case]
     logic = L.SAMv2Logic(s["scene"])  # a fresh logic: the invalid model must not stick to the shared one
     logic.set_model(model=s["net"], device="cpu")
-    logic._embeddings = s["logic"]._embeddings  # reuse computed embeddings (speed)
+    logic._session = s["logic"].session()  # reuse computed embeddings (speed)
     before = scene_state(s["scene"])
     with pytest.raises(error, match=message):
         call(logic)

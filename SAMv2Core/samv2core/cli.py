@@ -9,50 +9,9 @@ from typing import Optional
 
 import numpy as np
 
+from .cli_options import add_model_arguments, embed_with_progress, session_from_args
 from .errors import SAMv2Error, run_cli
 from .outputs import OutputSet, check_outputs
-
-
-def _progress_bar(desc: str):
-    """A tqdm-backed progress callback(fraction, message); returns (callback, close)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=100, desc=desc, unit="%", leave=False, file=sys.stderr, disable=None,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
-
-    def update(fraction: float, message: str) -> None:
-        bar.n = int(round(100 * fraction))
-        bar.set_postfix_str(message)
-        bar.refresh()
-
-    return update, bar.close
-
-
-def _embedder(args, allow_untrained: bool = False):
-    from .embed import Embedder
-    from .models import resolve_model
-
-    resolved = resolve_model(args.model, device=args.device, allow_untrained=allow_untrained)
-    if not resolved.trained:
-        print(f"WARNING: {resolved.label}", file=sys.stderr)
-    emb = Embedder(resolved.model, device=args.device, precision=args.precision,
-                   cache_dir=getattr(args, "cache_dir", None))
-    return emb, resolved
-
-
-def _embed_with_progress(embedder, volume):
-    update, close = _progress_bar(f"embedding {volume.name}")
-    try:
-        return embedder.embed(volume, progress=update)
-    finally:
-        close()
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="weights (.safetensors with its .json card); default: the bundled model")
-    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--cache-dir", help="keep embeddings on disk here (reused across runs)")
 
 
 # --- embed ------------------------------------------------------------------------------------
@@ -62,11 +21,11 @@ def cmd_embed(args) -> int:
 
     check_outputs([args.out], [args.image, args.model])
     vol = load_volume(args.image, args.modality)
-    embedder, resolved = _embedder(args)
+    session = session_from_args(args)
     t0 = time.perf_counter()
-    emb = _embed_with_progress(embedder, vol)
+    emb = embed_with_progress(session, vol)
     dt = time.perf_counter() - t0
-    summary = {"image": str(args.image), "model": resolved.label, "device": str(embedder.device),
+    summary = {"image": str(args.image), "model": session.label, "device": str(session.device),
                "seconds": round(dt, 3), "fine_shape": list(emb.fine.shape), "coarse_shape": list(emb.coarse.shape),
                "semantic": emb.semantic is not None, "fine_grid_spacing_mm": list(emb.fine_grid.spacing)}
     if args.out:
@@ -75,7 +34,7 @@ def cmd_embed(args) -> int:
             tensors["semantic"] = emb.semantic.contiguous()
         save_checked(args.out, tensors, {"fine_grid": json.dumps(emb.fine_grid.__dict__),
                                          "coarse_grid": json.dumps(emb.coarse_grid.__dict__),
-                                         "coordinate_system": "LPS", "model": resolved.label})
+                                         "coordinate_system": "LPS", "model": session.label})
         summary["out"] = args.out
     print(json.dumps(summary, indent=2))
     return 0
@@ -101,18 +60,18 @@ def _gather_points(args):
     return np.array(pts), labels, out_system
 
 
-def match_volumes(template_path, query_path, points_lps, labels, args, embedder=None):
+def match_volumes(template_path, query_path, points_lps, labels, args, session=None):
     """Run a match job; returns (results, report dict). Shared by the CLI and the demo."""
     from .matching import MatchOptions, match_points
     from .volume import load_volume
 
     template = load_volume(template_path, args.modality) if not hasattr(template_path, "array") else template_path
     query = load_volume(query_path, args.query_modality or args.modality) if not hasattr(query_path, "array") else query_path
-    if embedder is None:
-        embedder, _ = _embedder(args)
+    if session is None:
+        session = session_from_args(args)
     t0 = time.perf_counter()
-    te = _embed_with_progress(embedder, template)
-    qe = _embed_with_progress(embedder, query)
+    te = embed_with_progress(session, template)
+    qe = embed_with_progress(session, query)
     t1 = time.perf_counter()
     opts = MatchOptions(min_score=args.min_score) if args.min_score is not None else None
     results = match_points(te, qe, points_lps, method=args.method, options=opts)
@@ -135,9 +94,9 @@ def cmd_match(args) -> int:
             raise SAMv2Error("--figure needs matplotlib: pip install 'samv2core[figures]'")
         template = load_volume(args.template, args.modality)
         query = load_volume(args.query, args.query_modality or args.modality)
-    embedder, resolved = _embedder(args)
-    results, timing = match_volumes(template, query, pts, labels, args, embedder)
-    doc = {"template": str(args.template), "query": str(args.query), "model": resolved.label,
+    session = session_from_args(args)
+    results, timing = match_volumes(template, query, pts, labels, args, session)
+    doc = {"template": str(args.template), "query": str(args.query), "model": session.label,
            "method": args.method, "coordinate_system": out_system, **timing,
            "matches": [dict(label=l, **r.to_dict(out_system)) for l, r in zip(labels, results)]}
     text = json.dumps(doc, indent=2)
@@ -193,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("image", help="NIfTI / NRRD / MHA file or DICOM series folder")
     e.add_argument("--modality", default="auto", help="CT, MR or auto")
     e.add_argument("--out", help="write the embeddings (.safetensors)")
-    _add_model_args(e)
+    add_model_arguments(e)
     e.set_defaults(func=cmd_embed)
 
     m = sub.add_parser("match", help="find template points on a query image")
@@ -211,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out-markups", help="also write the matched points as a Slicer .mrk.json")
     m.add_argument("--out-csv", help="also write the matched points as CSV")
     m.add_argument("--figure", metavar="DIR", help="also write a PNG per point and overview.png here (needs matplotlib)")
-    _add_model_args(m)
+    add_model_arguments(m)
     m.set_defaults(func=cmd_match)
 
     c = sub.add_parser("convert-checkpoint", help="convert an official SAM/SAMv2/CrossSAM .pth to safetensors")
@@ -223,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on bundled sample data with the bundled model")
     d.add_argument("--out", default="samv2_demo", help="output folder (default ./samv2_demo)")
     d.add_argument("--seed", type=int, default=0)
-    _add_model_args(d)
+    add_model_arguments(d)
     d.set_defaults(func=cmd_demo)
 
     try:

@@ -46,7 +46,7 @@ def write_demo_figures(out_dir: Path, baseline, followup, labels, results, truth
 
 
 def run_demo(args) -> int:
-    from .cli import _embed_with_progress, _embedder
+    from .cli_options import embed_with_progress, session_from_args
     from .matching import match_points
 
     out = Path(args.out)
@@ -60,16 +60,16 @@ def run_demo(args) -> int:
 
     pts, labels = demo_points(baseline, label, seed=args.seed)
     truth = pair.map_points(pts)
-    embedder, resolved = _embedder(args, allow_untrained=True)
-    print(f"model: {resolved.label}   device: {embedder.device}")
+    session = session_from_args(args, allow_untrained=True)
+    print(f"model: {session.label}   device: {session.device}")
     t0 = time.perf_counter()
-    te = _embed_with_progress(embedder, baseline)
+    te = embed_with_progress(session, baseline)
     t1 = time.perf_counter()
-    qe = _embed_with_progress(embedder, followup)
+    qe = embed_with_progress(session, followup)
     t2 = time.perf_counter()
     print(f"embedding: baseline {t1 - t0:.2f} s, follow-up {t2 - t1:.2f} s (then cached)")
     rows = []
-    report = {"model": resolved.label, "trained_model": resolved.trained, "simulated_followup": pair.params,
+    report = {"model": session.label, "trained_model": session.trained, "simulated_followup": pair.params,
               "coordinate_system": "RAS (points in the .mrk.json files); LPS in this report", "methods": {}}
     for method in ("nn", "fixed_point"):
         t = time.perf_counter()
@@ -101,6 +101,6 @@ def run_demo(args) -> int:
     print(f"\nwrote {out}/: baseline.nrrd, followup_simulated.nrrd, baseline_points.mrk.json, "
           f"followup_matches.mrk.json, followup_truth.mrk.json, report.json (load them in 3D Slicer)")
     print(figures_note)
-    if not resolved.trained:
+    if not session.trained:
         print("WARNING: no trained model is installed; the numbers above come from random weights.")
     return 0

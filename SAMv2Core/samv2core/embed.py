@@ -1,31 +1,25 @@
 """Embedding inference: volume -> per-voxel anatomical embeddings on the model grid.
 
 The network runs on the canonical 2 mm LPS grid (see preprocess). Long scans are processed
-in overlapping slabs along z so peak memory stays bounded; results are cached per volume
-content + model id so repeated clicks only pay for matching.
+in overlapping slabs along z so peak memory stays bounded. The Embedder computes; caching
+(memory + disk) belongs to the EmbeddingSession (session.py).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Optional
+from functools import cached_property
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .checked_tensors import CorruptFileError, load_checked, save_checked
 from .device import select_device
 from .errors import InputError
 from .preprocess import normalize_intensity, resample_to_model_grid
+from .progress import Progress
+from .search import SearchIndex
 from .volume import Volume
-
-Progress = Optional[Callable[[float, str], None]]
-_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,13 +94,10 @@ class Embeddings:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.rows, self.coarse))
 
-
-def _volume_key(volume: Volume) -> str:
-    h = hashlib.sha1()
-    h.update(np.ascontiguousarray(volume.array).tobytes())
-    h.update(json.dumps([volume.spacing, volume.origin, volume.direction.round(9).tolist(),
-                         volume.modality.value]).encode())
-    return h.hexdigest()
+    @cached_property
+    def index(self) -> SearchIndex:
+        """The search index matching uses, built on first use and kept with the embeddings."""
+        return SearchIndex(self)
 
 
 def _resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -131,7 +122,7 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 class Embedder:
-    """Runs a SAMv2 network over volumes, with tiling and a per-volume cache.
+    """Runs a SAMv2 network over volumes, in slabs along z (no cache: see EmbeddingSession).
 
     ``model`` is a ``model_io.LoadedModel`` (or a bare SAMv2Net, then ``model_id`` names it).
     Embeddings are stored on the CPU in bf16 (half the memory of fp32, fast matmuls with
@@ -140,8 +131,7 @@ class Embedder:
 
     def __init__(self, model, device: "str | torch.device" = "auto", precision: str = "auto",
                  spacing_mm: Optional[float] = None, slab_voxels: Optional[int] = None,
-                 memory_budget_gb: float = 1.5, cache_size: int = 4, cache_dir: "str | Path | None" = None,
-                 storage_dtype: torch.dtype = torch.bfloat16, model_id: Optional[str] = None,
+                 memory_budget_gb: float = 1.5, storage_dtype: torch.dtype = torch.bfloat16, model_id: Optional[str] = None,
                  slab_margin_voxels: int = 32):
         card = getattr(model, "card", None)
         net = getattr(model, "model", model)
@@ -161,9 +151,6 @@ class Embedder:
         self.slab_margin = slab_margin_voxels  # context on each side of a slab (64 mm at 2 mm)
         self.memory_budget_gb = memory_budget_gb
         self.storage_dtype = storage_dtype
-        self.cache_size = cache_size
-        self._cache: "OrderedDict[str, Embeddings]" = OrderedDict()
-        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.multiple = tuple(getattr(net, "input_multiple", (4, 16, 16)))
         self.fine_stride = tuple(getattr(net, "fine_stride", (2, 2, 2)))
         self.coarse_stride = tuple(getattr(net, "coarse_stride", (4, 16, 16)))
@@ -172,26 +159,9 @@ class Embedder:
 
     # --- public -----------------------------------------------------------------------
     def embed(self, volume: Volume, progress: Progress = None) -> Embeddings:
-        """Embeddings of ``volume`` (from the cache when the same content was embedded before)."""
+        """Embeddings of ``volume``, computed now (an EmbeddingSession caches them)."""
         volume.validated()
-        key = f"{_volume_key(volume)}-{self.model_id}-{self.spacing_mm}"
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        emb = self._load_disk(key, volume)
-        if emb is None:
-            emb = self._compute(volume, progress)
-            self._save_disk(key, emb)
-        from .matching import prepare  # build the search index now, so the first click is fast
-
-        prepare(emb)
-        self._cache[key] = emb
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return emb
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
+        return self._compute(volume, progress)
 
     # --- computation --------------------------------------------------------------------
     def _compute(self, volume: Volume, progress: Progress) -> Embeddings:
@@ -271,46 +241,6 @@ class Embedder:
         # the network returns float32 unit vectors (normalised after any reduced-precision
         # compute); store them compactly on the CPU
         return {k: v[0].to("cpu", self.storage_dtype) for k, v in out.items()}
-
-    # --- disk cache ---------------------------------------------------------------------
-    def _disk_path(self, key: str) -> Optional[Path]:
-        return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors" if self.cache_dir else None
-
-    def _save_disk(self, key: str, emb: Embeddings) -> None:
-        path = self._disk_path(key)
-        if path is None:
-            return
-        meta = {"key": key, "fine_grid": json.dumps(emb.fine_grid.__dict__),
-                "coarse_grid": json.dumps(emb.coarse_grid.__dict__), "head_dims": json.dumps(emb.head_dims)}
-        try:
-            save_checked(path, {"rows": emb.rows, "coarse": emb.coarse}, meta)
-        except OSError as exc:  # a cache that cannot be written only costs time later
-            _log.warning("samv2: warning: could not write the embedding cache entry %s (%s)", path, exc)
-
-    def _load_disk(self, key: str, volume: Volume) -> Optional[Embeddings]:
-        """A cache entry, checked against its checksum; a bad one is reported, removed and
-        recomputed (None)."""
-        path = self._disk_path(key)
-        if path is None or not path.exists():
-            return None
-        try:
-            t, meta = load_checked(path)
-            if meta.get("key") != key:
-                raise CorruptFileError(f"{path}: entry is for another volume or model")
-            grids = [EmbeddingGrid(**{k: tuple(v) for k, v in json.loads(meta[g]).items()})
-                     for g in ("fine_grid", "coarse_grid")]
-            head_dims = tuple((str(h), int(d)) for h, d in json.loads(meta["head_dims"]))
-            rows, coarse = t["rows"], t["coarse"]
-            if rows.shape != (math.prod(grids[0].shape), sum(d for _, d in head_dims)) \
-                    or tuple(coarse.shape[1:]) != grids[1].shape:
-                raise CorruptFileError(f"{path}: tensor shapes do not match the entry's grids")
-        except (CorruptFileError, KeyError, TypeError, ValueError) as exc:
-            _log.warning("samv2: warning: embedding cache entry ignored and recomputed: %s", exc)
-            path.unlink(missing_ok=True)
-            return None
-        mv = resample_to_model_grid(volume, self.spacing_mm)
-        return Embeddings(rows, head_dims, coarse, grids[0], grids[1], mv, self.model_id,
-                          {"from_disk_cache": True, "source": source_geometry(volume)})
 
 
 def cell_grid(model_volume: Volume, stride_zyx, shape: Optional[tuple] = None) -> EmbeddingGrid:

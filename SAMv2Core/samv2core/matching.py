@@ -11,17 +11,15 @@ All points in and out are LPS millimetres.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .coords import PhysicalPoint
-from .embed import EmbeddingGrid, Embeddings, inside_source
+from .embed import Embeddings, inside_source
 from .errors import InputError, MatchingError
+from .search import unique_search
 
 
 @dataclass(frozen=True)
@@ -60,141 +58,6 @@ class StableMatches:
     scores: np.ndarray  # (M,)
 
 
-# --------------------------------------------------------------------------------------------
-class _Index:
-    """One volume's descriptors as a (N, D) matrix for fast similarity search.
-
-    Row n of ``rows`` concatenates the unit embeddings of every head at fine voxel n, so a
-    dot product divided by the number of heads is the SAMv2 combined score (mean of the
-    per-head cosines). Search is coarse-to-fine: exhaustive on a
-    stride-2 subgrid, then exact in small windows around the best candidates.
-    """
-
-    SUB = 2  # subgrid stride of the exhaustive pass
-    TOPK = 8  # candidates refined at full resolution
-
-    def __init__(self, emb: Embeddings):
-        self.emb = emb
-        self.grid: EmbeddingGrid = emb.fine_grid
-        self.shape = tuple(emb.fine_grid.shape)
-        self.rows = emb.rows  # (N, D), shared with the embeddings (no copy)
-        self.head_dims = [d for _, d in emb.head_dims]
-        self.n_heads = len(self.head_dims)
-        s = self.SUB
-        sub = self.rows.reshape(*self.shape, -1)[::s, ::s, ::s]
-        self.sub_shape = tuple(sub.shape[:3])
-        self.sub_rows_t = sub.reshape(-1, sub.shape[-1]).T.contiguous()  # (D, Nsub)
-
-    # --- descriptors --------------------------------------------------------------------------
-    def _flat(self, zyx: np.ndarray) -> np.ndarray:
-        z, y, x = self.shape
-        return (zyx[..., 0] * y + zyx[..., 1]) * x + zyx[..., 2]
-
-    def descriptors(self, idx_xyz: np.ndarray) -> torch.Tensor:
-        """Trilinearly interpolated, per-head unit descriptors (Q, D) at fine indices.
-
-        Dotted with a row and divided by the number of heads this is the combined score."""
-        p = np.asarray(idx_xyz, dtype=np.float64).reshape(-1, 3)[:, ::-1]  # -> (z, y, x)
-        hi = np.asarray(self.shape) - 1
-        p = np.clip(p, 0, hi)
-        if np.all(p == np.round(p)):  # voxel centres (fixed-point iterations): a plain gather
-            acc = self.rows[torch.from_numpy(self._flat(p.astype(np.int64)))].float()
-            heads = torch.split(acc, self.head_dims, dim=1)
-            return torch.cat([F.normalize(h, dim=1) for h in heads], 1)
-        base = np.minimum(np.floor(p).astype(np.int64), np.maximum(hi - 1, 0))
-        frac = p - base
-        acc = 0
-        for corner in np.ndindex(2, 2, 2):
-            c = np.asarray(corner)
-            w = np.prod(np.where(c == 1, frac, 1 - frac), axis=1)
-            pos = np.minimum(base + c, hi)
-            acc = acc + torch.from_numpy(w).float()[:, None] * self.rows[torch.from_numpy(self._flat(pos))].float()
-        heads = torch.split(acc, self.head_dims, dim=1)
-        return torch.cat([F.normalize(h, dim=1) for h in heads], 1)
-
-    # --- search -------------------------------------------------------------------------------
-    def search(self, desc: torch.Tensor, subvoxel: bool, chunk_elems: int = 20_000_000):
-        """Best fine index (Q, 3) float (i, j, k) and combined score (Q,) per descriptor."""
-        q = desc.shape[0]
-        idx_out = np.zeros((q, 3))
-        score_out = np.zeros(q)
-        nsub = self.sub_rows_t.shape[1]
-        step = max(1, chunk_elems // nsub)
-        desc = desc / self.n_heads  # dot products become mean per-head cosines
-        d_low = desc.to(self.rows.dtype)
-        for s in range(0, q, step):
-            part = d_low[s: s + step]
-            sim = part @ self.sub_rows_t  # low precision is enough to pick candidates
-            k = min(self.TOPK, nsub)
-            cand = torch.topk(sim, k, dim=1, sorted=False).indices.numpy()  # (q, k) subgrid flat indices
-            zyx = np.stack(np.unravel_index(cand, self.sub_shape), -1) * self.SUB  # (q, k, 3)
-            best_zyx, best = self._refine(desc[s: s + step], zyx)
-            ijk = best_zyx[:, ::-1].astype(np.float64)
-            if subvoxel:
-                ijk += self._parabolic(desc[s: s + step], best_zyx, best)
-            idx_out[s: s + step] = ijk
-            score_out[s: s + step] = best
-        return idx_out, score_out
-
-    _WINDOW = np.stack(np.meshgrid(*([np.arange(-1, 2)] * 3), indexing="ij"), -1).reshape(-1, 3)
-
-    def _refine(self, desc: torch.Tensor, cand_zyx: np.ndarray):
-        """Exact scores in 3^3 windows around candidates; returns best (q, 3) zyx and scores."""
-        q = cand_zyx.shape[0]
-        pos = (cand_zyx[:, :, None, :] + self._WINDOW[None, None]).reshape(q, -1, 3)
-        pos = np.clip(pos, 0, np.asarray(self.shape) - 1)
-        rows = self.rows[torch.from_numpy(self._flat(pos))].float()  # (q, m, D)
-        # float32 here: picking the peak in bf16 was measured to lose accuracy (benchmark_core)
-        scores = torch.einsum("qmd,qd->qm", rows, desc.float())
-        best, arg = scores.max(dim=1)
-        return pos[np.arange(q), arg.numpy()], best.numpy().astype(np.float64)
-
-    def _parabolic(self, desc: torch.Tensor, zyx: np.ndarray, f0: np.ndarray) -> np.ndarray:
-        """Sub-voxel offsets (q, 3) in (i, j, k) from a parabola through each axis' neighbours."""
-        offs = np.zeros((len(zyx), 3))
-        hi = np.asarray(self.shape) - 1
-        d = desc.float()
-        for axis in range(3):  # zyx axis
-            step = np.zeros(3, np.int64)
-            step[axis] = 1
-            ok = (zyx[:, axis] > 0) & (zyx[:, axis] < hi[axis])
-            if not ok.any():
-                continue
-            fm = (self.rows[torch.from_numpy(self._flat(zyx[ok] - step))].float() * d[ok]).sum(1).numpy()
-            fp = (self.rows[torch.from_numpy(self._flat(zyx[ok] + step))].float() * d[ok]).sum(1).numpy()
-            den = fm - 2 * f0[ok] + fp
-            with np.errstate(divide="ignore", invalid="ignore"):
-                o = np.where(den < -1e-9, 0.5 * (fm - fp) / den, 0.0)
-            offs[ok, 2 - axis] = np.clip(o, -0.5, 0.5)
-        return offs
-
-
-def _unique_search(src: _Index, dst: _Index, idx: np.ndarray, subvoxel: bool):
-    """Search ``dst`` for the descriptors of ``src`` at ``idx``; identical start voxels (common
-    in fixed-point iterations, where many starts converge) are searched once."""
-    if len(idx) > 1 and np.all(idx == np.round(idx)):
-        uniq, inverse = np.unique(idx, axis=0, return_inverse=True)
-        found, score = dst.search(src.descriptors(uniq), subvoxel)
-        inverse = inverse.reshape(-1)
-        return found[inverse], score[inverse]
-    return dst.search(src.descriptors(idx), subvoxel)
-
-
-_INDEX_CACHE: "weakref.WeakKeyDictionary[Embeddings, _Index]" = weakref.WeakKeyDictionary()
-
-
-def prepare(emb: Embeddings) -> None:
-    """Build (and keep) the search index of ``emb`` ahead of the first match."""
-    _index_for(emb)
-
-
-def _index_for(emb: Embeddings) -> _Index:
-    """The search index of ``emb``, built once and kept as long as the embeddings live."""
-    index = _INDEX_CACHE.get(emb)
-    if index is None:
-        index = _INDEX_CACHE[emb] = _Index(emb)
-    return index
-
 
 # --------------------------------------------------------------------------------------------
 class Matcher:
@@ -203,25 +66,26 @@ class Matcher:
     def __init__(self, template: Embeddings, query: Embeddings, options: Optional[MatchOptions] = None):
         if (template.semantic is None) != (query.semantic is None) or template.fine.shape[0] != query.fine.shape[0]:
             raise MatchingError("template and query were embedded with different models")
-        self.t = _index_for(template)
-        self.q = _index_for(query)
+        self.template, self.query = template, query
+        self.t = template.index
+        self.q = query.index
         self.opt = options or MatchOptions()
 
     def _template_index(self, points_lps: np.ndarray) -> np.ndarray:
         pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
         if not np.all(np.isfinite(pts)):
             raise InputError("template points contain NaN/Inf coordinates")
-        inside = inside_source(self.t.emb, pts)
+        inside = inside_source(self.template, pts)
         if not inside.all():
             bad = pts[~inside][0]
             raise InputError(f"point ({bad[0]:.1f}, {bad[1]:.1f}, {bad[2]:.1f}) LPS mm is outside the template image")
         return self.t.grid.lps_to_index(pts)
 
     def _forward(self, t_idx: np.ndarray, subvoxel: bool):
-        return _unique_search(self.t, self.q, t_idx, subvoxel)
+        return unique_search(self.t, self.q, t_idx, subvoxel)
 
     def _backward(self, q_idx: np.ndarray, subvoxel: bool):
-        return _unique_search(self.q, self.t, q_idx, subvoxel)
+        return unique_search(self.q, self.t, q_idx, subvoxel)
 
     # --- NN ---------------------------------------------------------------------------------
     def nn(self, points_lps) -> list[MatchResult]:
@@ -238,7 +102,7 @@ class Matcher:
         if cycle_mm > self.opt.cycle_tolerance_mm:
             reasons.append(f"not cycle-consistent (round trip lands {cycle_mm:.1f} mm away)")
         q_mm = self.q.grid.index_to_lps(q_i)
-        if not inside_source(self.q.emb, q_mm[None], slack_voxels=1.0)[0]:
+        if not inside_source(self.query, q_mm[None], slack_voxels=1.0)[0]:
             reasons.append("the match lies outside the query image")
         details = dict(details, cycle_error_mm=round(float(cycle_mm), 2))
         return MatchResult(PhysicalPoint(tuple(self.t.grid.index_to_lps(t_i)), "LPS"),

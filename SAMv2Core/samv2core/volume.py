@@ -8,8 +8,11 @@ array is stored (k, j, i) = (z, y, x), as SimpleITK's ``GetArrayFromImage`` retu
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,15 @@ class Volume:
         object.__setattr__(self, "origin", tuple(float(o) for o in self.origin))
         object.__setattr__(self, "modality", Modality.parse(self.modality))
         validate_geometry(arr.shape, self.spacing, d, self.name)
+
+    @cached_property
+    def content_key(self) -> str:
+        """SHA-1 of the voxels, geometry and modality (computed once: the volume is immutable)."""
+        h = hashlib.sha1()
+        h.update(np.ascontiguousarray(self.array).tobytes())
+        h.update(json.dumps([self.spacing, self.origin, self.direction.round(9).tolist(),
+                             self.modality.value]).encode())
+        return h.hexdigest()
 
     # --- geometry -------------------------------------------------------------------
     @property

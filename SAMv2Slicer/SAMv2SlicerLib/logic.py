@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,7 +26,9 @@ import SimpleITK as sitk
 import vtk
 
 from samv2core.coords import lps_to_ras
+from samv2core.embed import Embedder
 from samv2core.errors import InputError, MatchingError, SAMv2Error
+from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume
 
 from . import nodes
@@ -94,11 +95,8 @@ class SAMv2Logic:
         self.model_label = ""  # which weights the last run used, for messages
         self._model_spec: tuple = ("bundled", None, "auto")
         self._model_override = None  # a LoadedModel / network given directly (tests, scripts)
-        self._embedder = None
-        self._embedder_key = None
-        self._volumes: "OrderedDict[tuple, Volume]" = OrderedDict()
-        self._embeddings: "OrderedDict[tuple, Any]" = OrderedDict()
         self._cache_size = embeddings_cache_size
+        self._session: Optional[EmbeddingSession] = None
 
     # --- model ----------------------------------------------------------------------------
     def set_model(self, model_path: "str | Path | None" = None, device: str = "auto", model=None) -> None:
@@ -123,35 +121,34 @@ class SAMv2Logic:
         if spec != self._model_spec or model is not self._model_override:
             self._model_spec = spec
             self._model_override = model
-            self._embedder = None
-            self._embedder_key = None
+            self._session = None
 
     @property
     def device(self) -> str:
         return self._model_spec[2]
 
-    def _get_embedder(self):
-        """The Embedder for the current model (loaded on first use; CheckpointError if invalid)."""
-        if self._embedder is not None and self._embedder_key == self._model_spec:
-            return self._embedder
-        from samv2core.embed import Embedder
+    def session(self) -> EmbeddingSession:
+        """The embedding session of the current model: its one cache holds the converted
+        volumes and their embeddings. The model itself loads on the first embedding (compute
+        phase; CheckpointError if invalid)."""
+        if self._session is None:
+            kind, path, device = self._model_spec
+            size = 2 * self._cache_size  # a volume and its embeddings per entry pair
+            if kind == "object":
+                model = self._model_override
 
-        kind, path, device = self._model_spec
-        if kind == "object":
-            model = self._model_override
-            self.model_label = getattr(getattr(model, "card", None), "name", type(model).__name__)
-        else:
-            from samv2core.models import resolve_model
+                def load():
+                    label = getattr(getattr(model, "card", None), "name", type(model).__name__)
+                    return Embedder(model, device=device), label, True
 
-            resolved = resolve_model(path if kind == "file" else None, device)  # CheckpointError if invalid
-            model, self.model_label = resolved.model, resolved.label
-        self._embedder = Embedder(model, device=device, cache_dir=self.cache_dir)
-        self._embedder_key = self._model_spec
-        self._embeddings.clear()
-        return self._embedder
+                self._session = EmbeddingSession(loader=load, cache_size=size, cache_dir=self.cache_dir)
+            else:
+                self._session = EmbeddingSession.open(path if kind == "file" else None, device, cache_size=size,
+                                                      cache_dir=self.cache_dir, lazy=True)
+        return self._session
 
     def model_id(self) -> str:
-        return self._get_embedder().model_id
+        return self.session().model_id
 
     # --- volumes and embeddings -----------------------------------------------------------
     @staticmethod
@@ -174,19 +171,15 @@ class SAMv2Logic:
             key = self._node_key(node, world)
         except AttributeError:
             raise InputError(f"{role}: {node.GetName()} is not a volume") from None
-        vol = self._volumes.get(key)
-        if vol is None:
+
+        def convert() -> Volume:
             try:
                 vol = nodes.volume_from_node(node, self._modality_of(node), world=world).validated()
             except InputError as exc:
                 raise InputError(f"{role}: {exc}") from None
-            vol.meta["cache_key"] = key
-            self._volumes[key] = vol
-            while len(self._volumes) > self._cache_size:
-                self._volumes.popitem(last=False)
-        else:
-            self._volumes.move_to_end(key)
-        return vol
+            return vol
+
+        return self.session().cached(("volume", key), convert)
 
     @staticmethod
     def _modality_of(node) -> str:
@@ -199,24 +192,14 @@ class SAMv2Logic:
 
     def embeddings(self, volume: Volume, progress: ProgressCallback = _noop):
         """Embeddings of a (prepared) volume, computed once per volume content and reused."""
-        embedder = self._get_embedder()
-        key = (volume.meta.get("cache_key") or id(volume), embedder.model_id)
-        emb = self._embeddings.get(key)
-        if emb is None:
-            emb = embedder.embed(volume, progress=progress)
-            self._embeddings[key] = emb
-            while len(self._embeddings) > self._cache_size:
-                self._embeddings.popitem(last=False)
-        else:
-            self._embeddings.move_to_end(key)
-            progress(1.0, f"embeddings of {volume.name} reused")
+        session = self.session()
+        emb = session.embed(volume, progress=progress)
+        self.model_label = session.label
         return emb
 
     def clear_caches(self) -> None:
-        self._volumes.clear()
-        self._embeddings.clear()
-        if self._embedder is not None:
-            self._embedder.clear_cache()
+        if self._session is not None:
+            self._session.clear_cache()
 
     def _pair(self, baseline_node, followup_node, names=("baseline volume", "follow-up volume"),
               world_second: bool = True) -> tuple[Volume, Volume]:
@@ -428,9 +411,11 @@ class SAMv2Logic:
         def compute(progress: ProgressCallback):
             from samv2core.registration import register
 
-            embedder = self._get_embedder()
-            return register(fixed, moving, mode=mode, deformable=deformable, embedder=embedder,
-                            options=options, progress=progress)
+            session = self.session()
+            result = register(fixed, moving, mode=mode, deformable=deformable, embedder=session,
+                              options=options, progress=progress)
+            self.model_label = session.label
+            return result
 
         def apply(result):
             return self.add_registration_nodes(result, self.scene.GetNodeByID(ids["fixed"]),

@@ -95,9 +95,12 @@ def register_pair(model: torch.nn.Module, fixed: Volume, moving: Volume, margin_
     RANSAC/Kabsch fit of SAME++ stable matches (samv2core.matching) and no deformable step.
     """
     from samv2core.embed import Embedder
+    from samv2core.session import EmbeddingSession
 
-    embedder = Embedder(_eval_copy(model), device="cpu", precision="fp32", storage_dtype=torch.float32,
-                        model_id=f"crosssam-{id(model)}-{np.random.randint(1 << 30)}")
+    # a fresh session per call: the model's weights change between rounds
+    embedder = EmbeddingSession(Embedder(_eval_copy(model), device="cpu", precision="fp32",
+                                         storage_dtype=torch.float32,
+                                         model_id=f"crosssam-{id(model)}-{np.random.randint(1 << 30)}"))
     try:
         from samv2core.registration import register  # the full pipeline, when present
     except ImportError:

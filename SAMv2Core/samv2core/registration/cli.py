@@ -12,7 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli_options import add_model_arguments, session_from_args
 from ..errors import SAMv2Error
+from ..progress import progress_bar
 from .deformable import INTENSITY_TERMS, DeformableOptions
 from .options import FEATURES, MODALITY_PAIRS, RegistrationOptions
 
@@ -48,9 +50,7 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoothness", type=float, default=None, help="deformable regularisation weight")
     parser.add_argument("--ignore-physical-overlap", action="store_true",
                         help="register images whose scanner coordinates do not overlap (different scanners/patients)")
-    parser.add_argument("--model", help="weights (.safetensors with its .json card); default: the bundled model")
-    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--cache-dir", help="keep embeddings on disk here (reused across runs)")
+    add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -66,22 +66,6 @@ def options_from_args(args) -> RegistrationOptions:
                                fov_margin_mm=args.fov_margin, modality_pair=args.modality_pair,
                                require_physical_overlap=not args.ignore_physical_overlap, deformable=dopt,
                                device=args.device, seed=args.seed)
-
-
-def _progress(quiet: bool):
-    if quiet:
-        return (lambda f, m: None), (lambda: None)
-    from tqdm import tqdm
-
-    bar = tqdm(total=100, desc="register", unit="%", leave=False, file=sys.stderr, disable=None,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
-
-    def update(fraction: float, message: str) -> None:
-        bar.n = int(round(100 * min(max(fraction, 0.0), 1.0)))
-        bar.set_postfix_str(message[:60])
-        bar.refresh()
-
-    return update, bar.close
 
 
 def write_overlay(result, moving, fixed, out_dir) -> dict:
@@ -101,8 +85,6 @@ def run_register(args, embedder=None) -> int:
 
     ``embedder`` (optional) replaces the model given by ``--model`` / the bundled one.
     """
-    from ..embed import Embedder
-    from ..models import resolve_model
     from ..volume import load_volume
     from .io import write_registration
     from .pipeline import preflight, register
@@ -115,17 +97,13 @@ def run_register(args, embedder=None) -> int:
         if embedder is None and options.features == "mind":
             label = "mind-ssc (training-free)"
         elif embedder is None:
-            resolved = resolve_model(args.model, device="cpu")
-            embedder = Embedder(resolved.model, device=args.device, cache_dir=args.cache_dir)
-            label = resolved.label
+            embedder = session_from_args(args)
+            label = embedder.label
         else:
             label = getattr(embedder, "model_id", type(embedder).__name__)
-        update, close = _progress(args.quiet)
-        try:
+        with progress_bar("register", quiet=args.quiet) as update:
             result = register(fixed, moving, mode=args.mode, deformable=args.deformable, coarse=args.coarse,
                                embedder=embedder, options=options, progress=update)
-        finally:
-            close()
         result.report["model"] = label
         paths = write_registration(result, moving, fixed, args.out)
         paths.update(write_overlay(result, moving, fixed, args.out))

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import InputError, RegistrationError, SAMv2Error
 from ..preprocess import body_mask, resample_to_model_grid
+from ..session import EmbeddingSession
 from ..volume import Modality, Volume
 from .coarse import fit_coarse_field
 from .deformable import make_deformable_image, refine_deformable, resolve_intensity_term, taper_window
@@ -98,12 +99,8 @@ def _body(volume: Volume, role: str, opts: RegistrationOptions) -> np.ndarray:
     return mask
 
 
-def _default_embedder(device: str):
-    from ..embed import Embedder
-    from ..models import resolve_model
-
-    resolved = resolve_model(None, device="cpu")
-    return Embedder(resolved.model, device=device)
+def _default_embedder(device: str) -> EmbeddingSession:
+    return EmbeddingSession.open(None, device=device)
 
 
 def _crop_embedded(model_volume: Volume, mask: np.ndarray, lo, hi, emb):

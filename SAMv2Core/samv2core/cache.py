@@ -1,0 +1,116 @@
+"""The one cache of the embedding session: a bounded in-memory LRU, and optionally a folder
+of safetensors files that keeps embeddings across runs.
+
+Disk entries are named by the SHA-1 of their key and hold the key and a checksum in their
+metadata; an unreadable, corrupt or mismatching entry is recomputed, never trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Hashable, Optional, TypeVar
+
+from .checked_tensors import CorruptFileError, load_checked, save_checked
+from .embed import EmbeddingGrid, Embeddings, source_geometry
+from .preprocess import resample_to_model_grid
+from .volume import Volume
+
+T = TypeVar("T")
+_log = logging.getLogger(__name__)
+
+
+class LRUCache:
+    """At most ``maxsize`` entries; the least recently used one is dropped first. Thread-safe
+    (the Slicer module reads volumes on the main thread while a worker embeds)."""
+
+    def __init__(self, maxsize: int):
+        if maxsize < 1:
+            raise ValueError(f"cache size must be at least 1, got {maxsize}")
+        self.maxsize = int(maxsize)
+        self._data: "OrderedDict[Hashable, object]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, default=None):
+        with self._lock:
+            if key not in self._data:
+                return default
+            self._data.move_to_end(key)
+            return self._data[key]
+
+    def put(self, key: Hashable, value) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def get_or_create(self, key: Hashable, make: Callable[[], T]) -> T:
+        """The cached value of ``key``, else ``make()`` (then cached; made outside the lock)."""
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            value = make()
+            self.put(key, value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+_MISSING = object()
+
+
+class EmbeddingDiskCache:
+    """Embeddings on disk, one checksummed safetensors file per key, in ``folder``."""
+
+    def __init__(self, folder: "str | Path"):
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors"
+
+    def save(self, key: str, emb: Embeddings) -> None:
+        path = self.path(key)
+        meta = {"key": key, "fine_grid": json.dumps(emb.fine_grid.__dict__),
+                "coarse_grid": json.dumps(emb.coarse_grid.__dict__), "head_dims": json.dumps(emb.head_dims)}
+        try:
+            save_checked(path, {"rows": emb.rows, "coarse": emb.coarse}, meta)
+        except OSError as exc:  # a cache that cannot be written only costs time later
+            _log.warning("samv2: warning: could not write the embedding cache entry %s (%s)", path, exc)
+
+    def load(self, key: str, volume: Volume, spacing_mm: float, model_id: str) -> Optional[Embeddings]:
+        """The embeddings of ``volume`` stored under ``key``, checked against their checksum;
+        None when absent. A bad entry is reported, removed and recomputed (None)."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            t, meta = load_checked(path)
+            if meta.get("key") != key:
+                raise CorruptFileError(f"{path}: entry is for another volume or model")
+            grids = [EmbeddingGrid(**{k: tuple(v) for k, v in json.loads(meta[g]).items()})
+                     for g in ("fine_grid", "coarse_grid")]
+            head_dims = tuple((str(h), int(d)) for h, d in json.loads(meta["head_dims"]))
+            rows, coarse = t["rows"], t["coarse"]
+            if rows.shape != (math.prod(grids[0].shape), sum(d for _, d in head_dims)) \
+                    or tuple(coarse.shape[1:]) != grids[1].shape:
+                raise CorruptFileError(f"{path}: tensor shapes do not match the entry's grids")
+        except (CorruptFileError, KeyError, TypeError, ValueError) as exc:
+            _log.warning("samv2: warning: embedding cache entry ignored and recomputed: %s", exc)
+            path.unlink(missing_ok=True)
+            return None
+        mv = resample_to_model_grid(volume, spacing_mm)
+        return Embeddings(rows, head_dims, coarse, grids[0], grids[1], mv, model_id,
+                          {"from_disk_cache": True, "source": source_geometry(volume)})
