@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(d)
     d.set_defaults(func=cmd_demo)
 
+    from .view.cli import add_view_arguments, run_view
+
+    v = sub.add_parser("view", help="browser view: click on the baseline, see the match on the follow-up")
+    add_view_arguments(v)
+    v.set_defaults(func=run_view)
+
     try:
         from .registration.cli import add_register_arguments, run_register
     except ImportError:  # registration not installed in this build

@@ -1,0 +1,49 @@
+"""``samv2 view``: arguments and runner (wired into samv2core.cli by one line).
+
+    samv2 view --template baseline.nii.gz --query followup.nii.gz [--port N] [--host H]
+
+Serves the browser view on 127.0.0.1 (a free port unless --port) and prints its address.
+trame / trame-slicer / slicer-core are imported only when the command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+from ..errors import SAMv2Error
+
+VIEW_PACKAGES = ("trame", "trame_slicer", "slicer")
+
+
+def add_view_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--template", default="", help="baseline scan (can also be opened by path in the page)")
+    parser.add_argument("--query", default="", help="follow-up scan (can also be opened by path in the page)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")
+    parser.add_argument("--method", default="fixed_point", choices=["fixed_point", "nn"])
+    parser.add_argument("--register-mode", default="rigid", choices=["rigid", "affine"],
+                        help="linear model of the Register button (default rigid)")
+    parser.add_argument("--model", help="weights (.safetensors with its .json card); default: the bundled model")
+    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--cache-dir", help="keep embeddings on disk here (reused across runs)")
+
+
+def run_view(args) -> int:
+    missing = [name for name in VIEW_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SAMv2Error(f"the browser view needs {', '.join(missing)}: pip install 'samv2core[view]'")
+    if not 0 <= args.port <= 65535:
+        raise SAMv2Error(f"--port must be between 0 and 65535, got {args.port}")
+    from ..embed import Embedder
+    from ..models import resolve_model
+    from .session import ViewSession
+
+    resolved = resolve_model(args.model, device=args.device)
+    embedder = Embedder(resolved.model, device=args.device, cache_dir=args.cache_dir)
+    session = ViewSession(embedder, method=args.method)
+    print(f"samv2 view: model {resolved.label}, device {embedder.device}", file=sys.stderr)
+    from .app import serve
+
+    serve(session, args.template, args.query, host=args.host, port=args.port, register_mode=args.register_mode)
+    return 0

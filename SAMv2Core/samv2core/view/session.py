@@ -1,0 +1,83 @@
+"""What the browser view computes, without any UI: two scans, their embeddings, matches and a
+registration, with progress callbacks. Slicer/trame-free, so it is tested on its own.
+
+Points are LPS millimetres (the core's convention); the app converts to and from Slicer's RAS.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from ..matching import MatchResult, match_points
+from ..registration import register
+from ..registration.io import resample_moving
+from ..volume import Volume, load_volume
+
+Progress = Callable[[float, str], None]
+
+
+def _quiet(fraction: float, message: str) -> None:
+    pass
+
+
+@dataclass
+class ViewSession:
+    """The template (baseline) and query (follow-up) scans and the embedder that serves them.
+
+    ``embedder`` is any object with ``embed(volume, progress=...)`` (``samv2core.embed.Embedder``,
+    which caches embeddings per volume). Calls are serialised by a lock: the app runs them in a
+    worker thread while the page stays responsive.
+    """
+
+    embedder: object
+    method: str = "fixed_point"
+    template: Volume | None = None
+    query: Volume | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def load(self, role: str, path, modality: str = "auto") -> Volume:
+        """Load the template ("template") or query ("query") scan from a file or DICOM folder."""
+        if role not in ("template", "query"):
+            raise InputError(f"unknown role {role!r}: use 'template' or 'query'")
+        vol = load_volume(Path(str(path).strip()).expanduser(), modality)
+        setattr(self, role, vol)
+        return vol
+
+    def _pair(self) -> tuple[Volume, Volume]:
+        if self.template is None or self.query is None:
+            raise InputError("open a baseline and a follow-up scan first")
+        return self.template, self.query
+
+    def embed_both(self, progress: Progress = _quiet) -> None:
+        """Embed both scans (cached by the embedder): 0..50% baseline, 50..100% follow-up."""
+        template, query = self._pair()
+        with self._lock:
+            self.embedder.embed(template, progress=lambda f, m: progress(0.5 * f, f"baseline: {m}"))
+            self.embedder.embed(query, progress=lambda f, m: progress(0.5 + 0.5 * f, f"follow-up: {m}"))
+        progress(1.0, "embeddings ready")
+
+    def match(self, point_lps, progress: Progress = _quiet) -> MatchResult:
+        """Find one template point (LPS mm) on the query scan."""
+        template, query = self._pair()
+        p = np.asarray(point_lps, dtype=np.float64).reshape(1, 3)
+        if not template.contains_lps(p)[0]:
+            raise InputError(f"the point {np.round(p[0], 1).tolist()} (LPS) lies outside the baseline scan")
+        with self._lock:
+            te = self.embedder.embed(template, progress=lambda f, m: progress(0.45 * f, f"baseline: {m}"))
+            qe = self.embedder.embed(query, progress=lambda f, m: progress(0.45 + 0.45 * f, f"follow-up: {m}"))
+            progress(0.95, "matching")
+            result = match_points(te, qe, p, method=self.method)[0]
+        progress(1.0, "matched")
+        return result
+
+    def register(self, mode: str = "rigid", progress: Progress = _quiet):
+        """Register the query (moving) onto the template (fixed); returns (result, moving resampled on fixed)."""
+        fixed, moving = self._pair()
+        with self._lock:
+            result = register(fixed, moving, mode=mode, embedder=self.embedder, progress=progress)
+        return result, resample_moving(result, moving, fixed)

@@ -1,0 +1,153 @@
+"""The browser view (`samv2 view`) in a real headless Chromium (Debian's, driven by Playwright).
+
+The server runs as `samv2 view` on a free loopback port with the bundled lung CT as baseline and
+a follow-up SIMULATED from it with a known motion. The test points the baseline view at the
+tumour centre through the page's own "go to" control, computes where that point is on the
+screen from the view's published XY->RAS geometry, clicks there, reads the matched point from
+the page and compares it with the known answer. Then Register, then a bad path (the error must
+appear in the page). Screenshots go to the test's tmp dir and Testing/artifacts/ (git-ignored).
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+if not CHROMIUM.exists():
+    pytest.skip(f"browser test: {CHROMIUM} is not installed (apt-get install -y chromium; .ci/run does)",
+                allow_module_level=True)
+pytest.importorskip("playwright.sync_api", reason="browser test: playwright is not installed")
+pytest.importorskip("trame_slicer", reason="browser test: the 'view' extra (trame-slicer) is not installed")
+
+from playwright.sync_api import sync_playwright
+from samv2core.sample_data import load_sample
+from samv2core.simulate import simulate_followup
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    d = tmp_path_factory.mktemp("view")
+    baseline, label = load_sample("lung1_ct"), load_sample("lung1_tumor_label")
+    pair = simulate_followup(baseline, seed=0)
+    sitk.WriteImage(baseline.to_sitk(), str(d / "baseline.nrrd"), True)
+    sitk.WriteImage(pair.followup.to_sitk(), str(d / "followup_simulated.nrrd"), True)
+    tumour = baseline.index_to_lps(np.argwhere(label.array > 0)[:, ::-1].mean(0))
+    return d, pair, tumour
+
+
+def _start_server(d: Path):
+    """`samv2 view` on a free loopback port (--port 0: the server picks one and prints it)."""
+    cmd = [sys.executable, "-m", "samv2core.cli", "view", "--template", str(d / "baseline.nrrd"),
+           "--query", str(d / "followup_simulated.nrrd"), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    seen: list[str] = []
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        found = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", line)
+        if found:
+            return proc, found.group(1)
+    proc.kill()
+    raise AssertionError("the server did not start:\n" + "".join(seen[-30:]))
+
+
+def _screen_position(page, view_index: int, ras) -> tuple[float, float]:
+    """Page coordinates of a RAS point on the current slice of the baseline view."""
+    geo = json.loads(page.text_content("#baseline-geometry"))
+    m = np.array(geo["xy_to_ras"])
+    width, height = geo["dimensions"][:2]
+    a = m[:3, :2]  # RAS = a @ (x, y) + m[:3, 3] on this slice; x, y: pixels from the lower left
+    xy, *_ = np.linalg.lstsq(a, np.asarray(ras) - m[:3, 3], rcond=None)
+    box = page.query_selector_all(".v-main img")[view_index].bounding_box()
+    assert abs(box["width"] - width) < 2 and abs(box["height"] - height) < 2, (box, geo["dimensions"])
+    return box["x"] + xy[0], box["y"] + height - xy[1]
+
+
+def _shot(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    page.screenshot(path=str(path))
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(path, ARTIFACTS / name)
+
+
+def test_click_on_baseline_finds_the_tumour_on_the_simulated_followup(scans, tmp_path):
+    d, pair, tumour = scans
+    truth = pair.map_points(tumour[None])[0]
+    proc, url = _start_server(d)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 820})
+            page.goto(url)
+            page.wait_for_function("document.querySelector('#status')?.textContent.includes('ready')", timeout=90000)
+            assert "SAMv2" in page.title()
+            page.fill("#goto-lps", ", ".join(f"{v:.2f}" for v in tumour))
+            page.click("#goto-button")
+            ras = tumour * [-1, -1, 1]  # the published geometry is in RAS; wait for the tumour's axial slice
+            page.wait_for_function("Math.abs(JSON.parse(document.querySelector('#baseline-geometry').textContent)"
+                                   f".xy_to_ras[2][3] - {ras[2]}) < 1.0", timeout=10000)
+            x, y = _screen_position(page, 0, ras)
+            page.mouse.click(x, y)
+            page.wait_for_selector("#match-lps", timeout=60000)
+            placed = np.array([float(v) for v in page.text_content("#match-template-lps").split(",")])
+            got = np.array([float(v) for v in page.text_content("#match-lps").split(",")])
+            assert np.linalg.norm(placed - tumour) < 2.0, f"click landed at {placed}, aimed at {tumour}"
+            err = np.linalg.norm(got - truth)
+            assert err < 5.0, f"matched {got}, known answer {truth} (error {err:.1f} mm)"
+            assert "score" in page.text_content("#match") and page.is_visible("#match-confident")
+            follow = json.loads(page.text_content("#followup-geometry"))["xy_to_ras"]
+            assert abs(follow[2][3] - got[2]) < 1.0, "the follow-up view did not jump to the match's slice"
+            # a point in the air in front of the chest has no anatomical match
+            air = tumour + np.array([0.0, -95.0, 0.0])
+            x, y = _screen_position(page, 0, air * [-1, -1, 1])
+            page.mouse.click(x, y)
+            page.wait_for_function("document.querySelector('#match')?.textContent.includes('P2')", timeout=60000)
+            assert page.is_visible("#match-not-confident"), page.text_content("#match")
+            time.sleep(1.0)  # let the views refresh before the picture
+            _shot(page, tmp_path, "view_match.png")
+
+            page.click("#register-button")
+            page.wait_for_function("document.querySelector('#status')?.textContent.includes('registered') "
+                                   "|| document.querySelector('#error')", timeout=120000)
+            assert not page.query_selector("#error"), page.text_content("#error")
+            time.sleep(1.0)
+            _shot(page, tmp_path, "view_registered.png")
+
+            page.fill("#template-path", str(d / "no_such_scan.nii.gz"))
+            page.click("#open-button")
+            page.wait_for_selector("#error", timeout=30000)
+            assert "no such file" in page.text_content("#error")
+            assert page.is_visible("#goto-button")  # the page is alive
+            _shot(page, tmp_path, "view_error.png")
+            browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

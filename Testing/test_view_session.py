@@ -1,0 +1,52 @@
+"""The browser view's computing side (samv2core.view.session) without a browser, on a real
+chest CT crop and a follow-up SIMULATED from it; the view package keeps trame/Slicer out of the
+core's import graph; `samv2 view` refuses bad options with a one-line error."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from samv2core.cli import main
+from samv2core.embed import Embedder
+from samv2core.errors import InputError
+from samv2core.models import resolve_model
+from samv2core.simulate import simulate_followup
+from samv2core.view.session import ViewSession
+
+
+def test_session_matches_on_a_simulated_followup_and_names_bad_input(lung_crop, tmp_path):
+    pair = simulate_followup(lung_crop, seed=1, deformation_mm=3.0)
+    sitk.WriteImage(lung_crop.to_sitk(), str(tmp_path / "baseline.nrrd"))
+    sitk.WriteImage(pair.followup.to_sitk(), str(tmp_path / "followup.nrrd"))
+    session = ViewSession(Embedder(resolve_model(device="cpu").model, device="cpu"))
+    centre = lung_crop.corners_lps().mean(0)
+    with pytest.raises(InputError, match="open a baseline and a follow-up"):
+        session.match(centre)
+    with pytest.raises(InputError, match="no such file"):
+        session.load("template", tmp_path / "missing.nii.gz")
+    session.load("template", tmp_path / "baseline.nrrd")
+    session.load("query", f"  {tmp_path / 'followup.nrrd'}  ")  # a pasted path with spaces around it
+    steps = []
+    result = session.match(centre, progress=lambda f, m: steps.append(f))
+    truth = pair.map_points(centre[None])[0]
+    assert np.linalg.norm(np.asarray(result.query_point.to("LPS").xyz) - truth) < 5.0
+    assert steps and steps[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in steps)
+    with pytest.raises(InputError, match="outside the baseline"):
+        session.match(centre + [0.0, 0.0, 500.0])
+
+
+def test_view_package_keeps_trame_and_slicer_out_of_the_core_import_graph():
+    code = ("import sys, samv2core.cli, samv2core.view, samv2core.view.session, samv2core.view.cli; "
+            "print([m for m in ('trame', 'trame_slicer', 'slicer', 'vtk', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_view_refuses_a_bad_port_with_one_line(capsys):
+    assert main(["view", "--port", "70000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--port" in err[0]
