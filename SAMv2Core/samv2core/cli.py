@@ -83,7 +83,8 @@ def cmd_match(args) -> int:
     from .markups import write_csv, write_markups
 
     check_outputs([args.out, args.out_markups, args.out_csv],
-                  [args.template, args.query, args.points, args.model])
+                  [args.template, args.query, args.points, args.model],
+                  folder_outputs=[(args.figure, ["overview.png"])])
     pts, labels, out_system = _gather_points(args)
     template, query = args.template, args.query
     if args.figure:

@@ -14,8 +14,6 @@ reported as a one-line error naming the extra to install.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import SAMv2Error
+from .outputs import atomic_write
 from .volume import Modality, Volume
 
 # Screen axes of each plane, in LPS: (column direction, row direction, slice normal) and the
@@ -151,19 +150,11 @@ def mark(ax, img: PlaneImage, lps, color: str, marker: str = "+", label: str = "
 
 
 def save_figure(fig, path) -> Path:
-    """Write a matplotlib figure as PNG atomically (a temporary name, then a rename)."""
+    """Write a matplotlib figure as PNG atomically (samv2core.outputs: a temporary name, then a rename)."""
     _, FigureCanvasAgg = _matplotlib()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        FigureCanvasAgg(fig)
-        fig.savefig(tmp, format="png", dpi=fig.dpi, facecolor=fig.get_facecolor())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    FigureCanvasAgg(fig)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=fig.dpi,
+                                                       facecolor=fig.get_facecolor()))
 
 
 @dataclass(frozen=True)
