@@ -84,7 +84,7 @@ def cmd_match(args) -> int:
 
     check_outputs([args.out, args.out_markups, args.out_csv],
                   [args.template, args.query, args.points, args.model],
-                  folder_outputs=[(args.figure, ["overview.png"])])
+                  folder_outputs=[(args.figure, ["overview.png"])] if args.figure else ())
     pts, labels, out_system = _gather_points(args)
     template, query = args.template, args.query
     if args.figure:
