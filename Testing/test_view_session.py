@@ -9,11 +9,9 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from samv2core.cli import main
-from samv2core.embed import Embedder
 from samv2core.errors import InputError
-from samv2core.models import resolve_model
+from samv2core.session import EmbeddingSession
 from samv2core.simulate import simulate_followup
 from samv2core.view.session import ViewSession
 
@@ -22,7 +20,7 @@ def test_session_matches_on_a_simulated_followup_and_names_bad_input(lung_crop, 
     pair = simulate_followup(lung_crop, seed=1, deformation_mm=3.0)
     sitk.WriteImage(lung_crop.to_sitk(), str(tmp_path / "baseline.nrrd"))
     sitk.WriteImage(pair.followup.to_sitk(), str(tmp_path / "followup.nrrd"))
-    session = ViewSession(Embedder(resolve_model(device="cpu").model, device="cpu"))
+    session = ViewSession(EmbeddingSession.open(device="cpu"))
     centre = lung_crop.corners_lps().mean(0)
     with pytest.raises(InputError, match="open a baseline and a follow-up"):
         session.match(centre)

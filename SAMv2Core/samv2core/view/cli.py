@@ -11,7 +11,9 @@ import argparse
 import importlib.util
 import sys
 
+from ..cli_options import add_model_arguments, session_from_args
 from ..errors import SAMv2Error
+from .session import ViewSession
 
 VIEW_PACKAGES = ("trame", "trame_slicer", "slicer")
 
@@ -24,9 +26,7 @@ def add_view_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="fixed_point", choices=["fixed_point", "nn"])
     parser.add_argument("--register-mode", default="rigid", choices=["rigid", "affine"],
                         help="linear model of the Register button (default rigid)")
-    parser.add_argument("--model", help="weights (.safetensors with its .json card); default: the bundled model")
-    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--cache-dir", help="keep embeddings on disk here (reused across runs)")
+    add_model_arguments(parser)
 
 
 def run_view(args) -> int:
@@ -35,15 +35,10 @@ def run_view(args) -> int:
         raise SAMv2Error(f"the browser view needs {', '.join(missing)}: pip install 'samv2core[view]'")
     if not 0 <= args.port <= 65535:
         raise SAMv2Error(f"--port must be between 0 and 65535, got {args.port}")
-    from ..embed import Embedder
-    from ..models import resolve_model
-    from .session import ViewSession
-
-    resolved = resolve_model(args.model, device=args.device)
-    embedder = Embedder(resolved.model, device=args.device, cache_dir=args.cache_dir)
-    session = ViewSession(embedder, method=args.method)
-    print(f"samv2 view: model {resolved.label}, device {embedder.device}", file=sys.stderr)
     from .app import serve
 
+    embeddings = session_from_args(args)
+    print(f"samv2 view: model {embeddings.label}, device {embeddings.device}", file=sys.stderr)
+    session = ViewSession(embeddings, method=args.method)
     serve(session, args.template, args.query, host=args.host, port=args.port, register_mode=args.register_mode)
     return 0

@@ -16,6 +16,7 @@ from ..errors import InputError
 from ..matching import MatchResult, match_points
 from ..registration import register
 from ..registration.io import resample_moving
+from ..session import EmbeddingSession
 from ..volume import Volume, load_volume
 
 Progress = Callable[[float, str], None]
@@ -27,14 +28,14 @@ def _quiet(fraction: float, message: str) -> None:
 
 @dataclass
 class ViewSession:
-    """The template (baseline) and query (follow-up) scans and the embedder that serves them.
+    """The template (baseline) and query (follow-up) scans and the embedding session serving them.
 
-    ``embedder`` is any object with ``embed(volume, progress=...)`` (``samv2core.embed.Embedder``,
-    which caches embeddings per volume). Calls are serialised by a lock: the app runs them in a
-    worker thread while the page stays responsive.
+    ``embeddings`` is the core's :class:`~samv2core.session.EmbeddingSession` (the same one the CLI
+    opens; it keeps each scan's embeddings). Calls are serialised by a lock: the app runs them in
+    a worker thread while the page stays responsive.
     """
 
-    embedder: object
+    embeddings: EmbeddingSession
     method: str = "fixed_point"
     template: Volume | None = None
     query: Volume | None = None
@@ -57,8 +58,8 @@ class ViewSession:
         """Embed both scans (cached by the embedder): 0..50% baseline, 50..100% follow-up."""
         template, query = self._pair()
         with self._lock:
-            self.embedder.embed(template, progress=lambda f, m: progress(0.5 * f, f"baseline: {m}"))
-            self.embedder.embed(query, progress=lambda f, m: progress(0.5 + 0.5 * f, f"follow-up: {m}"))
+            self.embeddings.embed(template, progress=lambda f, m: progress(0.5 * f, f"baseline: {m}"))
+            self.embeddings.embed(query, progress=lambda f, m: progress(0.5 + 0.5 * f, f"follow-up: {m}"))
         progress(1.0, "embeddings ready")
 
     def match(self, point_lps, progress: Progress = _quiet) -> MatchResult:
@@ -68,8 +69,8 @@ class ViewSession:
         if not template.contains_lps(p)[0]:
             raise InputError(f"the point {np.round(p[0], 1).tolist()} (LPS) lies outside the baseline scan")
         with self._lock:
-            te = self.embedder.embed(template, progress=lambda f, m: progress(0.45 * f, f"baseline: {m}"))
-            qe = self.embedder.embed(query, progress=lambda f, m: progress(0.45 + 0.45 * f, f"follow-up: {m}"))
+            te = self.embeddings.embed(template, progress=lambda f, m: progress(0.45 * f, f"baseline: {m}"))
+            qe = self.embeddings.embed(query, progress=lambda f, m: progress(0.45 + 0.45 * f, f"follow-up: {m}"))
             progress(0.95, "matching")
             result = match_points(te, qe, p, method=self.method)[0]
         progress(1.0, "matched")
@@ -79,5 +80,5 @@ class ViewSession:
         """Register the query (moving) onto the template (fixed); returns (result, moving resampled on fixed)."""
         fixed, moving = self._pair()
         with self._lock:
-            result = register(fixed, moving, mode=mode, embedder=self.embedder, progress=progress)
+            result = register(fixed, moving, mode=mode, embedder=self.embeddings, progress=progress)
         return result, resample_moving(result, moving, fixed)
