@@ -17,7 +17,7 @@ try:  # the application-only parts of Slicer's Python API
     import qt
     import vtk
     from slicer import (vtkMRMLGridTransformNode, vtkMRMLLinearTransformNode, vtkMRMLMarkupsFiducialNode,
-                        vtkMRMLScalarVolumeNode)
+                        vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
     from slicer.i18n import tr as _
     from slicer.i18n import translate
     from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -29,6 +29,8 @@ except ImportError as exc:  # pragma: no cover - plain Python
                       "in plain Python use the SAMv2SlicerLib package (logic) instead") from exc
 
 from SAMv2SlicerLib.constants import DEVICES, METHODS, REGISTRATION_FEATURES, REGISTRATION_MODES
+
+SEGMENT_PARAMETERS = ("lesionSegmentation", "lesionSegmentID")  # synced by the widget (no GUI connector)
 
 
 #
@@ -80,8 +82,10 @@ def registerSampleData():
         fileNames=[baseline.name],
         nodeNames=[sampledata.BASELINE_NODE_NAME],
         thumbnailFileName=os.path.join(iconsPath, "SAMv2Slicer.png"),
-        loadFileType="VolumeFile",
-        # the follow-up is simulated on first use, so loading goes through our own function
+        loadFileTypes=["VolumeFile"],
+        # The follow-up is simulated on first use, so the Sample Data button loads through our own
+        # function. SampleData.downloadSample() does not call custom downloaders (it would load the
+        # baseline only): scripts call SAMv2Slicer.loadSamplePair() instead.
         customDownloader=loadSamplePair,
     )
 
@@ -115,7 +119,9 @@ def loadSamplePair(source=None):
 @parameterNodeWrapper
 class SAMv2SlicerParameterNode:
     """Module state saved with the scene. Every parameter has a widget in the .ui file
-    (dynamic property SlicerParameterName), checked by Testing/test_slicer_ui.py."""
+    (dynamic property SlicerParameterName), checked by Testing/test_slicer_ui.py, except the
+    lesion segment (SEGMENT_PARAMETERS): parameterNodeWrapper has no connector for
+    qMRMLSegmentSelectorWidget, so the widget keeps those two in sync itself."""
 
     baselineVolume: vtkMRMLScalarVolumeNode
     followupVolume: vtkMRMLScalarVolumeNode
@@ -126,6 +132,8 @@ class SAMv2SlicerParameterNode:
     matchingMethod: Annotated[str, Choice(list(METHODS))] = "fixed_point"
     matchedPoints: vtkMRMLMarkupsFiducialNode
     useLesionSegment: bool = False
+    lesionSegmentation: vtkMRMLSegmentationNode
+    lesionSegmentID: str = ""
     lesionRadius: Annotated[float, WithinRange(0.5, 200.0)] = 10.0
     registrationMode: Annotated[str, Choice(list(REGISTRATION_MODES))] = "affine"
     deformable: bool = False
@@ -139,7 +147,8 @@ class SAMv2SlicerParameterNode:
 # SAMv2SlicerWidget
 #
 class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI: builds on Resources/UI/SAMv2Slicer.ui; heavy steps run in a BackgroundTask polled by a QTimer."""
+    """GUI: builds on Resources/UI/SAMv2Slicer.ui. Every heavy step runs in the worker process
+    (SAMv2SlicerLib.worker), polled by a QTimer: the GUI never blocks and never runs a thread."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -147,10 +156,13 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._task = None
+        self._task = None  # the user's step running in the worker
         self._job = None
         self._onJobDone = None
+        self._embedTask = None  # background embedding of the selected pair
+        self._embeddedPair = None  # (baseline key, follow-up key) last sent for embedding
         self._observedPoints = None
+        self._syncingSegment = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -163,7 +175,7 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
-        self._timer.connect("timeout()", self._pollTask)
+        self._timer.connect("timeout()", self._pollWorker)
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.hide()
         self.ui.cancelButton.hide()
@@ -183,7 +195,8 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sourcePointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSourcePointsChanged)
         self.ui.matchedPointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._fillResultsTable)
         self.ui.useLesionSegmentCheckBox.connect("toggled(bool)", self._updateLesionWidgets)
-        self.ui.lesionSegmentSelector.connect("currentSegmentChanged(QString)", self._updateButtons)
+        self.ui.lesionSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._onSegmentSelected)
+        self.ui.lesionSegmentSelector.connect("currentSegmentChanged(QString)", self._onSegmentSelected)
         self.ui.useBundledModelCheckBox.connect("toggled(bool)", self._updateModelWidgets)
 
         self.initializeParameterNode()
@@ -191,8 +204,11 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateModelWidgets()
 
     def cleanup(self) -> None:
-        self._cancelTask()
+        self._stopTasks()
+        self._timer.stop()
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.closeWorker()  # the process ends with the module; its private folder is deleted
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -201,10 +217,12 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._cancelTask()  # results of a closed scene must not land in the next one
+        # Results of a closed scene must not land in the next one: stop the steps and wait until
+        # they have ended (the worker is killed if it does not stop within its cancel timeout).
+        self._stopTasks()
         self.setParameterNode(None)
         if self.logic is not None:
             self.logic.resetCore()
@@ -230,14 +248,46 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode: Optional[SAMv2SlicerParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # connectGui links every widget whose SlicerParameterName matches a parameter
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self.onSourcePointsChanged(self._parameterNode.sourcePoints)
             self._fillResultsTable()
+        self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, *args) -> None:
+        self._showSegmentFromParameters()
+        self._updateButtons()
+        self._embedInBackground()
+
+    def _showSegmentFromParameters(self) -> None:
+        p = self._parameterNode
+        if p is None or self._syncingSegment:
+            return
+        self._syncingSegment = True
+        try:
+            selector = self.ui.lesionSegmentSelector
+            if selector.currentNode() is not p.lesionSegmentation:
+                selector.setCurrentNode(p.lesionSegmentation)
+            if p.lesionSegmentID and selector.currentSegmentID() != p.lesionSegmentID:
+                selector.setCurrentSegmentID(p.lesionSegmentID)
+        finally:
+            self._syncingSegment = False
+
+    def _onSegmentSelected(self, *args) -> None:
+        p = self._parameterNode
+        if p is None or self._syncingSegment:
+            return
+        self._syncingSegment = True
+        try:
+            with slicer.util.NodeModify(p.parameterNode):  # one Modified event for both parameters
+                p.lesionSegmentation = self.ui.lesionSegmentSelector.currentNode()
+                p.lesionSegmentID = self.ui.lesionSegmentSelector.currentSegmentID() or ""
+        finally:
+            self._syncingSegment = False
         self._updateButtons()
 
     # --- widget state ------------------------------------------------------------------------
@@ -248,7 +298,7 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         points = bool(p and p.sourcePoints and p.sourcePoints.GetNumberOfControlPoints() > 0)
         self.ui.matchButton.enabled = idle and volumes and points
         if p and p.useLesionSegment:
-            lesion = bool(self.ui.lesionSegmentSelector.currentNode() and self.ui.lesionSegmentSelector.currentSegmentID())
+            lesion = bool(p.lesionSegmentation and p.lesionSegmentID)
         else:
             lesion = points and self.ui.lesionPointComboBox.currentIndex >= 0
         self.ui.propagateButton.enabled = idle and volumes and lesion
@@ -288,17 +338,22 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     @staticmethod
     def _pointEvents():
         m = slicer.vtkMRMLMarkupsNode
-        return (m.PointAddedEvent, m.PointRemovedEvent, m.PointModifiedEvent)
+        return (m.PointAddedEvent, m.PointRemovedEvent, m.PointModifiedEvent, m.PointPositionDefinedEvent,
+                m.PointPositionUndefinedEvent)
 
     def _refreshLesionPoints(self, *args) -> None:
+        """The placed control points; each item's data is its control-point index in the node
+        (the logic takes that index, not a position in a filtered list)."""
         combo = self.ui.lesionPointComboBox
         current = combo.currentText
         combo.blockSignals(True)
         combo.clear()
         node = self._observedPoints
         if node is not None:
+            placed = slicer.vtkMRMLMarkupsNode.PositionDefined
             for i in range(node.GetNumberOfControlPoints()):
-                combo.addItem(node.GetNthControlPointLabel(i) or f"P{i + 1}", i)
+                if node.GetNthControlPointPositionStatus(i) == placed:
+                    combo.addItem(node.GetNthControlPointLabel(i) or f"P{i + 1}", i)
         index = combo.findText(current)
         combo.currentIndex = index if index >= 0 else combo.count - 1
         combo.blockSignals(False)
@@ -310,30 +365,76 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.showStatusMessage(text, 8000)
         (logging.warning if error else logging.info)(f"SAMv2Slicer: {text}")
 
-    # --- running steps off the GUI thread ---------------------------------------------------
-    def _run(self, prepare, onDone) -> None:
+    # --- the worker ----------------------------------------------------------------------------
+    def _useModel(self) -> bool:
+        """Validate the model choice here (device, file) and send it with the next requests."""
         from samv2core.errors import SAMv2Error
 
-        from SAMv2SlicerLib import dependencies
-        from SAMv2SlicerLib.worker import BackgroundTask
-
-        if self._task is not None:
-            return
-        if not dependencies.ensure_all(slicer):
-            self._status(_("Required Python packages are missing; nothing was run."), error=True)
-            return
         p = self._parameterNode
         modelPath = str(p.modelPath) if p.modelPath and str(p.modelPath) not in ("", ".") else None
         try:
             if not p.useBundledModel and modelPath is None:
                 raise SAMv2Error(_("select a weights file, or check 'Bundled model'"))
-            self.logic.core.set_model(None if p.useBundledModel else modelPath, p.device)
-            job = prepare(self.logic.core)
+            path = None if p.useBundledModel else modelPath
+            self.logic.core.set_model(path, p.device)  # DeviceError / CheckpointError now; loads nothing
+            self.logic.worker.set_model(path, p.device)
         except SAMv2Error as exc:
-            self._status(str(exc), error=True)  # bad input: nothing started, scene unchanged
+            self._status(str(exc), error=True)
+            return False
+        return True
+
+    def _embedInBackground(self) -> None:
+        """As soon as both volumes are selected, embed them in the worker so that a click only matches."""
+        p = self._parameterNode
+        if p is None or not (p.baselineVolume and p.followupVolume) or self._embedTask is not None:
             return
-        self._job, self._onJobDone = job, onDone
-        self._task = BackgroundTask(job.compute, job.name).start()
+        from samv2core.errors import SAMv2Error
+
+        from SAMv2SlicerLib import dependencies
+
+        if p.baselineVolume is p.followupVolume or not dependencies.torch_available() \
+                or dependencies.missing_requirements():
+            return  # never ask to install from a selection change; the buttons do that
+        pair = (p.baselineVolume.GetID(), p.baselineVolume.GetImageData() and p.baselineVolume.GetImageData().GetMTime(),
+                p.followupVolume.GetID(), p.followupVolume.GetImageData() and p.followupVolume.GetImageData().GetMTime(),
+                p.useBundledModel, str(p.modelPath), p.device)
+        if pair == self._embeddedPair:
+            return
+        self._embeddedPair = pair
+        try:
+            if not self._useModel():
+                return
+            job = self.logic.core.prepare_embed(p.baselineVolume, p.followupVolume)
+            self._embedTask = self.logic.worker.submit_job(job)
+        except SAMv2Error as exc:  # e.g. a 2D or RGB volume: said when a button is pressed
+            logging.info(f"SAMv2Slicer: no background embedding ({exc})")
+            return
+        except Exception as exc:  # the worker could not start: the buttons will report it
+            logging.warning(f"SAMv2Slicer: background embedding not started ({exc})")
+            return
+        self._timer.start()
+
+    def _run(self, prepare, onDone) -> None:
+        from samv2core.errors import SAMv2Error
+
+        from SAMv2SlicerLib import dependencies
+
+        if self._task is not None:
+            return
+        if not dependencies.ensure_all(slicer, report=lambda text: self._status(text, error=True)):
+            return
+        if not self._useModel():
+            return
+        try:
+            job = prepare(self.logic.core)  # bad input: SAMv2Error here, nothing started, scene unchanged
+            task = self.logic.worker.submit_job(job)
+        except SAMv2Error as exc:
+            self._status(str(exc), error=True)
+            return
+        except OSError as exc:
+            self._status(_("The SAMv2 worker process could not start: {error}").format(error=exc), error=True)
+            return
+        self._task, self._job, self._onJobDone = task, job, onDone
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.ui.cancelButton.show()
@@ -342,22 +443,39 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         self._timer.start()
 
-    def _pollTask(self) -> None:
+    def _pollWorker(self) -> None:
         from samv2core.errors import SAMv2Error
 
         from SAMv2SlicerLib.worker import TaskState
 
-        task, job = self._task, self._job
-        if task is None:
+        worker = self.logic.worker if self.logic is not None and self.logic.hasWorker else None
+        if worker is None:
             self._timer.stop()
             return
-        progress = task.progress
-        self.ui.progressBar.value = int(round(100 * progress.fraction))
-        if not task.finished:
-            if not task.cancel_requested:
-                self.ui.statusLabel.text = f"{job.name}: {progress.message}"
+        worker.poll()
+        embed = self._embedTask
+        if embed is not None and embed.finished:
+            self._embedTask = None
+            if embed.state == TaskState.FAILED:
+                self._embeddedPair = None  # try again on the next selection change or click
+                logging.warning(f"SAMv2Slicer: background embedding failed: {embed.error_message}")
+        task, job = self._task, self._job
+        if task is None:
+            if embed is not None and not embed.finished:
+                self.ui.statusLabel.text = _("Embedding the volumes in the background: {p:.0%}").format(
+                    p=embed.progress.fraction)
+            elif self._embedTask is None:
+                self._timer.stop()
+                if embed is not None and embed.state == TaskState.DONE:
+                    self._status(_("Both volumes are embedded: a click now only matches."))
             return
-        self._timer.stop()
+        if not task.finished:
+            self.ui.progressBar.value = int(round(100 * task.progress.fraction))
+            if not task.cancel_requested:
+                waiting = task.state == TaskState.QUEUED and embed is not None and not embed.finished
+                self.ui.statusLabel.text = (_("{name}: waiting for the background embedding ({p:.0%})").format(
+                    name=job.name, p=embed.progress.fraction) if waiting else f"{job.name}: {task.progress.message}")
+            return
         self._task = self._job = None
         self.ui.progressBar.hide()
         self.ui.cancelButton.hide()
@@ -373,29 +491,43 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.exception("SAMv2Slicer: applying the result failed")
                 self._status(f"{job.name} failed: {exc}", error=True)
         elif task.state == TaskState.CANCELLED:
-            self._status(_("{name}: cancelled; nothing was added to the scene.").format(name=job.name))
+            extra = f" ({task.error_message})" if task.error_message else ""
+            self._status(_("{name}: cancelled; nothing was added to the scene.").format(name=job.name) + extra)
         else:
-            if isinstance(task.error, SAMv2Error):
-                self._status(f"{job.name} failed: {task.error}", error=True)
-            else:
+            if task.error_traceback:
                 logging.error(task.error_traceback)
-                self._status(f"{job.name} failed: {type(task.error).__name__}: {task.error} "
-                             "(details in the Python console)", error=True)
+            detail = "" if task.error_kind in ("WorkerStopped",) or not task.error_traceback else \
+                " (details in the Python console)"
+            self._status(f"{job.name} failed: {task.error_message}{detail}; nothing was added to the scene.",
+                         error=True)
         self._updateButtons()
+        if self._embedTask is None:
+            self._timer.stop()
 
     def onCancelButton(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            self.logic.worker.cancel(self._task)
             self.ui.cancelButton.enabled = False
-            self._status(_("Cancelling... (stops at the next progress step)"))
+            self._status(_("Cancelling... (the worker is stopped if it does not stop within 2 s)"))
 
-    def _cancelTask(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = self._job = None
-            self._timer.stop()
-            self.ui.progressBar.hide()
-            self.ui.cancelButton.hide()
+    def _stopTasks(self) -> None:
+        """Cancel every step and wait until each has ended (killing the worker after its cancel
+        timeout), so that no result of the old state is applied and no old step still runs."""
+        if self.logic is None or not self.logic.hasWorker:
+            return
+        worker = self.logic.worker
+        for task in (self._task, self._embedTask):
+            if task is not None and not task.finished:
+                worker.cancel(task)
+        for task in (self._task, self._embedTask):
+            if task is not None and not task.finished:
+                worker.wait(task, timeout=worker.cancel_timeout + 5.0)
+        self._task = self._job = self._embedTask = None
+        self._embeddedPair = None
+        self._timer.stop()
+        self.ui.progressBar.hide()
+        self.ui.cancelButton.hide()
+        self._updateButtons()
 
     # --- actions -----------------------------------------------------------------------------
     def onMatchButton(self) -> None:
@@ -415,14 +547,13 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPropagateButton(self) -> None:
         p = self._parameterNode
         if p.useLesionSegment:
-            segNode = self.ui.lesionSegmentSelector.currentNode()
-            segId = self.ui.lesionSegmentSelector.currentSegmentID()
+            segNode, segId = p.lesionSegmentation, p.lesionSegmentID
             self._run(lambda core: core.prepare_propagate_lesion(
                 p.baselineVolume, p.followupVolume, segmentation_node=segNode, segment_id=segId,
                 method=p.matchingMethod), self._onLesionDone)
         else:
             combo = self.ui.lesionPointComboBox
-            index = combo.itemData(combo.currentIndex)
+            index = combo.itemData(combo.currentIndex)  # control-point index in the node
             self._run(lambda core: core.prepare_propagate_lesion(
                 p.baselineVolume, p.followupVolume, p.sourcePoints, int(index if index is not None else 0),
                 radius_mm=p.lesionRadius, method=p.matchingMethod), self._onLesionDone)
@@ -495,27 +626,52 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # SAMv2SlicerLogic
 #
 class SAMv2SlicerLogic(ScriptedLoadableModuleLogic):
-    """Slicer-facing logic: owns the parameter node and the Qt-free core logic (SAMv2SlicerLib.logic).
+    """Slicer-facing logic: owns the parameter node, the Qt-free core logic (SAMv2SlicerLib.logic),
+    which prepares steps and applies their results to the scene, and the worker process that
+    computes them.
 
-    The core is created on first use, after the dependencies have been installed, so that the
+    Both are created on first use, after the dependencies have been installed, so that the
     module loads even when torch is missing.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._core = None
+        self._worker = None
 
     def getParameterNode(self):
         return SAMv2SlicerParameterNode(super().getParameterNode())
+
+    def _cacheDir(self) -> str:
+        return os.path.join(slicer.app.cachePath, "SAMv2Slicer", "embeddings")
 
     @property
     def core(self):
         if self._core is None:
             from SAMv2SlicerLib.logic import SAMv2Logic
 
-            self._core = SAMv2Logic(slicer.mrmlScene, cache_dir=os.path.join(slicer.app.cachePath, "SAMv2Slicer",
-                                                                             "embeddings"))
+            self._core = SAMv2Logic(slicer.mrmlScene, cache_dir=self._cacheDir())
         return self._core
+
+    @property
+    def worker(self):
+        """The worker process client; the process itself starts with the first request, with
+        the PythonSlicer next to the Slicer executable."""
+        if self._worker is None:
+            from SAMv2SlicerLib.worker import WorkerProcess, find_python
+
+            self._worker = WorkerProcess(python=find_python(slicer.app.applicationDirPath()),
+                                         cache_dir=self._cacheDir())
+        return self._worker
+
+    @property
+    def hasWorker(self) -> bool:
+        return self._worker is not None
+
+    def closeWorker(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def resetCore(self) -> None:
         if self._core is not None:
@@ -536,10 +692,17 @@ class SAMv2SlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        try:
+            import torch  # noqa: F401
+        except ImportError:  # the module loads without torch; its tests need it
+            self.delayDisplay("SAMv2Slicer tests skipped: PyTorch is not installed (install the PyTorch extension)")
+            return
         self.setUp()
         self.test_match_and_register()
         self.setUp()
         self.test_bad_input_leaves_scene_unchanged()
+        self.setUp()
+        self.test_match_through_the_worker()
 
     def _pair(self):
         import numpy as np
@@ -592,3 +755,40 @@ class SAMv2SlicerTest(ScriptedLoadableModuleTest):
             logic.match_points(base, base, points)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
         self.delayDisplay("Test passed")
+
+    def test_match_through_the_worker(self):
+        """The GUI's path: the step runs in the worker process (PythonSlicer inside Slicer) and
+        the main thread applies its result."""
+        import tempfile
+
+        from samv2core.model_io import ModelCard, save_model
+        from samv2core.network import NetConfig, build_network
+        from SAMv2SlicerLib.logic import SAMv2Logic
+        from SAMv2SlicerLib.worker import TaskState, WorkerProcess, find_python
+
+        self.delayDisplay("Matching points in the worker process")
+        base, follow = self._pair()
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "lesions")
+        points.AddControlPoint(vtk.vtkVector3d(-70.0, -70.0, 40.0), "L1")
+        app = getattr(slicer, "app", None)
+        worker = WorkerProcess(python=find_python(app.applicationDirPath() if app is not None else None))
+        with tempfile.TemporaryDirectory() as folder:
+            cfg = NetConfig.lite()
+            card = ModelCard(name="lite-untrained-selftest", architecture=cfg.to_dict(), heads=list(cfg.heads))
+            weights = save_model(build_network(cfg).eval(), card, pathlib.Path(folder) / "lite.safetensors")
+            try:
+                logic = SAMv2Logic(slicer.mrmlScene)
+                logic.set_model(str(weights), "cpu")
+                worker.set_model(str(weights), "cpu")
+                job = logic.prepare_match(base, follow, points, method="nn")
+                nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+                task = worker.submit_job(job)
+                self.assertEqual(worker.wait(task, 300), TaskState.DONE, task.error_message)
+                self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)  # the worker adds no node
+                outcome = logic.finish(job, task.result)
+                self.assertEqual(outcome.node.GetNumberOfControlPoints(), 1)
+                self.assertTrue(outcome.node.GetNthControlPointLabel(0).startswith("L1"))
+            finally:
+                worker.close()
+        self.delayDisplay("Test passed")
+

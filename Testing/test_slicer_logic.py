@@ -31,7 +31,7 @@ from samv2core import registration as reg  # noqa: E402
 from samv2core.volume import Volume  # noqa: E402
 from SAMv2SlicerLib import logic as L  # noqa: E402
 from SAMv2SlicerLib import nodes  # noqa: E402
-from SAMv2SlicerLib.worker import BackgroundTask, Cancelled, TaskState  # noqa: E402
+from SAMv2SlicerLib.progress import Cancelled  # noqa: E402
 
 
 def shared_data() -> Path:
@@ -597,29 +597,16 @@ def test_cancel_mid_run_adds_nothing(session):
     logic = L.SAMv2Logic(s["scene"])  # fresh caches: the run has to embed, so it can be cancelled
     logic.set_model(model=s["net"], device="cpu")
     before = scene_state(s["scene"])
-    job = logic.prepare_match(s["base"], s["follow"], s["points"], method="nn")
-    task = BackgroundTask(job.compute, job.name)
     seen = []
-    original = task.report
 
-    def report(fraction, message):
+    def cancel_while_embedding(fraction, message):
         seen.append(fraction)
-        if fraction > 0.3:
-            task.cancel()  # the user presses Cancel while the follow-up is being embedded
-        original(fraction, message)
-
-    task.report = report
-    task.start()
-    assert task.wait(120) == TaskState.CANCELLED
-    assert isinstance(task.error, Cancelled) and task.result is None
-    assert max(seen) < 0.9  # it stopped before matching
-    assert scene_state(s["scene"]) == before
-    # synchronous runs report the cancel in the status
-    def cancel_now(fraction, message):
-        raise Cancelled("user")
+        if fraction > 0.3:  # the user presses Cancel while the follow-up is being embedded
+            raise Cancelled("user")
 
     with pytest.raises(Cancelled):
-        logic.match_points(s["base"], s["follow"], s["points"], progress=cancel_now)
+        logic.match_points(s["base"], s["follow"], s["points"], method="nn", progress=cancel_while_embedding)
+    assert max(seen) < 0.9  # it stopped before matching
     assert "cancelled" in logic.status and scene_state(s["scene"]) == before
 
 
@@ -634,35 +621,6 @@ def test_failure_while_adding_outputs_removes_partial_nodes(session, monkeypatch
     with pytest.raises(SAMv2Error):
         s["logic"].propagate_lesion(s["base"], s["follow"], s["points"], 0, radius_mm=8.0)
     assert scene_state(s["scene"]) == before  # the matched point list made first was removed
-
-
-# --------------------------------------------------------------------------------------------
-# background tasks
-# --------------------------------------------------------------------------------------------
-def test_background_task_progress_result_and_errors():
-    import threading
-
-    gate = threading.Event()
-
-    def work(progress):
-        progress(0.5, "half way")
-        gate.wait(5)
-        return 42
-
-    task = BackgroundTask(work, "demo").start()
-    for _ in range(100):
-        if task.progress.fraction == 0.5:
-            break
-        threading.Event().wait(0.01)
-    assert task.progress == type(task.progress)(0.5, "half way") and not task.finished
-    gate.set()
-    assert task.wait(5) == TaskState.DONE and task.result == 42
-
-    def fails(progress):
-        raise InputError("bad point")
-
-    failed = BackgroundTask(fails, "fail").start()
-    assert failed.wait(5) == TaskState.FAILED and isinstance(failed.error, InputError)
 
 
 def test_register_deformable_nodes_map_like_the_core_composite(session):
@@ -690,3 +648,94 @@ def test_register_deformable_nodes_map_like_the_core_composite(session):
         for node in (out.linear_node, out.grid_node):
             scene.RemoveNode(node)
     assert set(scene_state(scene)) == before
+
+
+# --------------------------------------------------------------------------------------------
+# issue 11: point indices, transformed follow-ups, DICOM modality
+# --------------------------------------------------------------------------------------------
+def test_propagate_uses_the_control_point_index_of_the_node(session):
+    """The GUI passes Slicer's control-point index; unplaced (preview/unset) points are skipped by
+    read_points, so the index must not be used on the filtered list."""
+    s = session
+    scene, logic = s["scene"], s["logic"]
+    ras = lps_to_ras(s["lesions_lps"])
+    points = nodes.new_point_list(scene, "with unset", ras, ["A", "B", "C"])
+    points.UnsetNthControlPointPosition(1)
+    added = [points]
+    try:
+        out = logic.propagate_lesion(s["base"], s["follow"], points, 2, radius_mm=6.0)
+        added += [out.points_node, out.segmentation_node]
+        assert out.points_node.GetNthControlPointLabel(0).startswith("C")
+        np.testing.assert_allclose(out.match.template_point.to("LPS").as_array(), s["lesions_lps"][2], atol=1e-6)
+        before = scene_state(scene)
+        with pytest.raises(InputError, match="no placed point number 2"):
+            logic.propagate_lesion(s["base"], s["follow"], points, 1, radius_mm=6.0)
+        assert scene_state(scene) == before
+    finally:
+        for node in added:
+            scene.RemoveNode(node)
+
+
+def test_match_after_registration_under_grid_transform(session, monkeypatch):
+    """A follow-up under linear -> grid transforms (what a deformable registration leaves) is
+    matched in its own voxel space with its cached embeddings; the matches are shown under the
+    same transforms, so their world positions follow the follow-up."""
+    s = session
+    scene, logic = s["scene"], s["logic"]
+    logic.match_points(s["base"], s["follow"], s["points"], method="nn")  # embeddings cached
+    local = logic.match_points(s["base"], s["follow"], s["points"], method="nn")
+    follow = logic.volume(s["follow"], "follow-up", world=False)
+    # a smooth displacement field over the follow-up and a rigid shift on top of it
+    size = [12, 12, 8]
+    spacing = [float(n * sp / (m - 1)) for n, sp, m in zip(follow.size_xyz, follow.spacing, size)]
+    arr = np.zeros(size[::-1] + [3])
+    z = np.linspace(0, 1, size[2])[:, None, None]
+    arr[..., 0] = 3.0 * np.sin(np.pi * z)
+    field = sitk.GetImageFromArray(arr, isVector=True)
+    field.SetOrigin(tuple(follow.origin))
+    field.SetSpacing(spacing)
+    grid = nodes.new_grid_transform_node(scene, field, "test grid")
+    shift = sitk.TranslationTransform(3, (4.0, -2.0, 1.0))
+    linear = nodes.new_linear_transform_node(scene, shift, "test linear")
+    linear.SetAndObserveTransformNodeID(grid.GetID())
+    s["follow"].SetAndObserveTransformNodeID(linear.GetID())
+    calls, added = [], [grid, linear, local.node]
+    embedder = logic.session().descriptors
+    original = embedder.embed
+    monkeypatch.setattr(embedder, "embed", lambda *a, **k: calls.append(1) or original(*a, **k))
+    try:
+        out = logic.match_points(s["base"], s["follow"], s["points"], method="nn")
+        added.append(out.node)
+        assert calls == [], "a transform on the follow-up must not recompute its embeddings"
+        assert out.node.GetTransformNodeID() == linear.GetID()
+        to_world = vtk.vtkGeneralTransform()
+        linear.GetTransformToWorld(to_world)
+        for i, r in enumerate(out.results):
+            np.testing.assert_allclose(r.query_point.as_array(), local.results[i].query_point.as_array(), atol=1e-6)
+            p = [0.0, 0.0, 0.0]
+            out.node.GetNthControlPointPositionWorld(i, p)
+            expected = to_world.TransformPoint(tuple(lps_to_ras(r.query_point.to("LPS").as_array())))
+            np.testing.assert_allclose(p, expected, atol=1e-4)
+        lesion = logic.propagate_lesion(s["base"], s["follow"], s["points"], 0, radius_mm=6.0)
+        added += [lesion.points_node, lesion.segmentation_node]
+        assert lesion.segmentation_node.GetTransformNodeID() == linear.GetID()
+        assert calls == []
+    finally:
+        s["follow"].SetAndObserveTransformNodeID(None)
+        for node in added:
+            scene.RemoveNode(node)
+
+
+def test_dicom_modality_is_read_from_the_subject_hierarchy():
+    """Slicer's DICOM plugins store the series modality as a subject hierarchy item attribute."""
+    scene = slicer.vtkMRMLScene()
+    node = nodes.volume_to_node(synthetic(), scene, "dicom series")
+    assert nodes.node_modality(node) == "auto"
+    shn = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = shn.CreateItem(shn.GetSceneItemID(), node)  # what DICOMPlugin.addSeriesInSubjectHierarchy does
+    shn.SetItemAttribute(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName(), "MR")
+    assert nodes.node_modality(node) == "MR"
+    vol = L.SAMv2Logic(scene).volume(node)
+    assert vol.modality.value == "MR"
+    node.SetAttribute("SAMv2.Modality", "CT")  # the module's own attribute wins
+    assert nodes.node_modality(node) == "CT"

@@ -132,8 +132,41 @@ def test_every_ui_widget_the_code_uses_exists():
     assert not missing, f"self.ui.<name> used in SAMv2Slicer.py but absent from the .ui: {missing}"
 
 
+def module_constant(name: str):
+    for node in module_ast().body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"SAMv2Slicer.py has no constant {name}")
+
+
+def test_segment_parameters_are_kept_in_sync_by_the_widget():
+    """parameterNodeWrapper has no connector for qMRMLSegmentSelectorWidget: the widget writes the
+    selected segmentation and segment ID into the parameter node and shows them from it."""
+    synced = module_constant("SEGMENT_PARAMETERS")
+    assert set(synced) == {"lesionSegmentation", "lesionSegmentID"} <= set(parameters())
+    written, read = set(), set()
+    for node in ast.walk(module_ast()):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Attribute) and getattr(t.value, "id", None) == "p":
+                    written.add(t.attr)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and getattr(node.value, "id", "") == "p":
+            read.add(node.attr)
+    assert set(synced) <= written and set(synced) <= read
+    source = MODULE_FILE.read_text()
+    assert "setCurrentSegmentID(p.lesionSegmentID)" in source and "setCurrentNode(p.lesionSegmentation)" in source
+
+
+def test_gui_runs_steps_in_the_worker_process_not_in_threads():
+    source = MODULE_FILE.read_text()
+    assert "threading" not in source and "BackgroundTask" not in source
+    assert "worker.submit_job(job)" in source and "worker.poll()" in source and "worker.cancel(" in source
+    assert "loadFileType=" not in source and "loadFileTypes=" in source  # loadFileType is deprecated
+    assert "prepare_embed(" in source  # embedding starts when both volumes are selected
+
+
 def test_every_parameter_has_a_connectable_widget():
-    params = parameters()
+    params = {k: v for k, v in parameters().items() if k not in module_constant("SEGMENT_PARAMETERS")}
     widgets = ui_widgets()
     by_param = {}
     for name, w in widgets.items():
@@ -465,7 +498,44 @@ def test_missing_requirements_and_install_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(dependencies, "_slicer_packaging", lambda: types.SimpleNamespace(pip_ensure=pip_ensure))
     dependencies.ensure_requirements(fake_slicer, confirm=lambda text: pytest.fail("pip_ensure asks itself"), path=req)
     assert seen["reqs"] == ["not-a-real-package-samv2x>=1.0", "safetensors>=999"]
-    assert {"SimpleITK", "numpy"} <= set(seen["skip"]) and seen["requester"] == "SAMv2Slicer"
+    assert seen["skip"] is None and seen["requester"] == "SAMv2Slicer"  # constraints only (skip_packages is discouraged)
+    pins = Path(seen["constraints"]).read_text()
+    assert f"numpy=={importlib.metadata.version('numpy')}" in pins
+
+
+@pytest.mark.parametrize("failure", ["declined", "pip failed", "torch install failed"])
+def test_declined_or_failed_install_is_reported_not_raised(failure, monkeypatch, tmp_path):
+    """slicer.packaging.pip_ensure raises RuntimeError when the user declines and CalledProcessError
+    when pip fails; PyTorchUtils.installTorch raises through _executePythonModule. ensure_all turns
+    each into one message and False (nothing runs), never a traceback."""
+    req = tmp_path / "requirements.txt"
+    req.write_text("not-a-real-package-samv2x>=1.0\n")
+    monkeypatch.setattr(dependencies, "REQUIREMENTS_FILE", req)
+    monkeypatch.setattr(dependencies, "missing_requirements",
+                        lambda path=req: ["not-a-real-package-samv2x>=1.0"])
+
+    def pip_ensure(reqs, **kw):
+        if failure == "declined":
+            raise RuntimeError("User declined package installation")
+        raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install"])
+
+    monkeypatch.setattr(dependencies, "_slicer_packaging", lambda: types.SimpleNamespace(pip_ensure=pip_ensure))
+    if failure == "torch install failed":
+        monkeypatch.setattr(dependencies, "torch_available", lambda: False)
+
+        class FailingTorch:
+            def torchInstalled(self):
+                return False
+
+            def installTorch(self, askConfirmation=True, **kw):
+                raise subprocess.CalledProcessError(2, ["PythonSlicer", "-m", "light_the_torch"])
+
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=FailingTorch))
+    messages = []
+    ok = dependencies.ensure_all(None, confirm=lambda text: True, report=messages.append)
+    assert ok is False and len(messages) == 1
+    expected = {"declined": "declined", "pip failed": "exit code 1", "torch install failed": "exit code 2"}[failure]
+    assert expected in messages[0] and "nothing was run" in messages[0]
 
 
 def test_torch_comes_from_the_pytorch_extension(monkeypatch):
@@ -482,7 +552,9 @@ def test_torch_comes_from_the_pytorch_extension(monkeypatch):
             return object()
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=FakeLogic))
-    assert dependencies.ensure_torch(None, confirm=lambda t: False) is False and installs == []
+    said = []
+    assert dependencies.ensure_torch(None, confirm=lambda t: False, report=said.append) is False and installs == []
+    assert "not installed" in said[0]  # declined: said so, nothing installed
     assert dependencies.ensure_torch(None, confirm=lambda t: True) is True and installs == [False]
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension absent: tell the user, install nothing
     messages = []

@@ -5,8 +5,11 @@
 * everything else comes from ``requirements.txt`` next to the module: with
   ``slicer.packaging.pip_ensure`` on Slicer 5.12+ (it asks, installs with progress and
   offers a restart), else with ``slicer.util.pip_install`` after a confirmation dialog.
-* Slicer's own SimpleITK, numpy and vtk are never replaced: they are skipped / pinned with a
-  constraints file holding the versions Slicer ships.
+* Slicer's own SimpleITK, numpy and vtk are never replaced: a constraints file pins them to
+  the versions Slicer ships (``skip_packages``, which Slicer documents as a discouraged
+  workaround, is not used).
+* A declined or failed install never escapes as an exception: ``ensure_all`` returns False
+  and the user sees one message saying what is missing and why.
 
 Only ``missing_requirements`` and ``read_requirements`` run outside Slicer (tests); the
 install functions need the Slicer application and are called from the widget.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -82,23 +86,28 @@ def _constraints_file() -> str:
     return handle.name
 
 
-def ensure_torch(slicer, confirm: Callable[[str], bool]) -> bool:
-    """Make torch importable through the PyTorch extension. Returns True when torch is ready."""
+def ensure_torch(slicer, confirm: Callable[[str], bool], report: Optional[Callable[[str], None]] = None) -> bool:
+    """Make torch importable through the PyTorch extension. Returns True when torch is ready.
+    ``installTorch`` returns None when declined and raises when the install fails."""
     if torch_available():
         return True
+    report = report or (lambda text: slicer.util.errorDisplay(text))
     try:
         import PyTorchUtils  # provided by the PyTorch extension (listed in EXTENSION_DEPENDS)
     except ImportError:
-        slicer.util.errorDisplay(
-            "SAMv2 needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart Slicer, "
-            "then try again.")
+        report("SAMv2 needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart Slicer, "
+               "then try again.")
         return False
     torch_logic = PyTorchUtils.PyTorchUtilsLogic()
     if torch_logic.torchInstalled():
         return True
     if not confirm("SAMv2 needs PyTorch, which is not installed yet. Install it now (this can take several minutes)?"):
+        report("SAMv2 needs PyTorch, which is not installed; nothing was run.")
         return False
-    return torch_logic.installTorch(askConfirmation=False) is not None
+    if torch_logic.installTorch(askConfirmation=False) is None:  # raises when the install fails
+        report("PyTorch was not installed; nothing was run.")
+        return False
+    return True
 
 
 def ensure_requirements(slicer, confirm: Callable[[str], bool], requester: str = "SAMv2Slicer",
@@ -113,11 +122,8 @@ def ensure_requirements(slicer, confirm: Callable[[str], bool], requester: str =
         from packaging.requirements import Requirement
 
         reqs = [Requirement(line) for line in missing]
-        kwargs = dict(requester=requester)
-        try:
-            packaging_api.pip_ensure(reqs, constraints=_constraints_file(), skip_packages=list(PROTECTED), **kwargs)
-        except TypeError:  # an early 5.11 preview without constraints/skip_packages
-            packaging_api.pip_ensure(reqs, **kwargs)
+        # raises RuntimeError when the user declines, CalledProcessError when pip fails
+        packaging_api.pip_ensure(reqs, constraints=_constraints_file(), requester=requester)
         return not missing_requirements(path)
     if not confirm("SAMv2 needs these Python packages: " + ", ".join(missing) + ". Install them now?"):
         return False
@@ -136,7 +142,28 @@ def _slicer_packaging():
     return None
 
 
-def ensure_all(slicer, confirm: Optional[Callable[[str], bool]] = None) -> bool:
-    """torch (PyTorch extension) then requirements.txt; asks before any install."""
+def ensure_all(slicer, confirm: Optional[Callable[[str], bool]] = None,
+               report: Optional[Callable[[str], None]] = None) -> bool:
+    """torch (PyTorch extension) then requirements.txt; asks before any install.
+
+    Returns True when everything is importable. A declined or failed install returns False
+    after ``report`` (default: an error dialog) received one sentence saying what happened.
+    """
     confirm = confirm or (lambda text: slicer.util.confirmOkCancelDisplay(text, "SAMv2Slicer"))
-    return ensure_torch(slicer, confirm) and ensure_requirements(slicer, confirm)
+    report = report or (lambda text: slicer.util.errorDisplay(text))
+    try:
+        if not ensure_torch(slicer, confirm, report):
+            return False
+        if not ensure_requirements(slicer, confirm):
+            report("SAMv2 needs these Python packages, which are not installed: "
+                   + ", ".join(missing_requirements()) + "; nothing was run.")
+            return False
+        return True
+    except RuntimeError as exc:  # pip_ensure: "User declined package installation"
+        report(f"Python packages for SAMv2 were not installed ({exc}); nothing was run.")
+    except subprocess.CalledProcessError as exc:
+        report(f"Installing Python packages for SAMv2 failed (pip exit code {exc.returncode}; details in the "
+               "Python console); nothing was run.")
+    except Exception as exc:  # any other installer failure (network, PyTorch extension) is reported too
+        report(f"Installing Python packages for SAMv2 failed: {type(exc).__name__}: {exc}; nothing was run.")
+    return False

@@ -4,8 +4,10 @@ Every action is split in three phases so that the GUI never freezes:
 
 * ``prepare_*`` (main thread): validate the selected nodes and copy them into core objects.
   Bad input raises a samv2core error here, before anything runs or changes.
-* ``Job.compute(progress)`` (any thread): embeddings, matching, registration. Touches no
-  MRML node; ``progress`` may raise ``worker.Cancelled``.
+* ``Job.compute(progress)``: embeddings, matching, registration. Touches no MRML node;
+  ``progress`` may raise ``progress.Cancelled``. In Slicer the same computation runs in the
+  worker process instead (``Job.op`` / ``Job.inputs`` name it; see ``worker`` and ``server``):
+  both run the functions of ``steps``.
 * ``Job.apply(payload)`` (main thread): add the output nodes. Runs in a scene transaction:
   if anything fails, every node it added is removed and input nodes are restored.
 
@@ -22,38 +24,36 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-import SimpleITK as sitk
 import vtk
 
-from samv2core.coords import lps_to_ras
+from samv2core.coords import lps_to_ras, ras_to_lps
 from samv2core.embed import Embedder
 from samv2core.errors import InputError, MatchingError, SAMv2Error
 from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume
 
-from . import nodes
+from . import nodes, steps
 from .constants import (ATTRIBUTE_PREFIX, FIXED_REFERENCE_ROLE, FLAGGED_SUFFIX, METHODS,  # noqa: F401
                         MOVING_REFERENCE_ROLE, REGISTRATION_FEATURES, REGISTRATION_MODES, SOURCE_POINTS_ROLE,
                         SOURCE_VOLUME_ROLE)
-from .worker import Cancelled, ProgressCallback, run_sync
-
-
-def _noop(fraction: float, message: str) -> None:
-    return None
-
-
-def _sub(progress: ProgressCallback, lo: float, hi: float) -> ProgressCallback:
-    """A progress callback mapping [0, 1] onto [lo, hi] of ``progress``."""
-    return lambda f, m: progress(lo + (hi - lo) * float(f), m)
+from .progress import Cancelled, ProgressCallback, run_sync
+from .progress import no_progress as _noop
+from .steps import sphere_mask, warp_mask  # noqa: F401  (re-exported: part of the logic's API)
 
 
 @dataclass
 class Job:
-    """A prepared action: ``compute`` is thread-safe and MRML-free, ``apply`` writes the scene."""
+    """A prepared action: ``compute`` is MRML-free, ``apply`` writes the scene (main thread).
+
+    ``op`` and ``inputs`` describe the same computation for the worker process: the operation
+    name and its arguments (core Volumes, numpy arrays, plain values; see ``protocol``).
+    """
 
     name: str
     compute: Callable[[ProgressCallback], Any]
     apply: Callable[[Any], Any]
+    op: str = ""
+    inputs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -183,12 +183,9 @@ class SAMv2Logic:
 
     @staticmethod
     def _modality_of(node) -> str:
-        """Modality from the node attribute / DICOM tag Slicer keeps, else guessed from intensities."""
-        for attr in ("SAMv2.Modality", "DICOM.Modality"):
-            value = node.GetAttribute(attr)
-            if value and value.upper() in ("CT", "MR", "MRI"):
-                return value.upper()
-        return "auto"
+        """Modality from our node attribute, else the DICOM series modality that Slicer's DICOM
+        plugins store on the node's subject hierarchy item, else 'auto' (guessed from intensities)."""
+        return nodes.node_modality(node)
 
     def embeddings(self, volume: Volume, progress: ProgressCallback = _noop):
         """Embeddings of a (prepared) volume, computed once per volume content and reused."""
@@ -202,14 +199,15 @@ class SAMv2Logic:
             self._session.clear_cache()
 
     def _pair(self, baseline_node, followup_node, names=("baseline volume", "follow-up volume"),
-              world_second: bool = True) -> tuple[Volume, Volume]:
+              world_second: bool = True, world_first: bool = True) -> tuple[Volume, Volume]:
         if baseline_node is None:
             raise InputError(f"no {names[0]} selected")
         if followup_node is None:
             raise InputError(f"no {names[1]} selected")
         if baseline_node is followup_node or baseline_node.GetID() == followup_node.GetID():
             raise InputError(f"the {names[0]} and the {names[1]} are the same volume ({baseline_node.GetName()})")
-        return self.volume(baseline_node, names[0]), self.volume(followup_node, names[1], world=world_second)
+        return (self.volume(baseline_node, names[0], world=world_first),
+                self.volume(followup_node, names[1], world=world_second))
 
     # --- transactions ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -250,19 +248,34 @@ class SAMv2Logic:
         with self.transaction():
             return job.apply(payload)
 
+    # --- embedding ahead of use ------------------------------------------------------------
+    def prepare_embed(self, baseline_node, followup_node) -> Job:
+        """Embed both volumes (in their own voxel space, as matching reads them) so that the next
+        click only matches. Adds nothing to the scene."""
+        base, follow = self._pair(baseline_node, followup_node, world_first=False, world_second=False)
+
+        def compute(progress: ProgressCallback):
+            return steps.embed_volumes(self.session(), [base, follow], progress)
+
+        return Job("Embed volumes", compute, lambda names: names, "embed", {"volumes": [base, follow]})
+
     # --- matching -------------------------------------------------------------------------
     def prepare_match(self, baseline_node, followup_node, points_node, method: str = "fixed_point",
                       output_name: Optional[str] = None) -> Job:
         """Match every point of ``points_node`` (on the baseline) onto the follow-up."""
         if method not in METHODS:
             raise InputError(f"unknown matching method {method!r}: use one of {', '.join(METHODS)}")
-        base, follow = self._pair(baseline_node, followup_node)
+        # Both volumes are read in their own voxel space (parent transforms left out), so a
+        # registration placing the follow-up under a linear or grid transform neither blocks
+        # matching nor invalidates the embeddings; points cross the transforms instead.
+        base, follow = self._pair(baseline_node, followup_node, world_first=False, world_second=False)
         if points_node is None:
             raise InputError("no point list selected")
         pts = nodes.read_points(points_node)
         if len(pts) == 0:
             raise InputError(f"{points_node.GetName()}: the point list has no points; place points on the baseline")
-        inside = base.contains_lps(pts.lps)
+        points_lps = ras_to_lps(nodes.world_to_local(baseline_node, pts.ras))
+        inside = base.contains_lps(points_lps)
         if not inside.all():
             bad = [pts.labels[i] for i in np.flatnonzero(~inside)]
             raise InputError(f"point(s) {', '.join(bad)} lie outside the baseline volume {base.name}")
@@ -270,13 +283,9 @@ class SAMv2Logic:
         ids = {"points": points_node.GetID(), "follow": followup_node.GetID()}
 
         def compute(progress: ProgressCallback):
-            from samv2core.matching import match_points
-
-            e_base = self.embeddings(base, _sub(progress, 0.0, 0.45))
-            e_follow = self.embeddings(follow, _sub(progress, 0.45, 0.9))
-            progress(0.9, f"matching {len(pts)} point(s)")
-            results = match_points(e_base, e_follow, pts.lps, method=method)
-            progress(1.0, "matched")
+            session = self.session()
+            results = steps.match(session, base, follow, points_lps, method, progress)
+            self.model_label = session.label
             return results
 
         def apply(results):
@@ -286,7 +295,8 @@ class SAMv2Logic:
                            + (f", {len(results) - n_ok} flagged{FLAGGED_SUFFIX}" if n_ok < len(results) else ""))
             return MatchOutcome(node, list(results), pts.labels)
 
-        return Job("Match points", compute, apply)
+        return Job("Match points", compute, apply, "match",
+                   {"template": base, "query": follow, "points_lps": points_lps, "method": method})
 
     def match_points(self, baseline_node, followup_node, points_node, method: str = "fixed_point",
                      output_name: Optional[str] = None, progress=None) -> MatchOutcome:
@@ -294,13 +304,15 @@ class SAMv2Logic:
                         progress, "Match points")
 
     def _matched_point_list(self, name, labels, results, method, ids):
-        if self.scene.GetNodeByID(ids["follow"]) is None:
+        follow = self.scene.GetNodeByID(ids["follow"])
+        if follow is None:
             raise InputError("the follow-up volume was removed from the scene while matching")
         ras = lps_to_ras(np.array([r.query_point.to("LPS").as_array() for r in results]).reshape(-1, 3))
         descriptions = [describe_match(r) for r in results]
         flagged = [not r.confident for r in results]
         node = nodes.new_point_list(self.scene, name, ras, labels, descriptions, flagged, flagged_suffix=FLAGGED_SUFFIX)
-        follow = self.scene.GetNodeByID(ids["follow"])
+        # matches are in the follow-up's voxel space: they sit under its transforms, as it does
+        node.SetAndObserveTransformNodeID(follow.GetTransformNodeID())
         for i in range(node.GetNumberOfControlPoints()):
             node.SetNthControlPointAssociatedNodeID(i, ids["follow"])
         node.SetNodeReferenceID(SOURCE_POINTS_ROLE, ids["points"])
@@ -321,11 +333,12 @@ class SAMv2Logic:
         Output: a point list with the matched lesion centre and a segmentation with the region.
         A segment is carried over by matching its centre and extreme points and fitting a local
         affine (translation only when too few confident matches or an implausible fit).
+        ``point_index`` is the control-point index in ``points_node`` (as Slicer numbers them).
         """
-        base, follow = self._pair(baseline_node, followup_node)
+        base, follow = self._pair(baseline_node, followup_node, world_first=False, world_second=False)
         if segmentation_node is not None:
-            mask = nodes.segment_mask(segmentation_node, segment_id)
-            samples, _ = _segment_samples(mask)
+            mask = nodes.segment_mask(segmentation_node, segment_id, base_node=baseline_node)
+            samples, _ = steps.segment_samples(mask)
             label = mask.name or "lesion"
             source_id = segmentation_node.GetID()
             radius = None
@@ -333,12 +346,14 @@ class SAMv2Logic:
             if points_node is None:
                 raise InputError("select a lesion point (point list) or a segment")
             pts = nodes.read_points(points_node)
-            if not 0 <= point_index < len(pts):
-                raise InputError(f"{points_node.GetName()}: no point number {point_index + 1} (it has {len(pts)})")
+            if point_index not in pts.indices:
+                raise InputError(f"{points_node.GetName()}: no placed point number {point_index + 1} (it has "
+                                 f"{points_node.GetNumberOfControlPoints()} control point(s), {len(pts)} placed)")
             if not (np.isfinite(radius_mm) and radius_mm > 0):
                 raise InputError(f"the lesion radius must be positive, got {radius_mm}")
-            samples = pts.lps[point_index:point_index + 1]
-            label = pts.labels[point_index]
+            row = pts.indices.index(point_index)
+            samples = ras_to_lps(nodes.world_to_local(baseline_node, pts.ras[row:row + 1]))
+            label = pts.labels[row]
             source_id = points_node.GetID()
             radius = float(radius_mm)
             mask = None
@@ -350,21 +365,10 @@ class SAMv2Logic:
         follow_id = followup_node.GetID()
 
         def compute(progress: ProgressCallback):
-            from samv2core.matching import match_points
-
-            e_base = self.embeddings(base, _sub(progress, 0.0, 0.45))
-            e_follow = self.embeddings(follow, _sub(progress, 0.45, 0.85))
-            progress(0.85, "matching the lesion")
-            results = match_points(e_base, e_follow, samples, method=method)
-            centre = results[0]
-            if mask is None:
-                region = sphere_mask(follow, centre.query_point.to("LPS").as_array(), radius)
-                details = {"radius_mm": radius, "model": "sphere"}
-            else:
-                fit, details = _local_affine(samples, results)
-                region = warp_mask(mask, fit, follow)
-            progress(1.0, "lesion propagated")
-            return centre, region, details
+            session = self.session()
+            payload = steps.propagate(session, base, follow, samples, method, radius, mask, progress)
+            self.model_label = session.label
+            return payload
 
         def apply(payload):
             centre, region, details = payload
@@ -374,13 +378,16 @@ class SAMv2Logic:
             if region is None or not np.any(region.array > 0.5):
                 raise MatchingError(f"the propagated region of {label} falls outside the follow-up volume")
             snode = nodes.new_segmentation_node(self.scene, region, name, label + " (propagated)", follow_node)
+            snode.SetAndObserveTransformNodeID(follow_node.GetTransformNodeID())  # drawn where the follow-up is
             snode.SetNodeReferenceID(SOURCE_VOLUME_ROLE, follow_id)
             snode.SetAttribute(ATTRIBUTE_PREFIX + "Propagation", json.dumps(details))
             self.status = (f"lesion {label} propagated: {describe_match(centre)}"
                            + ("" if centre.confident else " - check it, the match is not confident"))
             return LesionOutcome(pnode, snode, centre, details)
 
-        return Job("Propagate lesion", compute, apply)
+        return Job("Propagate lesion", compute, apply, "propagate",
+                   {"template": base, "query": follow, "samples_lps": samples, "method": method,
+                    "radius_mm": radius, "mask": mask})
 
     def propagate_lesion(self, *args, progress=None, **kwargs) -> LesionOutcome:
         return self.run(lambda: self.prepare_propagate_lesion(*args, **kwargs), progress, "Propagate lesion")
@@ -409,11 +416,8 @@ class SAMv2Logic:
         ids = {"fixed": fixed_node.GetID(), "moving": moving_node.GetID()}
 
         def compute(progress: ProgressCallback):
-            from samv2core.registration import register
-
             session = self.session()
-            result = register(fixed, moving, mode=mode, deformable=deformable, embedder=session,
-                              options=options, progress=progress)
+            result = steps.register(session, fixed, moving, mode, deformable, options, progress)
             self.model_label = session.label
             return result
 
@@ -421,7 +425,9 @@ class SAMv2Logic:
             return self.add_registration_nodes(result, self.scene.GetNodeByID(ids["fixed"]),
                                                self.scene.GetNodeByID(ids["moving"]), mode, base, apply_to_moving)
 
-        return Job("Register volumes", compute, apply)
+        return Job("Register volumes", compute, apply, "register",
+                   {"fixed": fixed, "moving": moving, "mode": mode, "deformable": bool(deformable),
+                    "options": options})
 
     def register(self, fixed_node, moving_node, mode: str = "affine", deformable: bool = False,
                  apply_to_moving: bool = True, output_name: Optional[str] = None, options=None,
@@ -488,94 +494,3 @@ def describe_match(result) -> str:
     if not result.confident:
         text += f"; NOT CONFIDENT: {result.reason or 'low score'}"
     return text
-
-
-def sphere_mask(reference: Volume, centre_lps, radius_mm: float) -> Optional[Volume]:
-    """A 0/1 ball of ``radius_mm`` around ``centre_lps`` on a crop of the reference grid (None if outside)."""
-    centre_lps = np.asarray(centre_lps, dtype=np.float64)
-    box = centre_lps + np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * radius_mm
-    grid = _subgrid(reference, box, margin_voxels=1)
-    if grid is None:
-        return None
-    origin_index, size = grid
-    k, j, i = np.meshgrid(*(np.arange(s) for s in size[::-1]), indexing="ij")
-    ijk = np.stack([i, j, k], -1).reshape(-1, 3) + origin_index
-    d = np.linalg.norm(reference.index_to_lps(ijk) - centre_lps, axis=1).reshape(size[::-1])
-    origin = reference.index_to_lps(origin_index)
-    return Volume((d <= radius_mm).astype(np.float32), reference.spacing, tuple(origin), reference.direction,
-                  "CT", "sphere")
-
-
-def _subgrid(reference: Volume, points_lps, margin_voxels: int = 1):
-    """(first index (i, j, k), size (x, y, z)) of the reference-lattice box around points, clipped."""
-    ijk = reference.lps_to_index(np.asarray(points_lps, dtype=np.float64).reshape(-1, 3))
-    lo = np.floor(ijk.min(0)).astype(int) - margin_voxels
-    hi = np.ceil(ijk.max(0)).astype(int) + margin_voxels
-    size_xyz = np.asarray(reference.size_xyz)
-    lo = np.maximum(lo, 0)
-    hi = np.minimum(hi, size_xyz - 1)
-    if np.any(hi < lo):
-        return None
-    return lo, tuple(int(v) for v in hi - lo + 1)
-
-
-def _segment_samples(mask: Volume, max_points: int = 13):
-    """Points that describe a segment: centroid first, then extreme points along the principal axes."""
-    zyx = np.argwhere(mask.array > 0.5)
-    ijk = zyx[:, ::-1].astype(np.float64)
-    lps = mask.index_to_lps(ijk)
-    centroid = lps.mean(0)
-    pts, labels = [centroid], ["centroid"]
-    if len(lps) >= 8:
-        centred = lps - centroid
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        for a, axis in enumerate(vt):
-            proj = centred @ axis
-            for sign, idx in (("-", int(np.argmin(proj))), ("+", int(np.argmax(proj)))):
-                # halfway to the extreme: inside the lesion but spread out
-                pts.append(centroid + 0.5 * (lps[idx] - centroid))
-                labels.append(f"axis{a}{sign}")
-    return np.asarray(pts[:max_points]), tuple(labels[:max_points])
-
-
-def _local_affine(samples_lps: np.ndarray, results) -> tuple[sitk.AffineTransform, dict]:
-    """Baseline->follow-up affine from the sample matches (translation-only fallback)."""
-    src = np.asarray(samples_lps, dtype=np.float64)
-    dst = np.array([r.query_point.to("LPS").as_array() for r in results])
-    ok = np.array([r.confident for r in results])
-    ok[0] = True  # the centre always counts: it is the lesion position reported to the user
-    t = dst[0] - src[0]
-    a = np.eye(3)
-    model = "translation"
-    if ok.sum() >= 5:
-        s, d = src[ok], dst[ok]
-        cs, cd = s.mean(0), d.mean(0)
-        sol, *_ = np.linalg.lstsq(s - cs, d - cd, rcond=None)
-        lin = sol.T
-        sv = np.linalg.svd(lin, compute_uv=False)
-        if np.linalg.det(lin) > 0 and sv.min() > 0.7 and sv.max() < 1.4:
-            a = lin
-            t = dst[0] - a @ src[0]  # keep the matched centre exact
-            model = "affine"
-    fit = sitk.AffineTransform(3)
-    fit.SetMatrix(tuple(a.ravel()))
-    fit.SetTranslation(tuple(t))
-    return fit, {"model": model, "points": int(ok.sum()), "translation_mm": [round(float(v), 2) for v in t]}
-
-
-def warp_mask(mask: Volume, baseline_to_followup: sitk.Transform, follow: Volume) -> Optional[Volume]:
-    """Carry a 0/1 mask into the follow-up lattice (cropped to the mapped mask) through the fit."""
-    corners = mask.corners_lps()
-    mapped = np.array([baseline_to_followup.TransformPoint(tuple(c)) for c in corners])
-    grid = _subgrid(follow, mapped, margin_voxels=2)
-    if grid is None:
-        return None
-    origin_index, size = grid
-    ref = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
-    ref.SetSpacing(follow.spacing)
-    ref.SetOrigin(tuple(follow.index_to_lps(origin_index)))
-    ref.SetDirection(tuple(follow.direction.ravel()))
-    # resampling pulls values: each follow-up voxel looks up the baseline mask through the inverse
-    out = sitk.Resample(mask.to_sitk(), ref, baseline_to_followup.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return Volume.from_sitk(out, "CT", name="propagated").with_array(
-        (sitk.GetArrayFromImage(out) >= 0.5).astype(np.float32))

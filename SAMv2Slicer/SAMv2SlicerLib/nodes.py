@@ -68,6 +68,31 @@ def _apply_parent_transform(node, ijk_to_ras: np.ndarray) -> np.ndarray:
     parent.GetMatrixTransformToWorld(to_world)
     return np_from_vtk_matrix(to_world) @ ijk_to_ras
 
+def world_to_local(node, ras) -> np.ndarray:
+    """World RAS point(s) (..., 3) -> the node's own RAS space (its parent transforms undone,
+    linear or not), where a volume read with ``world=False`` lives."""
+    parent = node.GetParentTransformNode()
+    return np.asarray(ras, dtype=np.float64) if parent is None else node_from_world_point(parent, ras)
+
+
+def node_modality(node) -> str:
+    """'CT' / 'MR' from the node attribute ``SAMv2.Modality`` or the DICOM series modality that
+    Slicer's DICOM plugins store on the node's subject hierarchy item; else 'auto'."""
+    values = [node.GetAttribute("SAMv2.Modality")]
+    scene = node.GetScene()
+    # looked up, not created: reading a volume adds nothing to the scene
+    shn = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") if scene is not None else None
+    if shn is not None:
+        item = shn.GetItemByDataNode(node)
+        if item:
+            name = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+            values.append(shn.GetItemAttribute(item, name))
+    for value in values:
+        if value and value.strip().upper() in ("CT", "MR", "MRI"):
+            return "MR" if value.strip().upper() == "MRI" else value.strip().upper()
+    return "auto"
+
+
 def node_ijk_to_ras(node, world: bool = True) -> np.ndarray:
     """4x4 IJK -> RAS matrix of a volume node; with ``world`` the parent transforms are included.
 
@@ -340,8 +365,9 @@ def write_transform_node(node, path: str, scene=None) -> None:
 
 
 # --- segments -------------------------------------------------------------------------
-def segment_mask(segmentation_node, segment_id: str) -> Volume:
-    """A segment's binary labelmap as a core Volume (LPS geometry, values 0/1)."""
+def segment_mask(segmentation_node, segment_id: str, base_node=None) -> Volume:
+    """A segment's binary labelmap as a core Volume (LPS geometry, values 0/1), in world space,
+    or with ``base_node`` in that node's own space (its linear parent transforms undone)."""
     if segmentation_node is None:
         raise InputError("no segmentation selected")
     seg = segmentation_node.GetSegmentation()
@@ -364,6 +390,8 @@ def segment_mask(segmentation_node, segment_id: str) -> Volume:
     # shift so that array index 0 is the extent's first voxel
     ijk_to_ras[:3, 3] = ijk_to_ras[:3, :3] @ np.array(ext[0::2], float) + ijk_to_ras[:3, 3]
     ijk_to_ras = _apply_parent_transform(segmentation_node, ijk_to_ras)
+    if base_node is not None:
+        ijk_to_ras = np.linalg.inv(_apply_parent_transform(base_node, np.eye(4))) @ ijk_to_ras
     lps = _F4 @ ijk_to_ras
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     return Volume(mask, tuple(spacing), tuple(lps[:3, 3]), lps[:3, :3] / spacing, Modality.CT,

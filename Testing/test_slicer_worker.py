@@ -1,0 +1,240 @@
+"""The Slicer module's worker process, driven in plain Python through its JSON-lines protocol.
+
+The worker is the real server module started with this Python (as Slicer starts it with
+PythonSlicer); the node side uses slicer-core's MRML. An untrained lite network saved as a
+real weights file and small crops of a real CT keep it fast: these tests check plumbing
+(progress, results, cancel, crashes, no partial nodes), not accuracy.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("not available: this 'slicer' package has no MRML (install slicer-core)", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SAMv2Slicer"))
+
+from samv2core.coords import lps_to_ras  # noqa: E402
+from samv2core.volume import Volume  # noqa: E402
+from SAMv2SlicerLib import logic as L  # noqa: E402
+from SAMv2SlicerLib import nodes, protocol, steps  # noqa: E402
+from SAMv2SlicerLib.worker import TaskState, WorkerProcess, find_python  # noqa: E402
+
+
+def scene_state(scene) -> dict:
+    return {scene.GetNthNode(i).GetID(): scene.GetNthNode(i).GetMTime() for i in range(scene.GetNumberOfNodes())}
+
+
+@pytest.fixture(scope="module")
+def lite_model_file(tmp_path_factory):
+    import torch
+
+    from samv2core.model_io import ModelCard, save_model
+    from samv2core.network import NetConfig, build_network
+
+    torch.manual_seed(0)
+    cfg = NetConfig.lite()
+    card = ModelCard(name="lite-untrained-worker-test", architecture=cfg.to_dict(), heads=list(cfg.heads))
+    return save_model(build_network(cfg).eval(), card, tmp_path_factory.mktemp("model") / "lite.safetensors")
+
+
+@pytest.fixture(scope="module")
+def scene_pair(lung_crop):
+    """A scene with a small real CT crop (baseline), its simulated follow-up and lesion points."""
+    from samv2core.simulate import simulate_followup
+
+    base = Volume.from_sitk(lung_crop.to_sitk()[20:84, 10:74, 4:26], "CT", name="crop")
+    follow = simulate_followup(base, seed=5, deformation_mm=0.0).followup
+    scene = slicer.vtkMRMLScene()
+    bnode = nodes.volume_to_node(base, scene, "baseline")
+    fnode = nodes.volume_to_node(follow, scene, "followup")
+    centre = base.index_to_lps((np.asarray(base.size_xyz) - 1) / 2)
+    lesions = np.array([centre, centre + [8.0, 6.0, 3.0]])
+    points = nodes.new_point_list(scene, "Lesions", lps_to_ras(lesions), ["T1", "T2"])
+    return {"scene": scene, "base": bnode, "follow": fnode, "points": points, "lesions_lps": lesions}
+
+
+@pytest.fixture(scope="module")
+def worker(lite_model_file, tmp_path_factory):
+    w = WorkerProcess(workdir=tmp_path_factory.mktemp("worker"), env={"OMP_NUM_THREADS": "1"})
+    w.set_model(str(lite_model_file), "cpu")
+    yield w
+    w.close()
+    assert not w.running
+
+
+def _logic(scene_pair, lite_model_file):
+    logic = L.SAMv2Logic(scene_pair["scene"])
+    logic.set_model(str(lite_model_file), "cpu")
+    return logic
+
+
+def test_find_python(tmp_path):
+    assert find_python() == sys.executable  # plain Python: this interpreter
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    (tmp_path / name).write_text("")
+    assert find_python(str(tmp_path)) == str(tmp_path / name)  # next to the Slicer executable
+    if shutil.which("PythonSlicer") is None:
+        with pytest.raises(FileNotFoundError, match="PythonSlicer"):
+            find_python(str(tmp_path / "elsewhere"))
+
+
+def test_progress_then_result_matches_in_process(worker, scene_pair, lite_model_file):
+    s = scene_pair
+    logic = _logic(s, lite_model_file)
+    job = logic.prepare_match(s["base"], s["follow"], s["points"], method="fixed_point")
+    embed = worker.submit("embed", {"volumes": [job.inputs["template"], job.inputs["query"]]})
+    fractions = []
+    while not embed.finished:
+        worker.poll()
+        fractions.append(embed.progress.fraction)
+        time.sleep(0.005)
+    assert embed.state == TaskState.DONE, embed.error_message
+    assert embed.result == ["baseline", "followup"]
+    distinct = sorted(set(fractions))
+    assert len(distinct) >= 3 and distinct[-1] == pytest.approx(1.0), distinct  # progress streamed
+    pid = worker.pid
+    # the click: the worker's embeddings are reused, the result equals the in-process steps
+    task = worker.submit_job(job)
+    assert worker.wait(task, 120) == TaskState.DONE, task.error_message
+    assert worker.pid == pid
+    reference = steps.match(logic.session(), job.inputs["template"], job.inputs["query"], job.inputs["points_lps"],
+                            "fixed_point")
+    for got, want in zip(task.result, reference):
+        np.testing.assert_allclose(got.query_point.as_array(), want.query_point.as_array(), atol=1e-6)
+        assert got.score == pytest.approx(want.score, abs=1e-6) and got.confident == want.confident
+    before = set(scene_state(s["scene"]))
+    outcome = logic.finish(job, task.result)  # main thread: the nodes appear only now
+    assert outcome.node.GetNumberOfControlPoints() == 2 and outcome.node.GetID() not in before
+    assert not (worker.workdir / "results" / f"r{task.id}").exists()  # result files removed once read
+
+
+def test_cancel_ends_the_request_and_keeps_the_worker(worker, scene_pair):
+    base = nodes.volume_from_node(scene_pair["base"])
+    fresh = base.with_array(np.flip(base.array, 2).copy(), name="flipped")  # not embedded yet
+    task = worker.submit("embed", {"volumes": [fresh]})
+    while task.state == TaskState.QUEUED and not task.finished:
+        worker.poll()
+        time.sleep(0.002)
+    pid = worker.pid
+    worker.cancel(task)
+    t0 = time.monotonic()
+    assert worker.wait(task, 30) == TaskState.CANCELLED
+    assert time.monotonic() - t0 < worker.cancel_timeout  # stopped cooperatively, not killed
+    assert task.error_kind == "" and task.result is None
+    assert worker.run("ping", timeout=30)["pid"] == pid  # same process, still serving
+
+
+def test_unresponsive_worker_is_killed_after_the_cancel_timeout_and_restarted(worker):
+    if not hasattr(signal, "SIGSTOP"):
+        pytest.skip("not available: needs POSIX SIGSTOP to freeze the worker")
+    assert worker.cancel_timeout == 2.0  # the module's default
+    pid = worker.pid or worker.run("ping", timeout=30)["pid"]
+    starts = worker.starts
+    os.kill(pid, signal.SIGSTOP)  # a worker stuck in a step that reports no progress
+    task = worker.submit("ping")
+    worker.cancel(task)
+    t0 = time.monotonic()
+    assert worker.wait(task, 10) == TaskState.CANCELLED
+    waited = time.monotonic() - t0
+    assert 1.9 < waited < 5.0, waited
+    assert task.error_kind == "Killed" and "did not stop within 2 s" in task.error_message
+    assert not worker.running
+    assert worker.run("ping", timeout=60)["pid"] != pid  # restarted on next use
+    assert worker.starts == starts + 1
+
+
+def test_crashed_worker_is_reported_and_restarted_without_partial_nodes(worker, scene_pair, lite_model_file):
+    s = scene_pair
+    logic = _logic(s, lite_model_file)
+    follow = nodes.volume_from_node(s["follow"])
+    job = logic.prepare_propagate_lesion(s["base"], s["follow"], s["points"], 0, radius_mm=5.0)
+    # a step that is still running (a volume it has not embedded yet) when the process dies
+    slow = worker.submit("embed", {"volumes": [follow.with_array(follow.array[::-1].copy(), name="upside down")]})
+    task = worker.submit_job(job)  # queued behind it
+    while slow.state != TaskState.RUNNING and not slow.finished:
+        worker.poll()
+        time.sleep(0.002)
+    before = scene_state(s["scene"])
+    old = worker.pid
+    os.kill(old, signal.SIGKILL)
+    worker.wait(task, 30)
+    for t in (slow, task):
+        assert t.state == TaskState.FAILED and t.error_kind == "WorkerStopped"
+        assert "stopped unexpectedly" in t.error_message and "exit code" in t.error_message
+        assert t.result is None
+    assert scene_state(s["scene"]) == before  # nothing was applied: no partial nodes
+    again = worker.submit_job(job)
+    assert worker.wait(again, 120) == TaskState.DONE, again.error_message
+    assert worker.pid != old
+    outcome = logic.finish(job, again.result)
+    assert outcome.segmentation_node.GetSegmentation().GetNumberOfSegments() == 1
+    assert outcome.points_node.GetNthControlPointLabel(0).startswith("T1")
+
+
+def test_bad_input_in_the_worker_is_an_error_not_a_crash(worker, lite_model_file):
+    pid = worker.pid or worker.run("ping", timeout=30)["pid"]
+    worker.set_model(str(worker.workdir / "missing.safetensors"), "cpu")
+    try:
+        task = worker.submit("set_model")
+        assert worker.wait(task, 60) == TaskState.FAILED
+        assert task.error_kind == "CheckpointError" and "not found" in task.error_message
+        assert worker.running and worker.pid == pid
+    finally:
+        worker.set_model(str(lite_model_file), "cpu")
+
+
+def test_registration_result_round_trips_through_files(tmp_path):
+    """The worker's registration result (ITK .tfm + displacement NRRD + report) decodes to the same maps."""
+    from samv2core.registration.result import RegistrationResult
+
+    linear = sitk.AffineTransform(3)
+    linear.SetMatrix((1.02, 0.05, 0.0, -0.04, 0.98, 0.01, 0.0, 0.02, 1.01))
+    linear.SetTranslation((3.0, -2.0, 5.5))
+    linear.SetCenter((10.0, 20.0, -30.0))
+    field = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 2, (6, 7, 8, 3)), isVector=True)
+    field.SetOrigin((-5.0, 0.0, 4.0))
+    field.SetSpacing((6.0, 5.0, 4.0))
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(linear)
+    composite.AddTransform(sitk.DisplacementFieldTransform(sitk.Image(field)))
+    result = RegistrationResult(linear, field, composite, {"features": "sam", "inliers": np.int64(42)})
+    data = protocol.decode(protocol.encode({"result": protocol.encode_result("register", result, tmp_path)}))
+    back = protocol.decode_result("register", data["result"])
+    pts = np.random.default_rng(1).uniform(0, 30, (20, 3))
+    np.testing.assert_allclose(back.transform_points(pts), result.transform_points(pts), atol=1e-9)
+    np.testing.assert_allclose(back.linear_matrix, result.linear_matrix, atol=1e-12)
+    assert back.report == {"features": "sam", "inliers": 42}
+    args = protocol.decode(protocol.encode(protocol.encode_inputs("register", {"options": _options()}, lambda v: {})))
+    assert protocol.decode_inputs(args, lambda ref: None)["options"] == _options()  # options survive the pipe
+
+
+def _options():
+    from samv2core.registration import DeformableOptions, RegistrationOptions
+
+    return RegistrationOptions(refine=False, features="mind", deformable=DeformableOptions(levels_mm=(16.0,),
+                                                                                            iterations=(5,)))
+
+
+def test_module_session_stays_qt_and_slicer_free():
+    """The worker imports neither Qt nor Slicer: it runs with any Python that has samv2core."""
+    code = ("import sys; import SAMv2SlicerLib.server, SAMv2SlicerLib.worker; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('slicer', 'qt', 'vtk', 'PySide6', 'PyQt5')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "SAMv2Slicer"), str(REPO / "SAMv2Core"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                        env=env, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
