@@ -382,7 +382,9 @@ def test_cmake_lists_and_package_data_name_the_same_files():
     on_disk = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
     assert scripts == on_disk, (sorted(scripts - on_disk), sorted(on_disk - scripts))
     resources = listed("set(MODULE_PYTHON_RESOURCES")
-    data_files = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    # Resources/Screenshots: README and extension-index pictures (EXTENSION_SCREENSHOTURLS), not installed
+    data_files = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*")
+                  if p.is_file() and "Screenshots" not in p.relative_to(MODULE_DIR).parts}
     data_files.add("requirements.txt")
     assert resources == data_files, (sorted(resources - data_files), sorted(data_files - resources))
 

@@ -111,6 +111,9 @@ def test_click_on_baseline_finds_the_tumour_on_the_simulated_followup(scans, tmp
             ras = tumour * [-1, -1, 1]  # the published geometry is in RAS; wait for the tumour's axial slice
             page.wait_for_function("Math.abs(JSON.parse(document.querySelector('#baseline-geometry').textContent)"
                                    f".xy_to_ras[2][3] - {ras[2]}) < 1.0", timeout=10000)
+            # linked views: before any match the follow-up shows the same axial position
+            follow = json.loads(page.text_content("#followup-geometry"))["xy_to_ras"]
+            assert abs(follow[2][3] - ras[2]) < 1.0, "the follow-up view does not follow the baseline"
             x, y = _screen_position(page, 0, ras)
             page.mouse.click(x, y)
             page.wait_for_selector("#match-lps", timeout=60000)
