@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 
 from .cli_options import add_model_arguments, embed_with_progress, session_from_args
-from .errors import SAMv2Error, run_cli
+from .errors import OneLineParser, SAMv2Error, run_cli
 from .outputs import OutputSet, check_outputs
 
 
@@ -145,7 +145,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="samv2", description="Self-supervised anatomical embeddings (SAMv2) for "
+    p = OneLineParser(prog="samv2", description="Self-supervised anatomical embeddings (SAMv2) for "
                                 "landmark matching and registration. Points are LPS mm unless --coords RAS.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert-checkpoint", help="convert an official SAM/SAMv2/CrossSAM .pth to safetensors")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--variant", default="auto", help="auto, sam, samv2 or crosssam")
+    c.add_argument("--variant", default="auto", help="auto, SAM, SAMv2 or CrossSAM (any case)")
     c.set_defaults(func=cmd_convert)
 
     d = sub.add_parser("demo", help="the main job on bundled sample data with the bundled model")
@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("view", help="browser view: click on the baseline, see the match on the follow-up")
     add_view_arguments(v)
     v.set_defaults(func=run_view)
+
+    from .batch import add_batch_arguments, run_batch
+
+    b = sub.add_parser("batch", help="run a cohort (CSV of cases): resumable, one failure never stops the others, "
+                                     "on Dask workers or job-array shards")
+    add_batch_arguments(b)
+    b.set_defaults(func=run_batch)
 
     try:
         from .registration.cli import add_register_arguments, run_register
@@ -217,9 +224,11 @@ def _join_negative_points(argv: list) -> list:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(_join_negative_points(sys.argv[1:] if argv is None else argv))
-    return run_cli("samv2", lambda: args.func(args))
+    def start():  # Ctrl-C while the parser imports its sub-commands is reported like any other
+        args = build_parser().parse_args(_join_negative_points(sys.argv[1:] if argv is None else argv))
+        return args.func(args)
+
+    return run_cli("samv2", start)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,5 +1,6 @@
 """Exception types. Every user-facing failure is one of these, with a one-line message
 naming the problem, so the CLI and the Slicer module can show it as it is."""
+import argparse
 
 
 class SAMv2Error(Exception):
@@ -26,15 +27,36 @@ class RegistrationError(SAMv2Error):
     """Registration refused: the matches cannot support a transform, images do not overlap..."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error reported on one line (exit 2) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a file-system error: 'path: reason'."""
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    return f"{where}{exc.strerror or exc}".replace("\n", " ")
+
+
 def run_cli(prog: str, action, interrupted: str = "interrupted") -> int:
-    """Run a command-line action: a SAMv2Error becomes one ``prog: error: ...`` line on stderr
-    and exit code 2, Ctrl-C exit code 130; otherwise the action's own exit code."""
+    """Run a command-line action: a SAMv2Error, a file-system error (unwritable or full disk)
+    or running out of memory becomes one ``prog: error: ...`` line on stderr and exit code 2,
+    Ctrl-C exit code 130; otherwise the action's own exit code."""
     import sys
 
     try:
         return int(action() or 0)
     except SAMv2Error as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prog}: error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory (is the image much larger than expected? check its size and "
+              "spacing)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

@@ -68,23 +68,31 @@ def _read_markups(p: Path) -> PointList:
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{p}: not a Slicer markups .mrk.json file") from None
     pts, labels, systems = [], [], set()
-    for m in markups:
-        cs = str(m.get("coordinateSystem", "LPS")).upper()
-        systems.add(cs)
-        for n, cp in enumerate(m.get("controlPoints", [])):
-            pos = cp.get("position")
-            if pos is None or len(pos) != 3:
-                raise InputError(f"{p}: control point {n} has no 3D position")
-            pts.append(_to_lps(np.array(pos, float), cs))
-            labels.append(str(cp.get("label") or f"P{len(labels) + 1}"))
+    try:
+        for m in markups:
+            cs = str(m.get("coordinateSystem", "LPS")).upper()
+            systems.add(cs)
+            for n, cp in enumerate(m.get("controlPoints", [])):
+                pos = cp.get("position")
+                if pos is None or len(pos) != 3:
+                    raise InputError(f"{p}: control point {n} has no 3D position")
+                pts.append(_to_lps(np.array(pos, float), cs))
+                labels.append(str(cp.get("label") or f"P{len(labels) + 1}"))
+    except (AttributeError, TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{p}: not a valid Slicer markups point list ({str(exc)[:80]})") from None
     if not pts:
         raise InputError(f"{p}: contains no control points")
     return PointList(np.array(pts), tuple(labels), "RAS" if systems == {"RAS"} else "LPS")
 
 
 def _read_csv(p: Path, system: str) -> PointList:
-    with p.open(newline="") as f:
-        rows = [r for r in csv.reader(f) if r and not r[0].lstrip().startswith("#")]
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and not r[0].lstrip().startswith("#")]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{p}: not a text CSV of points (x,y,z[,label]): {str(exc)[:80]}") from None
     if not rows:
         raise InputError(f"{p}: no points in the CSV file")
     header = [h.strip().lower() for h in rows[0]]
@@ -99,7 +107,7 @@ def _read_csv(p: Path, system: str) -> PointList:
         try:
             pts.append([float(r[i]) for i in ix])
         except (ValueError, IndexError):
-            raise InputError(f"{p}: row {n + 1} is not x,y,z numbers: {r}") from None
+            raise InputError(f"{p}: row {n + 1} is not x,y,z numbers: {str(r)[:80]}") from None
         labels.append(r[il].strip() if il is not None and il < len(r) else f"P{n + 1}")
     arr = np.array(pts, float)
     if not np.all(np.isfinite(arr)):

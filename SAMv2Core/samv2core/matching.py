@@ -78,7 +78,11 @@ class Matcher:
         inside = inside_source(self.template, pts)
         if not inside.all():
             bad = pts[~inside][0]
-            raise InputError(f"point ({bad[0]:.1f}, {bad[1]:.1f}, {bad[2]:.1f}) LPS mm is outside the template image")
+            hint = ""
+            if inside_source(self.t.emb, bad * np.array([-1.0, -1.0, 1.0])).all():
+                hint = "; read as RAS it would be inside: were the coordinates RAS (--coords RAS)?"
+            raise InputError(f"point ({bad[0]:.1f}, {bad[1]:.1f}, {bad[2]:.1f}) LPS mm is outside the template image"
+                             + hint)
         return self.t.grid.lps_to_index(pts)
 
     def _forward(self, t_idx: np.ndarray, subvoxel: bool):

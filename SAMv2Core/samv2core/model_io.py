@@ -338,6 +338,7 @@ def convert_official_checkpoint(src: "str | Path", dst: "str | Path", variant: s
     'CrossSAM'. Every tensor's shape is checked against the network; mismatches fail loudly.
     """
     src, dst = Path(src), Path(dst)
+    variant = {v.lower(): v for v in OFFICIAL_VARIANTS}.get(str(variant).lower(), variant)
     if variant != "auto" and variant not in OFFICIAL_VARIANTS:
         raise InputError(f"variant must be 'auto' or one of {OFFICIAL_VARIANTS}, got {variant!r}")
     if not src.is_file():

@@ -16,6 +16,8 @@ from .volume import Modality, Volume
 CT_RANGE = (-1024.0, 3071.0)
 MR_PERCENTILES = (0.2, 99.8)
 OUTPUT_OFFSET = 50.0
+# a whole-body scan at 2 mm is about 80 M voxels; far beyond that the header's geometry is wrong
+MAX_MODEL_GRID_VOXELS = 250_000_000
 
 
 def model_grid_for(volume: Volume, spacing_mm: float = 2.0, margin_mm: float = 0.0):
@@ -23,7 +25,12 @@ def model_grid_for(volume: Volume, spacing_mm: float = 2.0, margin_mm: float = 0
     corners = volume.corners_lps()
     lo = corners.min(axis=0) - margin_mm
     hi = corners.max(axis=0) + margin_mm
-    size = np.maximum(1, np.floor((hi - lo) / spacing_mm + 1e-6).astype(int) + 1)
+    size = np.maximum(1, np.floor((hi - lo) / spacing_mm + 1e-6).astype(np.int64) + 1)
+    if float(np.prod(size.astype(float))) > MAX_MODEL_GRID_VOXELS:
+        ext = " x ".join(f"{e:.0f}" for e in hi - lo)
+        raise InputError(f"{volume.name or 'volume'}: the image spans {ext} mm (spacing "
+                         f"{', '.join(f'{s:g}' for s in volume.spacing)} mm): too large for a {spacing_mm:g} mm "
+                         "grid; check the spacing in the file header")
     return lo, tuple(int(s) for s in size)
 
 

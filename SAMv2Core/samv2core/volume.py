@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .image_files import check_complete, itk_reason
 
 
 class Modality(str, enum.Enum):
@@ -148,8 +149,10 @@ def validate_geometry(shape, spacing, direction: np.ndarray, name: str = "") -> 
         raise InputError(f"{label}: the volume is empty (shape {tuple(shape)})")
     if any((not np.isfinite(s)) or s <= 0 for s in spacing):
         raise InputError(f"{label}: spacing must be positive and finite, got {spacing}")
-    if not np.all(np.isfinite(direction)) or abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
-        raise InputError(f"{label}: direction matrix is not orthonormal: {direction.tolist()}")
+    if not np.all(np.isfinite(direction)) or np.abs(direction.T @ direction - np.eye(3)).max() > 1e-3:
+        # a sheared or scaled matrix can still have determinant 1: check every column pair
+        raise InputError(f"{label}: direction matrix is not orthonormal (sheared or scaled axes): "
+                         f"{np.round(direction, 6).tolist()}")
 
 
 def validate_intensities(array: np.ndarray, name: str = "") -> None:
@@ -197,15 +200,14 @@ def load_volume(path: "str | os.PathLike", modality: "str | Modality" = "auto") 
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     dicom_modality = None
+    check_complete(p)
     try:
         if p.is_dir():
             image, dicom_modality = _read_dicom_series(p)
         else:
             image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((l for l in first if "ERROR" in l or "Exception" in l or "Unable" in l), first[-1] if first else "")
-        raise InputError(f"{p}: cannot read as an image ({detail.strip()[:200]})") from None
+        raise InputError(f"{p}: cannot read as an image ({itk_reason(exc)})") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if str(modality).lower() == "auto" and dicom_modality in ("CT", "MR"):

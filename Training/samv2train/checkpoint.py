@@ -87,9 +87,28 @@ def latest_valid(ckpt_dir: Path, log=print) -> "tuple[dict, Path] | None":
     return None
 
 
+def is_valid(path: Path) -> bool:
+    """True when ``path``'s digest file matches its content (the check load_checked makes first)."""
+    side = path.with_name(path.name + ".sha256")
+    try:
+        return side.read_text().strip() == _sha256(path)
+    except OSError:
+        return False
+
+
+def set_aside(path: Path) -> None:
+    """Rename a corrupt checkpoint (and its digest) to ``*.corrupt``: no longer listed."""
+    for q in (path, path.with_name(path.name + ".sha256")):
+        if q.exists():
+            os.replace(q, q.with_name(q.name + ".corrupt"))
+
+
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest step checkpoints (and their digests)."""
-    for _, p in list_checkpoints(ckpt_dir)[keep:]:
+    """Delete all but the ``keep`` newest VALID step checkpoints (and their digests). Corrupt
+    ones never count towards ``keep`` (so they cannot push a valid one out) and are left for
+    inspection."""
+    valid = [p for _, p in list_checkpoints(ckpt_dir) if is_valid(p)]
+    for p in valid[keep:]:
         for q in (p, p.with_name(p.name + ".sha256")):
             try:
                 q.unlink()

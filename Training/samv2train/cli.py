@@ -3,6 +3,7 @@
     samv2-train --config run.yaml            start a run (run dir = run.output_dir/run.name)
     samv2-train --resume RUN_DIR             continue from the newest valid checkpoint
     samv2-train --resume RUN_DIR --config run.yaml   same, but refuse if run.yaml differs
+    samv2-train --resume RUN_DIR --restart   start again from step 0 if no checkpoint is valid
     samv2-train --export RUN_DIR --out model.safetensors [--which best|last]
     samv2-train --check-config run.yaml      validate the config and the data, then exit
 
@@ -17,14 +18,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from samv2core.errors import run_cli
+from samv2core.errors import OneLineParser, run_cli
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="samv2-train", description=__doc__.split("\n")[0],
+    ap = OneLineParser(prog="samv2-train", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", help="run config (.yaml/.json/.toml)")
     ap.add_argument("--resume", metavar="RUN_DIR", help="resume the run in RUN_DIR")
+    ap.add_argument("--restart", action="store_true",
+                    help="with --resume: start the run again from step 0 when none of its checkpoints is valid")
     ap.add_argument("--iterations", type=int, help="override run.iterations (e.g. to extend a resumed run)")
     ap.add_argument("--threads", type=int, help="override runtime.num_threads")
     ap.add_argument("--export", metavar="RUN_DIR", help="export a run's weights with samv2core.model_io")
@@ -54,6 +57,8 @@ def _run(args, ap) -> int:
         path = export_run(Path(args.export), Path(args.out), which=args.which)
         print(f"exported {path}")
         return 0
+    if args.restart and not args.resume:
+        ap.error("--restart goes with --resume RUN_DIR")
     if not args.config and not args.resume:
         ap.error("give --config FILE to start a run or --resume RUN_DIR to continue one")
     from .trainer import train
@@ -87,9 +92,9 @@ def _run(args, ap) -> int:
     if cfg.crosssam.enabled:
         from .crosssam import run_crosssam
 
-        trainer = run_crosssam(cfg, resume=bool(args.resume))
+        trainer = run_crosssam(cfg, resume=bool(args.resume), restart=args.restart)
     else:
-        trainer = train(cfg, resume=bool(args.resume))
+        trainer = train(cfg, resume=bool(args.resume), restart=args.restart)
     st = trainer.state
     if trainer.dist.is_main:
         best = (f"best validation {st.best_metric:.2f} mm at step {st.best_step}" if st.best_step >= 0

@@ -258,7 +258,7 @@ def load_pairs(cfg: TrainConfig) -> list[tuple[Volume, Volume, TrainVolume, Trai
     return out
 
 
-def run_crosssam(cfg: TrainConfig, resume: bool = False, log=None, pairs=None):
+def run_crosssam(cfg: TrainConfig, resume: bool = False, log=None, pairs=None, restart: bool = False):
     """Run the iterative register-then-learn loop; returns the Trainer.
 
     ``run.iterations`` is ignored: the loop runs ``rounds x iterations_per_round`` steps on top
@@ -271,7 +271,7 @@ def run_crosssam(cfg: TrainConfig, resume: bool = False, log=None, pairs=None):
 
     c = cfg.crosssam
     cfg.run.iterations = c.rounds * c.iterations_per_round
-    tr = Trainer(cfg, resume=resume, log=log)
+    tr = Trainer(cfg, resume=resume, log=log, restart=restart)
     if pairs is None:
         loaded = load_pairs(cfg)
     else:

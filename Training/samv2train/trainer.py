@@ -123,7 +123,7 @@ def step_rng(seed: int, step: int, rank: int = 0, stream: int = 0) -> np.random.
 class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=None, extra_pairs=None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=None, extra_pairs=None, restart: bool = False):
         self.cfg = cfg
         self.dist = init_distributed(cfg.runtime.device)
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -142,6 +142,9 @@ class Trainer:
         # a CrossSAM run may have pairs only; their images are added by the loop
         self.volumes: list[TrainVolume] = load_dataset(cfg.data, log=self.log) if has_data else []
         self.labelled = [i for i, v in enumerate(self.volumes) if v.labels is not None]
+        if not resume and self.dist.is_main:  # recorded only once the data was found usable
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg, self.log).to(self.device)
         self.raw_model = self.model
@@ -157,7 +160,7 @@ class Trainer:
                 self.model = DDP(self.model, find_unused_parameters=True)
         self.optimizer = make_optimizer(cfg, self.raw_model)
         if resume:
-            self._restore()
+            self._restore(restart)
 
     # --- run directory / resume -----------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -179,14 +182,20 @@ class Trainer:
         if cfg_file.exists() and ck.list_checkpoints(self.ckpt_dir):
             raise InputError(f"{self.run_dir}: already holds a run with checkpoints; use --resume {self.run_dir} "
                              "or choose another run.name")
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, cfg_file)
 
-    def _restore(self) -> None:
+    def _restore(self, restart: bool = False) -> None:
         found = ck.latest_valid(self.ckpt_dir, log=self.log)
         if found is None:
-            self.log("no valid checkpoint yet: starting from step 0")
+            present = ck.list_checkpoints(self.ckpt_dir)
+            if not restart:
+                what = (f"all {len(present)} checkpoints are corrupt" if present else "it has no checkpoint yet")
+                raise CheckpointError(f"{self.run_dir}: cannot resume, {what}; add --restart to start it again "
+                                      "from step 0")
+            if self.dist.is_main:
+                for _, path in present:  # kept for inspection, out of the way of resume and pruning
+                    ck.set_aside(path)
+            self._truncate_log(0)
+            self.log(f"restarting {self.run_dir.name} from step 0 ({len(present)} corrupt checkpoints set aside)")
             return
         obj, path = found
         if obj.get("config_hash") != self.cfg.identity_hash():
@@ -528,8 +537,10 @@ def plot_loss_log(csv_path: Path, png_path: Path) -> None:
         plt.close(fig)
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_after: "int | None" = None, log=None) -> Trainer:
-    """Run (or resume) training for ``cfg``; returns the Trainer (model, state, run_dir)."""
-    trainer = Trainer(cfg, resume=resume, log=log)
+def train(cfg: TrainConfig, resume: bool = False, stop_after: "int | None" = None, log=None,
+          restart: bool = False) -> Trainer:
+    """Run (or resume) training for ``cfg``; returns the Trainer (model, state, run_dir).
+    ``restart`` (with ``resume``): start again from step 0 when no checkpoint is valid."""
+    trainer = Trainer(cfg, resume=resume, log=log, restart=restart)
     trainer.fit(stop_after=stop_after)
     return trainer

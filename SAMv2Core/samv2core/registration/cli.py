@@ -86,10 +86,13 @@ def run_register(args, embedder=None) -> int:
     ``embedder`` (optional) replaces the model given by ``--model`` / the bundled one.
     """
     from ..volume import load_volume
-    from .io import write_registration
+    from ..outputs import check_outputs
+    from .io import OUTPUT_FILES, write_registration
     from .pipeline import preflight, register
 
     try:
+        # before any work: --out must be a folder that can be written and holds no input
+        check_outputs([], [args.fixed, args.moving, args.model], [(args.out, OUTPUT_FILES)])
         options = options_from_args(args)
         fixed = load_volume(args.fixed, args.fixed_modality)
         moving = load_volume(args.moving, args.moving_modality)

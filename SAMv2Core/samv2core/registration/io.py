@@ -34,6 +34,11 @@ from ..volume import Volume
 from .result import RegistrationResult
 
 
+# every file write_registration may write (plus the optional overlay.png of the CLI)
+OUTPUT_FILES = ("linear.tfm", "linear.h5", "composite.h5", "moving_resampled.nii.gz", "report.json",
+                "displacement.nii.gz", "displacement.h5", "overlay.png")
+
+
 def resample_moving(result: RegistrationResult, moving: Volume, fixed: Volume,
                     interpolator=sitk.sitkLinear) -> Volume:
     """The moving image resampled onto the fixed grid through the complete transform."""

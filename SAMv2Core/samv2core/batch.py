@@ -1,0 +1,167 @@
+"""``samv2 batch``: a cohort of match (and optionally registration) cases on the cohort runner.
+
+    samv2 batch cases.csv --output results/ [--workers N | --scheduler ADDRESS] [--shard i/n]
+
+The CSV has the columns ``case,template,query,points`` (``baseline`` / ``followup`` are
+accepted for template / query, so the Slicer batch script's CSV works unchanged); paths are
+relative to the CSV. Each case writes ``OUTPUT/<case>/``: ``matches.json``,
+``matched.mrk.json``, ``matched.csv`` and, with ``--register``, ``registration/`` (ITK
+transforms, resampled query, report), plus its ``manifest.json`` (see samv2core.cohort).
+Exit code 0 when every case succeeded or was already finished, 1 when any case failed,
+2 when the arguments, the model or the CSV cannot be used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .cohort import Case, parse_shard, read_cases, run_cohort
+
+ROLES = {"template": ("template", "baseline"), "query": ("query", "followup"), "points": ("points",)}
+
+# one embedder per process (a Dask worker runs many cases): keyed by the job's model settings
+_SESSIONS: dict = {}
+
+
+@dataclass(frozen=True)
+class MatchCaseJob:
+    """Per case: embed template and query, match the points, optionally register query onto
+    template; writes the files listed in the module doc into the case's folder."""
+
+    model: Optional[str] = None
+    model_id: str = "bundled"
+    device: str = "auto"
+    precision: str = "auto"
+    method: str = "fixed_point"
+    points_system: str = "LPS"
+    modality: str = "auto"
+    min_score: Optional[float] = None
+    register: str = "none"
+    deformable: bool = False
+    cache_dir: Optional[str] = None
+    threads: Optional[int] = None
+
+    @property
+    def settings(self) -> dict:
+        """What a finished case's results depend on (a change redoes the case)."""
+        return {"model": self.model_id, "method": self.method, "points_system": self.points_system,
+                "modality": self.modality, "min_score": self.min_score, "register": self.register,
+                "deformable": self.deformable, "precision": self.precision}
+
+    def embedder(self):
+        from .embed import Embedder
+        from .models import resolve_model
+
+        key = (self.model, self.device, self.precision, self.cache_dir)
+        if key not in _SESSIONS:
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
+            resolved = resolve_model(self.model, device=self.device)
+            _SESSIONS[key] = Embedder(resolved.model, device=self.device, precision=self.precision,
+                                      cache_dir=self.cache_dir)
+        return _SESSIONS[key]
+
+    def __call__(self, case: Case, out_dir: Path) -> dict:
+        from .markups import read_points, write_csv, write_markups
+        from .matching import MatchOptions, match_points
+        from .volume import load_volume
+
+        template = load_volume(case.inputs["template"], self.modality)
+        query = load_volume(case.inputs["query"], self.modality)
+        points = read_points(case.inputs["points"], self.points_system)
+        embedder = self.embedder()
+        te, qe = embedder.embed(template), embedder.embed(query)
+        opts = MatchOptions(min_score=self.min_score) if self.min_score is not None else None
+        results = match_points(te, qe, points.lps, method=self.method, options=opts)
+        system = points.source_system if case.inputs["points"].endswith(".json") else self.points_system
+        doc = {"case": case.name, "template": case.inputs["template"], "query": case.inputs["query"],
+               "model": self.model_id, "method": self.method, "coordinate_system": system,
+               "matches": [dict(label=label, **r.to_dict(system)) for label, r in zip(points.labels, results)]}
+        (out_dir / "matches.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        write_markups(out_dir / "matched.mrk.json", np.array([r.query_point.xyz for r in results]), points.labels,
+                      system, [f"score {r.score:.3f}" + ("" if r.confident else f"; NOT CONFIDENT: {r.reason}")
+                               for r in results], [r.confident for r in results])
+        write_csv(out_dir / "matched.csv", [
+            {"label": label, **dict(zip("xyz", r.query_point.to(system).xyz)), "coordinate_system": system,
+             "score": round(r.score, 4), "confident": r.confident, "reason": r.reason or ""}
+            for label, r in zip(points.labels, results)])
+        confident = sum(bool(r.confident) for r in results)
+        info = {"points": len(results), "confident": confident,
+                "message": f"{confident}/{len(results)} points matched confidently"}
+        if self.register != "none":
+            from .registration import register, write_registration
+
+            reg = register(template, query, mode=self.register, deformable=self.deformable, embedder=embedder)
+            write_registration(reg, query, template, out_dir / "registration")
+            info["message"] += f"; {self.register} registration, {reg.report['linear']['inliers']} inliers"
+        return info
+
+
+def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cases", help="CSV with columns case, template (or baseline), query (or followup), points")
+    p.add_argument("--output", "-o", required=True, help="output folder (one sub-folder per case + summary.csv)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Dask LocalCluster worker processes (default 1); 0 runs the cases in this process")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler (e.g. tcp://host:8786)")
+    p.add_argument("--shard", help="i/n: run only cases k with k %% n == i (job arrays, e.g. $SLURM_ARRAY_TASK_ID/4)")
+    p.add_argument("--threads", type=int, help="torch threads per worker")
+    p.add_argument("--method", default="fixed_point", choices=["fixed_point", "nn"])
+    p.add_argument("--min-score", type=float, help="confidence threshold on the similarity score")
+    p.add_argument("--points-system", default="LPS", choices=["LPS", "RAS"],
+                   help="coordinate system of CSV point files; .mrk.json files name their own")
+    p.add_argument("--modality", default="auto", help="CT, MR or auto")
+    p.add_argument("--register", default="none", choices=["none", "rigid", "affine"],
+                   help="also register each query (moving) onto its template (fixed)")
+    p.add_argument("--deformable", action="store_true", help="with --register: add the deformable refinement")
+    p.add_argument("--model", help="weights (.safetensors with its .json card); default: the bundled model")
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--cache-dir", help="keep embeddings on disk here (shared by the workers)")
+
+
+def job_from_args(args) -> MatchCaseJob:
+    """The job of ``samv2 batch``; loads the model once here so a bad --model is refused
+    (exit 2) before any case runs."""
+    from .device import select_device
+    from .models import resolve_model
+
+    select_device(args.device)  # a missing GPU is refused up front
+    resolved = resolve_model(args.model, device="cpu")
+    model_id = getattr(resolved.model.card, "sha256", None) or resolved.label
+    return MatchCaseJob(model=str(Path(args.model).resolve()) if args.model else None, model_id=model_id,
+                        device=args.device, precision=args.precision, method=args.method,
+                        points_system=args.points_system.upper(), modality=args.modality, min_score=args.min_score,
+                        register=args.register, deformable=args.deformable,
+                        cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir else None,
+                        threads=args.threads or (default_threads(args.workers) if args.workers else None))
+
+
+def run_batch(args) -> int:
+    from .errors import InputError
+
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 or more, got {args.workers}")
+    if args.deformable and args.register == "none":
+        raise InputError("--deformable needs --register rigid|affine")
+    shard = parse_shard(args.shard)
+    cases = read_cases(args.cases, ROLES)
+    job = job_from_args(args)
+    summary = run_cohort(cases, args.output, job, workers=args.workers, scheduler=args.scheduler, shard=shard)
+    done = sum(o.status != "failed" for o in summary.outcomes)
+    print(f"samv2 batch: {done}/{len(summary.outcomes)} case(s) done "
+          f"({sum(o.status == 'skipped' for o in summary.outcomes)} finished earlier); summary in "
+          f"{summary.summary_path}" + (f"; FAILED: {', '.join(o.case for o in summary.failed)}" if summary.failed else ""),
+          flush=True)
+    return summary.exit_code
+
+
+def default_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
