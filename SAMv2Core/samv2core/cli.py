@@ -129,8 +129,9 @@ def cmd_match(args) -> int:
 
 # --- convert ----------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
-    from .model_io import convert_official_checkpoint
+    from .model_io import card_path_for, convert_official_checkpoint
 
+    check_outputs([args.dst, card_path_for(args.dst)], [args.src])
     card = convert_official_checkpoint(args.src, args.dst, variant=args.variant)
     print(json.dumps({"written": str(args.dst), "name": card.name, "heads": card.heads,
                       "modality": card.modality, "sha256": card.sha256}, indent=2))

@@ -179,8 +179,11 @@ def read_card(path: "str | Path") -> ModelCard:
         data = json.loads(cpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"model card {cpath.name} is not valid JSON: {exc}") from None
-    card = ModelCard.from_dict(data)
-    card.validate()
+    try:
+        card = ModelCard.from_dict(data)
+        card.validate()
+    except CheckpointError as exc:
+        raise CheckpointError(f"model card {cpath.name}: {exc}") from None
     return card
 
 
@@ -222,6 +225,9 @@ def load_model(path: "str | Path", device: "str | torch.device" = "cpu") -> Load
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path.name}: not a .safetensors model file (official .pth checkpoints are "
+                              "converted first: samv2 convert-checkpoint)")
     card = read_card(path)
     digest = sha256_of(path)
     if digest != card.sha256:

@@ -19,8 +19,14 @@ For every case it writes, in ``OUTPUT/<case>/``:
   transform writer from the output nodes), plus ``registration/`` from samv2core
   (``composite.h5``, the resampled follow-up and ``report.json``);
 
-and ``OUTPUT/summary.csv`` with one line per case. The exit code is 0 when every case
-succeeded, 1 when any case failed, 2 for unusable arguments or CSV.
+and ``OUTPUT/summary.csv`` with one line per case (ok / skipped / failed and why). Cases run
+on samv2core's cohort runner (samv2core.cohort), in this process (the Slicer scene): each
+case folder is written all-or-nothing with a ``manifest.json`` of checksums, a rerun after a
+kill skips the cases that finished (outputs verified) and redoes the rest, case names are
+made safe for folder names (``../x`` becomes ``x``), and one failing case never stops the
+others. ``--shard i/n`` runs every n-th case (job arrays). The exit code is 0 when every
+case succeeded, 1 when any case failed, 2 for unusable arguments, model or CSV (also when a
+dependency such as torch is missing); inside Slicer the application always quits with it.
 
 Run it in 3D Slicer (uses the application's Python and installed extension):
 
@@ -35,8 +41,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import time
-import traceback
 from pathlib import Path
 
 # The module folder (parent of Scripts/) holds SAMv2SlicerLib, in the source tree and once installed.
@@ -45,10 +49,20 @@ if str(_MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(_MODULE_DIR))
 
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
+ROLES = {"baseline": ("baseline",), "followup": ("followup",), "points": ("points",)}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print usage + error)
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="samv2_batch", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="samv2_batch", description=__doc__.split("\n\n")[0])
     p.add_argument("cases", help="CSV with columns baseline, followup, points[, case]")
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--model", default=None, help="weights file (.safetensors); default: the bundled model")
@@ -62,35 +76,8 @@ def parse_args(argv):
                    help="coordinate system of CSV point files (x,y,z[,label]); .mrk.json files name their own")
     p.add_argument("--cache-dir", default=None, help="folder for cached embeddings")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--shard", default=None, help="i/n: run only cases k with k %% n == i (job arrays)")
     return p.parse_args(argv)
-
-
-def read_cases(csv_path: Path) -> list[dict]:
-    """Rows of the case CSV with absolute paths and a unique case name (ValueError if unusable)."""
-    if not csv_path.is_file():
-        raise ValueError(f"{csv_path}: no such file")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-        missing = {"baseline", "followup", "points"} - set(fields)
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))} "
-                             f"(need baseline, followup, points[, case])")
-        rows = []
-        for n, raw in enumerate(reader, start=1):
-            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
-            if not any(row.values()):
-                continue
-            resolved = {k: str((csv_path.parent / row[k]).resolve()) if row.get(k) else ""
-                        for k in ("baseline", "followup", "points")}
-            case = row.get("case") or f"case{n:03d}"
-            rows.append({"case": case, **resolved})
-    if not rows:
-        raise ValueError(f"{csv_path}: no cases")
-    names = [r["case"] for r in rows]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{csv_path}: case names are not unique")
-    return rows
 
 
 def load_points(path: str, scene, name: str, csv_system: str = "LPS"):
@@ -124,60 +111,76 @@ def write_matches_csv(path: Path, outcome) -> None:
                         int(bool(r.confident)), r.reason or "", r.method])
 
 
-def run_case(logic, case: dict, out_dir: Path, args) -> dict:
-    """Process one case in its own scene state; returns the summary row (raises on failure)."""
-    from samv2core.volume import load_volume
-    from SAMv2SlicerLib import nodes
+class SlicerCaseJob:
+    """The cohort runner's job: one case through the SAMv2Slicer logic, in this process's
+    scene. The case's nodes are removed afterwards (success or failure) so memory stays flat."""
 
-    scene = logic.scene
-    t0 = time.monotonic()
-    added_before = scene.GetNumberOfNodes()
-    base = nodes.volume_to_node(load_volume(case["baseline"], args.modality), scene, f"{case['case']}_baseline")
-    follow = nodes.volume_to_node(load_volume(case["followup"], args.modality), scene, f"{case['case']}_followup")
-    points = load_points(case["points"], scene, f"{case['case']}_points", args.points_system)
-    outcome = logic.match_points(base, follow, points, method=args.method, output_name=f"{case['case']}_matched")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    nodes.write_point_list(outcome.node, str(out_dir / "matched.mrk.json"))
-    write_matches_csv(out_dir / "matched.csv", outcome)
-    files = ["matched.mrk.json", "matched.csv"]
-    if args.register != "none":
-        reg = logic.register(base, follow, mode=args.register, deformable=args.deformable,
-                             output_name=f"{case['case']}_registration")
-        nodes.write_transform_node(reg.linear_node, str(out_dir / "registration_linear.h5"))
-        files.append("registration_linear.h5")
-        if reg.grid_node is not None:
-            nodes.write_transform_node(reg.grid_node, str(out_dir / "registration_displacement.nii.gz"))
-            files.append("registration_displacement.nii.gz")
-        # the core's complete set: composite transform, resampled follow-up, JSON report
-        from samv2core.registration import write_registration
+    def __init__(self, logic, args, model_id: str):
+        self.logic = logic
+        self.args = args
+        self.settings = {"model": model_id, "method": args.method, "register": args.register,
+                         "deformable": args.deformable, "modality": args.modality,
+                         "points_system": args.points_system}
 
-        write_registration(reg.result, logic.volume(follow, "follow-up", world=False),
-                           logic.volume(base, "baseline"), out_dir / "registration")
-        files.append("registration/")
-    row = {"case": case["case"], "status": "ok", "points": len(outcome.results),
-           "confident": outcome.n_confident, "seconds": round(time.monotonic() - t0, 2),
-           "outputs": ";".join(files), "message": logic.status}
-    _clear_case_nodes(scene, added_before)
-    return row
+    def __call__(self, case, out_dir: Path) -> dict:
+        scene = self.logic.scene
+        keep = scene.GetNumberOfNodes()
+        try:
+            return self._run(case, out_dir)
+        finally:
+            _clear_case_nodes(scene, keep)
+
+    def _run(self, case, out_dir: Path) -> dict:
+        from samv2core.volume import load_volume
+        from SAMv2SlicerLib import nodes
+
+        args, logic, name = self.args, self.logic, case.name
+        scene = logic.scene
+        base = nodes.volume_to_node(load_volume(case.inputs["baseline"], args.modality), scene, f"{name}_baseline")
+        follow = nodes.volume_to_node(load_volume(case.inputs["followup"], args.modality), scene, f"{name}_followup")
+        points = load_points(case.inputs["points"], scene, f"{name}_points", args.points_system)
+        outcome = logic.match_points(base, follow, points, method=args.method, output_name=f"{name}_matched")
+        nodes.write_point_list(outcome.node, str(out_dir / "matched.mrk.json"))
+        write_matches_csv(out_dir / "matched.csv", outcome)
+        if args.register != "none":
+            reg = logic.register(base, follow, mode=args.register, deformable=args.deformable,
+                                 output_name=f"{name}_registration")
+            nodes.write_transform_node(reg.linear_node, str(out_dir / "registration_linear.h5"))
+            if reg.grid_node is not None:
+                nodes.write_transform_node(reg.grid_node, str(out_dir / "registration_displacement.nii.gz"))
+            # the core's complete set: composite transform, resampled follow-up, JSON report
+            from samv2core.registration import write_registration
+
+            write_registration(reg.result, logic.volume(follow, "follow-up", world=False),
+                               logic.volume(base, "baseline"), out_dir / "registration")
+        return {"points": len(outcome.results), "confident": outcome.n_confident, "message": logic.status}
 
 
 def _clear_case_nodes(scene, keep: int) -> None:
-    """Drop the nodes of a finished case so memory stays flat over long case lists."""
+    """Drop the nodes added since ``keep`` nodes were in the scene."""
     while scene.GetNumberOfNodes() > keep:
-        node = scene.GetNthNode(scene.GetNumberOfNodes() - 1)
-        scene.RemoveNode(node)
+        scene.RemoveNode(scene.GetNthNode(scene.GetNumberOfNodes() - 1))
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cases = read_cases(Path(args.cases).resolve())
-    except ValueError as exc:
-        print(f"samv2_batch: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+def run(argv) -> int:
+    """The batch run; raises _UsageError / SAMv2Error for unusable arguments, model or CSV."""
+    args = parse_args(argv)
+    from samv2core.cohort import parse_shard, read_cases, run_cohort
+    from samv2core.errors import InputError
+
+    if args.deformable and args.register == "none":
+        raise InputError("--deformable needs --register rigid|affine")
+    shard = parse_shard(args.shard)
+    cases = read_cases(Path(args.cases).resolve(), ROLES)
+    from samv2core.device import select_device
+    from samv2core.models import resolve_model
+
+    # load the model once now (this imports torch): a missing package, a bad model file or a
+    # missing GPU is refused before any case, with exit code 2
+    select_device(args.device)
+    resolve_model(args.model, device="cpu")
     import slicer
 
-    from samv2core.errors import SAMv2Error
     from SAMv2SlicerLib.logic import SAMv2Logic
 
     if args.threads:
@@ -187,47 +190,53 @@ def main(argv=None) -> int:
     # Inside the Slicer application use its scene; in plain Python a private one.
     scene = getattr(slicer, "mrmlScene", None) or slicer.vtkMRMLScene()
     logic = SAMv2Logic(scene, cache_dir=args.cache_dir)
+    logic.set_model(args.model, args.device)  # a bad model or missing GPU: refused before any case
+    model_id = args.model and str(Path(args.model).resolve()) or "bundled"
+    summary = run_cohort(cases, Path(args.output).resolve(), SlicerCaseJob(logic, args, model_id), shard=shard)
+    done = sum(o.status != "failed" for o in summary.outcomes)
+    print(f"samv2_batch: {done}/{len(summary.outcomes)} case(s) succeeded; summary in {summary.summary_path}"
+          + (f"; FAILED: {', '.join(o.case for o in summary.failed)}" if summary.failed else ""))
+    return summary.exit_code
+
+
+def main(argv=None) -> int:
+    """Never raises: every failure to start is one line on stderr and exit code 2."""
     try:
-        logic.set_model(args.model, args.device)
-    except SAMv2Error as exc:
-        print(f"samv2_batch: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    out_root = Path(args.output).resolve()
-    out_root.mkdir(parents=True, exist_ok=True)
-    summary = []
-    for case in cases:
-        keep = scene.GetNumberOfNodes()
-        try:
-            row = run_case(logic, case, out_root / case["case"], args)
-            print(f"[ok] {case['case']}: {row['message']} ({row['seconds']} s)")
-        except SAMv2Error as exc:
-            _clear_case_nodes(scene, keep)
-            row = {"case": case["case"], "status": "failed", "message": str(exc)}
-            print(f"[FAILED] {case['case']}: {exc}", file=sys.stderr)
-        except Exception as exc:  # unexpected: keep going with the other cases, report it
-            _clear_case_nodes(scene, keep)
-            row = {"case": case["case"], "status": "failed", "message": f"{type(exc).__name__}: {exc}"}
-            print(f"[FAILED] {case['case']}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            traceback.print_exc()
-        summary.append(row)
-    with open(out_root / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, ["case", "status", "points", "confident", "seconds", "outputs", "message"])
-        w.writeheader()
-        for row in summary:
-            w.writerow(row)
-    failed = sum(r["status"] != "ok" for r in summary)
-    print(f"samv2_batch: {len(summary) - failed}/{len(summary)} case(s) succeeded; summary in {out_root / 'summary.csv'}")
-    return EXIT_CASE_FAILED if failed else EXIT_OK
+        return run(sys.argv[1:] if argv is None else argv)
+    except _UsageError as exc:
+        print(f"samv2_batch: error: {exc} (see --help)", file=sys.stderr)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_USAGE
+    except ImportError as exc:  # e.g. torch or slicer-core missing
+        print(f"samv2_batch: error: a required package is missing ({exc}); install it or run inside 3D Slicer",
+              file=sys.stderr)
+    except KeyboardInterrupt:
+        print("samv2_batch: interrupted (run again to continue: finished cases are skipped)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        from_core = type(exc).__module__.startswith("samv2core") or isinstance(exc, (OSError, MemoryError))
+        print(f"samv2_batch: error: {text}" + ("" if from_core else f" ({type(exc).__name__})"), file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _exit(code: int) -> None:
-    import slicer
+    """Quit with ``code``: inside Slicer the application must be told, or it keeps running."""
+    try:
+        import slicer
 
-    if hasattr(slicer, "app"):  # inside Slicer: quit the application with the code
+        in_slicer = hasattr(slicer, "app")
+    except BaseException:
+        in_slicer = False
+    if in_slicer:
         slicer.util.exit(code)
     else:
         sys.exit(code)
 
 
 if __name__ == "__main__":
-    _exit(main())
+    _code = EXIT_USAGE
+    try:
+        _code = main()
+    finally:
+        _exit(_code)
