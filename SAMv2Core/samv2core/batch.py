@@ -25,7 +25,7 @@ from .cohort import Case, parse_shard, read_cases, run_cohort
 
 ROLES = {"template": ("template", "baseline"), "query": ("query", "followup"), "points": ("points",)}
 
-# one embedder per process (a Dask worker runs many cases): keyed by the job's model settings
+# one embedding session per process (a Dask worker runs many cases), keyed by the model settings
 _SESSIONS: dict = {}
 
 
@@ -54,9 +54,9 @@ class MatchCaseJob:
                 "modality": self.modality, "min_score": self.min_score, "register": self.register,
                 "deformable": self.deformable, "precision": self.precision}
 
-    def embedder(self):
-        from .embed import Embedder
-        from .models import resolve_model
+    def session(self):
+        """This process's embedding session for the job's model (opened on first use)."""
+        from .session import EmbeddingSession
 
         key = (self.model, self.device, self.precision, self.cache_dir)
         if key not in _SESSIONS:
@@ -64,9 +64,8 @@ class MatchCaseJob:
                 import torch
 
                 torch.set_num_threads(self.threads)
-            resolved = resolve_model(self.model, device=self.device)
-            _SESSIONS[key] = Embedder(resolved.model, device=self.device, precision=self.precision,
-                                      cache_dir=self.cache_dir)
+            _SESSIONS[key] = EmbeddingSession.open(self.model, device=self.device, precision=self.precision,
+                                                   cache_dir=self.cache_dir)
         return _SESSIONS[key]
 
     def __call__(self, case: Case, out_dir: Path) -> dict:
@@ -77,8 +76,8 @@ class MatchCaseJob:
         template = load_volume(case.inputs["template"], self.modality)
         query = load_volume(case.inputs["query"], self.modality)
         points = read_points(case.inputs["points"], self.points_system)
-        embedder = self.embedder()
-        te, qe = embedder.embed(template), embedder.embed(query)
+        session = self.session()
+        te, qe = session.embed(template), session.embed(query)
         opts = MatchOptions(min_score=self.min_score) if self.min_score is not None else None
         results = match_points(te, qe, points.lps, method=self.method, options=opts)
         system = points.source_system if case.inputs["points"].endswith(".json") else self.points_system
@@ -99,7 +98,7 @@ class MatchCaseJob:
         if self.register != "none":
             from .registration import register, write_registration
 
-            reg = register(template, query, mode=self.register, deformable=self.deformable, embedder=embedder)
+            reg = register(template, query, mode=self.register, deformable=self.deformable, embedder=session)
             write_registration(reg, query, template, out_dir / "registration")
             info["message"] += f"; {self.register} registration, {reg.report['linear']['inliers']} inliers"
         return info

@@ -79,7 +79,7 @@ class Matcher:
         if not inside.all():
             bad = pts[~inside][0]
             hint = ""
-            if inside_source(self.t.emb, bad * np.array([-1.0, -1.0, 1.0])).all():
+            if inside_source(self.template, bad * np.array([-1.0, -1.0, 1.0])).all():
                 hint = "; read as RAS it would be inside: were the coordinates RAS (--coords RAS)?"
             raise InputError(f"point ({bad[0]:.1f}, {bad[1]:.1f}, {bad[2]:.1f}) LPS mm is outside the template image"
                              + hint)
