@@ -156,7 +156,7 @@ CLI_CASES = [
     ("embed-cut-nii", ["embed", "@cut_v.nii"], "incomplete"),
     ("embed-cut-nrrd-gzip", ["embed", "@cut_v.nrrd"], "incomplete"),
     ("embed-cut-mha", ["embed", "@cut_v.mha"], "incomplete"),
-    ("embed-not-gzip", ["embed", "@notgzip.nii.gz"], "incomplete or damaged"),
+    ("embed-not-gzip", ["embed", "@notgzip.nii.gz"], "not a gzip"),
     ("embed-empty-file", ["embed", "@empty.nrrd"], "cannot read"),
     ("embed-zero-spacing", ["embed", "@zero_spacing.nrrd"], "Zero-valued spacing"),
     ("embed-sheared", ["embed", "@sheared.mha"], "not orthonormal"),

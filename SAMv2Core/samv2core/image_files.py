@@ -38,6 +38,8 @@ def _gzip_length(path: Path) -> int:
         with gzip.open(path, "rb") as f:
             while block := f.read(_CHUNK):
                 n += len(block)
+    except gzip.BadGzipFile:
+        raise InputError(f"{path}: cannot read as an image (not a gzip-compressed file despite its .gz name)") from None
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError(f"{path}: the compressed file is incomplete or damaged ({exc}); "
                          "it was probably cut short while copying") from None
