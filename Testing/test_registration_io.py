@@ -20,7 +20,7 @@ from scipy.spatial.transform import Rotation
 from samv2core.errors import RegistrationError
 from samv2core.registration import RegistrationResult, write_registration
 from samv2core.registration.grid import Grid
-from samv2core.registration.pipeline import _affine, _displacement_image
+from samv2core.registration.result import displacement_image, linear_transform
 from samv2core.volume import Volume
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Qt-free MRML) not installed")
@@ -47,8 +47,8 @@ def case():
     p = grid.points()
     # smooth on the scale of the 4 mm grid, as registration fields are
     d = np.stack([4 * np.sin(p[..., 2] / 30), 3 * np.cos(p[..., 0] / 35), 2.5 * np.sin(p[..., 1] / 30)], 0)[None]
-    disp = _displacement_image(torch.tensor(d, dtype=torch.float32), grid)
-    linear = _affine(m)
+    disp = displacement_image(torch.tensor(d, dtype=torch.float32), grid)
+    linear = linear_transform(m)
     comp = sitk.CompositeTransform(3)
     comp.AddTransform(linear)
     comp.AddTransform(sitk.DisplacementFieldTransform(sitk.Image(disp)))
@@ -74,7 +74,7 @@ def _from_parent_lps(node, lps):
 
 def test_written_files_are_read_by_simpleitk_and_map_points_identically(case, tmp_path):
     fixed, moving, result, points = case
-    paths = write_registration(result, moving, fixed, tmp_path)
+    paths = write_registration(result, fixed, moving, tmp_path)
     assert set(paths) == {"linear_tfm", "linear_h5", "displacement", "displacement_h5", "composite",
                           "moving_resampled", "report"}
     assert not list(tmp_path.glob(".partial-*"))
@@ -105,7 +105,7 @@ def test_written_files_are_read_by_simpleitk_and_map_points_identically(case, tm
 
 def test_mrml_reads_the_files_and_maps_points_like_simpleitk(case, tmp_path):
     fixed, moving, result, points = case
-    paths = write_registration(result, moving, fixed, tmp_path)
+    paths = write_registration(result, fixed, moving, tmp_path)
     scene = slicer.vtkMRMLScene()
     expect_lin = np.array([result.linear.TransformPoint(tuple(p)) for p in points])
     expect_all = result.transform_points(points)
@@ -143,11 +143,11 @@ def test_mrml_reads_the_files_and_maps_points_like_simpleitk(case, tmp_path):
 def test_write_refuses_non_results_and_leaves_nothing_on_failure(case, tmp_path):
     fixed, moving, result, _ = case
     with pytest.raises(RegistrationError, match="RegistrationResult"):
-        write_registration({"linear": None}, moving, fixed, tmp_path / "a")
+        write_registration({"linear": None}, fixed, moving, tmp_path / "a")
     blocker = tmp_path / "b"
     blocker.mkdir()
     (blocker / "composite.h5").mkdir()  # a folder where a file must go: the move fails
     with pytest.raises(RegistrationError, match="could not write"):
-        write_registration(result, moving, fixed, blocker)
+        write_registration(result, fixed, moving, blocker)
     assert not list(blocker.glob(".partial-*"))
     assert not (blocker / "linear.tfm").exists() and not (blocker / "report.json").exists()

@@ -99,7 +99,7 @@ class MatchCaseJob:
             from .registration import register, write_registration
 
             reg = register(template, query, mode=self.register, deformable=self.deformable, embedder=session)
-            write_registration(reg, query, template, out_dir / "registration")
+            write_registration(reg, template, query, out_dir / "registration")
             info["message"] += f"; {self.register} registration, {reg.report['linear']['inliers']} inliers"
         return info
 

@@ -151,8 +151,8 @@ class SlicerCaseJob:
             # the core's complete set: composite transform, resampled follow-up, JSON report
             from samv2core.registration import write_registration
 
-            write_registration(reg.result, logic.volume(follow, "follow-up", world=False),
-                               logic.volume(base, "baseline"), out_dir / "registration")
+            write_registration(reg.result, logic.volume(base, "baseline"),
+                               logic.volume(follow, "follow-up", world=False), out_dir / "registration")
         return {"points": len(outcome.results), "confident": outcome.n_confident, "message": logic.status}
 
 

@@ -68,7 +68,7 @@ def options_from_args(args) -> RegistrationOptions:
                                device=args.device, seed=args.seed)
 
 
-def write_overlay(result, moving, fixed, out_dir) -> dict:
+def write_overlay(result, fixed, moving, out_dir) -> dict:
     """``overlay.png`` (before/after colour fusion, three planes) when matplotlib is installed."""
     from ..figures import figures_available, registration_figure
     from .io import resample_moving
@@ -76,7 +76,7 @@ def write_overlay(result, moving, fixed, out_dir) -> dict:
     if not figures_available():
         print("samv2 register: note: overlay.png skipped (pip install 'samv2core[figures]')", file=sys.stderr)
         return {}
-    return {"overlay": registration_figure(fixed, moving, resample_moving(result, moving, fixed),
+    return {"overlay": registration_figure(fixed, moving, resample_moving(result, fixed, moving),
                                            Path(out_dir) / "overlay.png")}
 
 
@@ -88,7 +88,8 @@ def run_register(args, embedder=None) -> int:
     from ..volume import load_volume
     from ..outputs import check_outputs
     from .io import OUTPUT_FILES, write_registration
-    from .pipeline import preflight, register
+    from .pipeline import register
+    from .preflight import preflight
 
     try:
         # before any work: --out must be a folder that can be written and holds no input
@@ -96,7 +97,7 @@ def run_register(args, embedder=None) -> int:
         options = options_from_args(args)
         fixed = load_volume(args.fixed, args.fixed_modality)
         moving = load_volume(args.moving, args.moving_modality)
-        preflight(fixed, moving, options)  # refuse bad inputs before loading a model
+        checked = preflight(fixed, moving, options)  # refuse bad inputs before loading a model
         if embedder is None and options.features == "mind":
             label = "mind-ssc (training-free)"
         elif embedder is None:
@@ -106,10 +107,10 @@ def run_register(args, embedder=None) -> int:
             label = getattr(embedder, "model_id", type(embedder).__name__)
         with progress_bar("register", quiet=args.quiet) as update:
             result = register(fixed, moving, mode=args.mode, deformable=args.deformable, coarse=args.coarse,
-                               embedder=embedder, options=options, progress=update)
+                               embedder=embedder, options=options, progress=update, checked=checked)
         result.report["model"] = label
-        paths = write_registration(result, moving, fixed, args.out)
-        paths.update(write_overlay(result, moving, fixed, args.out))
+        paths = write_registration(result, fixed, moving, args.out)
+        paths.update(write_overlay(result, fixed, moving, args.out))
     except SAMv2Error as exc:
         print(f"samv2 register: error: {exc}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ OUTPUT_FILES = ("linear.tfm", "linear.h5", "composite.h5", "moving_resampled.nii
                 "displacement.nii.gz", "displacement.h5", "overlay.png")
 
 
-def resample_moving(result: RegistrationResult, moving: Volume, fixed: Volume,
+def resample_moving(result: RegistrationResult, fixed: Volume, moving: Volume,
                     interpolator=sitk.sitkLinear) -> Volume:
     """The moving image resampled onto the fixed grid through the complete transform."""
     fill = float(moving.array.min())
@@ -58,7 +58,7 @@ def _json_default(obj):
     return str(obj)
 
 
-def write_registration(result: RegistrationResult, moving: Volume, fixed: Volume, out_dir) -> dict:
+def write_registration(result: RegistrationResult, fixed: Volume, moving: Volume, out_dir) -> dict:
     """Write the transforms, the resampled moving image and the report into ``out_dir``.
 
     Returns {"linear_tfm", "linear_h5", "displacement", "displacement_h5" (if any), "composite", "moving_resampled",
@@ -82,7 +82,7 @@ def write_registration(result: RegistrationResult, moving: Volume, fixed: Volume
                 sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(result.displacement)),
                                     tmp["displacement_h5"])
             sitk.WriteTransform(result.composite, tmp["composite"])
-            sitk.WriteImage(resample_moving(result, moving, fixed).to_sitk(), tmp["moving_resampled"], True)
+            sitk.WriteImage(resample_moving(result, fixed, moving).to_sitk(), tmp["moving_resampled"], True)
             report = dict(result.report)
             report["files"] = dict(names)
             files.write_text(out / names["report"], json.dumps(report, indent=2, default=_json_default))

@@ -6,6 +6,9 @@ from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+
+from .grid import Grid
 
 
 @dataclass
@@ -37,3 +40,21 @@ class RegistrationResult:
         """Map fixed LPS points (N, 3) to the moving image (N, 3) with the complete transform."""
         pts = np.asarray(fixed_lps, dtype=np.float64).reshape(-1, 3)
         return np.array([self.composite.TransformPoint(tuple(p)) for p in pts])
+
+
+def linear_transform(matrix4: np.ndarray) -> sitk.AffineTransform:
+    """The ITK transform of a 4x4 homogeneous LPS matrix (fixed -> moving)."""
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(tuple(float(v) for v in matrix4[:3, :3].ravel()))
+    t.SetTranslation(tuple(float(v) for v in matrix4[:3, 3]))
+    return t
+
+
+def displacement_image(field: torch.Tensor, grid: Grid) -> sitk.Image:
+    """A (1, 3, z, y, x) displacement in LPS mm on ``grid`` as a float64 ITK vector image."""
+    arr = field[0].permute(1, 2, 3, 0).numpy().astype(np.float64)  # (z, y, x, 3)
+    img = sitk.GetImageFromArray(arr, isVector=True)
+    img.SetOrigin(grid.origin)
+    img.SetSpacing(grid.spacing)
+    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return img

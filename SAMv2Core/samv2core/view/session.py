@@ -81,4 +81,4 @@ class ViewSession:
         fixed, moving = self._pair()
         with self._lock:
             result = register(fixed, moving, mode=mode, embedder=self.embeddings, progress=progress)
-        return result, resample_moving(result, moving, fixed)
+        return result, resample_moving(result, fixed, moving)
