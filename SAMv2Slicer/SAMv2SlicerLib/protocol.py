@@ -16,7 +16,7 @@ and reads events from its stdout::
 
 Volumes and results never travel in the pipe: volumes are NRRD files (LPS geometry of the
 core Volume, i.e. the node's voxels with its geometry) in the session's private folder,
-named by their content key so each is written once; results with images or transforms come
+written once per volume; results with images or transforms come
 back as files (NRRD, ITK .tfm) next to a JSON description. This module holds the message
 and payload codecs shared by both sides; it imports no Qt and no Slicer.
 """

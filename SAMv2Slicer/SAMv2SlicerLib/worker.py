@@ -15,8 +15,8 @@ stop at its next progress report; if it has not stopped within ``cancel_timeout`
 the process is killed and started again on next use. A worker that dies fails its requests
 with a message that says so (the GUI then adds nothing to the scene).
 
-Volumes go to the worker as NRRD files in a private temporary folder (each written once per
-content); results come back as JSON plus files, decoded into the same payload a ``Job``'s
+Volumes go to the worker as NRRD files in a private temporary folder (each volume object
+written once); results come back as JSON plus files, decoded into the same payload a ``Job``'s
 in-process ``compute`` returns, so ``SAMv2Logic.finish`` applies either one.
 """
 from __future__ import annotations
@@ -31,6 +31,8 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -126,7 +128,9 @@ class WorkerProcess:
         self._next_id = 1
         self._buffer = b""
         self._lines: "Optional[queue.Queue]" = None  # only when non-blocking pipes are unavailable
-        self._written: dict[str, dict] = {}  # volume key -> file reference (written once)
+        # volume -> its file: each Volume object is written once (the logic keeps one object per
+        # node state); no content hash on the GUI thread (the worker hashes when it embeds)
+        self._written: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._log = None
 
     # --- process -------------------------------------------------------------------------
@@ -232,7 +236,6 @@ class WorkerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
-        self._written.clear()  # a new process starts with an empty volume cache; files are kept
 
     def _log_tail(self, lines: int = 6) -> str:
         try:
@@ -247,11 +250,10 @@ class WorkerProcess:
         self.model = {"path": str(model_path) if model_path else None, "device": device}
 
     def _volume_ref(self, volume) -> dict:
-        key = protocol.volume_key(volume)
-        ref = self._written.get(key)
+        ref = self._written.get(volume)
         if ref is None or not Path(ref["path"]).is_file():
-            ref = protocol.write_volume(volume, self.workdir, key)
-            self._written[key] = ref
+            ref = protocol.write_volume(volume, self.workdir, uuid.uuid4().hex[:20])
+            self._written[volume] = ref
         return ref
 
     def submit(self, op: str, inputs: "dict | None" = None, name: str = "") -> WorkerTask:
