@@ -521,7 +521,10 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 worker.cancel(task)
         for task in (self._task, self._embedTask):
             if task is not None and not task.finished:
-                worker.wait(task, timeout=worker.cancel_timeout + 5.0)
+                try:
+                    worker.wait(task, timeout=worker.cancel_timeout + 5.0)  # killed after cancel_timeout
+                except TimeoutError:
+                    worker.kill("the worker was stopped")
         self._task = self._job = self._embedTask = None
         self._embeddedPair = None
         self._timer.stop()
