@@ -163,6 +163,12 @@ def test_gui_runs_steps_in_the_worker_process_not_in_threads():
     assert "worker.submit_job(job)" in source and "worker.poll()" in source and "worker.cancel(" in source
     assert "loadFileType=" not in source and "loadFileTypes=" in source  # loadFileType is deprecated
     assert "prepare_embed(" in source  # embedding starts when both volumes are selected
+    methods = {n.name: ast.unparse(n) for n in ast.walk(module_ast()) if isinstance(n, ast.FunctionDef)}
+    # scene close and module cleanup cancel the steps and wait for them to end (defect 6)
+    assert "self._stopTasks()" in methods["onSceneStartClose"] and "self._stopTasks()" in methods["cleanup"]
+    assert "worker.cancel(task)" in methods["_stopTasks"] and "worker.wait(task" in methods["_stopTasks"]
+    # the self-test skips with a message when torch is missing (defect 10)
+    assert "import torch" in methods["runTest"] and "except ImportError" in methods["runTest"]
 
 
 def test_every_parameter_has_a_connectable_widget():
