@@ -25,9 +25,9 @@ def test_session_matches_on_a_simulated_followup_and_names_bad_input(lung_crop, 
     with pytest.raises(InputError, match="open a baseline and a follow-up"):
         session.match(centre)
     with pytest.raises(InputError, match="no such file"):
-        session.load("template", tmp_path / "missing.nii.gz")
-    session.load("template", tmp_path / "baseline.nrrd")
-    session.load("query", f"  {tmp_path / 'followup.nrrd'}  ")  # a pasted path with spaces around it
+        session.open(tmp_path / "baseline.nrrd", tmp_path / "missing.nii.gz")
+    assert session.template is None  # nothing changes unless both scans could be read
+    session.open(tmp_path / "baseline.nrrd", f"  {tmp_path / 'followup.nrrd'}  ")  # a pasted path, spaces around
     steps = []
     result = session.match(centre, progress=lambda f, m: steps.append(f))
     truth = pair.map_points(centre[None])[0]

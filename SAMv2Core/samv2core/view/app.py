@@ -168,14 +168,13 @@ class SAMv2ViewApp(TrameApp):
         """Load the two paths in the text fields, show them, and start embedding in the background."""
         self._set(error="", busy=True, progress=0, status="loading the scans")
         try:
-            nodes = {}
-            for role, view, key in (("template", self.baseline_view, "template_path"),
-                                    ("query", self.followup_view, "query_path")):
-                path = str(self.state[key] or "").strip()
+            paths = [str(self.state[key] or "").strip() for key in ("template_path", "query_path")]
+            for path, what in zip(paths, ("baseline", "follow-up")):
                 if not path:
-                    raise SAMv2Error(f"no {'baseline' if role == 'template' else 'follow-up'} path given")
-                vol = await asyncio.to_thread(self.session.load, role, path)
-                nodes[role] = self._load_node(Path(vol.meta["source"]))
+                    raise SAMv2Error(f"no {what} path given")
+            template, query = await asyncio.to_thread(self.session.open, *paths)
+            nodes = {"template": self._load_node(Path(template.meta["source"])),
+                     "query": self._load_node(Path(query.meta["source"]))}
             for node in self._volume_nodes.values():
                 self.slicer.scene.RemoveNode(node)
             self._volume_nodes = dict(nodes)

@@ -41,13 +41,12 @@ class ViewSession:
     query: Volume | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def load(self, role: str, path, modality: str = "auto") -> Volume:
-        """Load the template ("template") or query ("query") scan from a file or DICOM folder."""
-        if role not in ("template", "query"):
-            raise InputError(f"unknown role {role!r}: use 'template' or 'query'")
-        vol = load_volume(Path(str(path).strip()).expanduser(), modality)
-        setattr(self, role, vol)
-        return vol
+    def open(self, template_path, query_path, modality: str = "auto") -> tuple[Volume, Volume]:
+        """Read both scans (files or DICOM folders); the session changes only when both could be read."""
+        template = load_volume(Path(str(template_path).strip()).expanduser(), modality)
+        query = load_volume(Path(str(query_path).strip()).expanduser(), modality)
+        self.template, self.query = template, query
+        return template, query
 
     def _pair(self) -> tuple[Volume, Volume]:
         if self.template is None or self.query is None:
