@@ -43,6 +43,7 @@ from vtkmodules.vtkCommonCore import vtkCommand
 
 from ..coords import lps_to_ras, ras_to_lps
 from ..errors import SAMv2Error
+from ..volume import Modality, Volume
 from .session import ViewSession
 
 BASELINE, FOLLOWUP = "Baseline", "Followup"
@@ -92,7 +93,7 @@ class SAMv2ViewApp(TrameApp):
         state.update({"template_path": str(template_path or ""), "query_path": str(query_path or ""),
                       "busy": False, "progress": 0, "status": "open a baseline and a follow-up scan",
                       "error": "", "match": None, "match_lps": "", "n_points": 0, "registered": False,
-                      "goto_lps": "", "baseline_geometry": "", "followup_geometry": "", "method": session.method,
+                      "goto_lps": "", "baseline_geometry": "", "followup_geometry": "",
                       "template_name": "", "query_name": ""})
         self.ctrl.open_files = self.open_files
         self.ctrl.register = self.register
@@ -112,22 +113,17 @@ class SAMv2ViewApp(TrameApp):
         display.SetTextScale(3.5)
         return node
 
-    def _load_node(self, path: Path):
+    def _load_node(self, path: Path, volume: Volume):
+        """A volume node read by Slicer's reader from the file the core read ``volume`` from."""
         nodes = self.slicer.io_manager.load_volumes(str(path))
         if not nodes:
             raise SAMv2Error(f"{path}: 3D Slicer's reader could not load it")
         node = nodes[0]
         display = node.GetDisplayNode()
-        if display is not None and self._is_ct(path):
+        if display is not None and volume.modality == Modality.CT:
             display.AutoWindowLevelOff()
             display.SetWindowLevel(*CT_WINDOW)
         return node
-
-    def _is_ct(self, path) -> bool:
-        for vol in (self.session.template, self.session.query):
-            if vol is not None and vol.meta.get("source") == str(path):
-                return vol.modality.value == "CT"
-        return False
 
     def _show(self, view, node, foreground=None, opacity: float = 0.0) -> None:
         view.set_background_volume_id(node.GetID() if node is not None else None)
@@ -173,8 +169,8 @@ class SAMv2ViewApp(TrameApp):
                 if not path:
                     raise SAMv2Error(f"no {what} path given")
             template, query = await asyncio.to_thread(self.session.open, *paths)
-            nodes = {"template": self._load_node(Path(template.meta["source"])),
-                     "query": self._load_node(Path(query.meta["source"]))}
+            nodes = {"template": self._load_node(Path(template.meta["source"]), template),
+                     "query": self._load_node(Path(query.meta["source"]), query)}
             for node in self._volume_nodes.values():
                 self.slicer.scene.RemoveNode(node)
             self._volume_nodes = dict(nodes)
@@ -263,12 +259,8 @@ class SAMv2ViewApp(TrameApp):
             old = self._volume_nodes.pop("registered", None)
             if old is not None:
                 self.slicer.scene.RemoveNode(old)
-            node = self._load_node(path)
-            display = node.GetDisplayNode()
-            display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGreen")
-            if self.session.query is not None and self.session.query.modality.value == "CT":
-                display.AutoWindowLevelOff()
-                display.SetWindowLevel(*CT_WINDOW)
+            node = self._load_node(path, resampled)
+            node.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeGreen")
             self._volume_nodes["registered"] = node
             self._volume_nodes["template"].GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeMagenta")
             self._show(self.baseline_view, self._volume_nodes["template"], node, 0.5)
