@@ -252,7 +252,7 @@ def overview_figure(template: Volume, query: Volume, pics: Sequence[MatchPicture
 
 
 def write_match_figures(out_dir, template: Volume, query: Volume, pics: Sequence[MatchPicture]) -> list[Path]:
-    """One PNG per point (``<label>.png``) and ``overview.png`` in ``out_dir``; returns the paths."""
+    """One PNG per point (``NN_<label>.png``) and ``overview.png`` in ``out_dir``; returns the paths."""
     out = Path(out_dir)
     paths = []
     for n, p in enumerate(pics):
