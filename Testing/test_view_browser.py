@@ -77,14 +77,22 @@ def _start_server(d: Path):
 
 
 def _screen_position(page, view_index: int, ras) -> tuple[float, float]:
-    """Page coordinates of a RAS point on the current slice of the baseline view."""
-    geo = json.loads(page.text_content("#baseline-geometry"))
+    """Page coordinates of a RAS point on the current slice of the baseline view.
+
+    Waits until the geometry the server published matches the view's size on the page (a
+    resize reaches the server, and its new geometry the page, a moment later)."""
+    deadline = time.time() + 15
+    while True:
+        geo = json.loads(page.text_content("#baseline-geometry"))
+        width, height = geo["dimensions"][:2]
+        box = page.query_selector_all(".v-main img")[view_index].bounding_box()
+        if abs(box["width"] - width) < 2 and abs(box["height"] - height) < 2:
+            break
+        assert time.time() < deadline, f"view size {box} and published geometry {geo['dimensions']} disagree"
+        time.sleep(0.2)
     m = np.array(geo["xy_to_ras"])
-    width, height = geo["dimensions"][:2]
     a = m[:3, :2]  # RAS = a @ (x, y) + m[:3, 3] on this slice; x, y: pixels from the lower left
     xy, *_ = np.linalg.lstsq(a, np.asarray(ras) - m[:3, 3], rcond=None)
-    box = page.query_selector_all(".v-main img")[view_index].bounding_box()
-    assert abs(box["width"] - width) < 2 and abs(box["height"] - height) < 2, (box, geo["dimensions"])
     return box["x"] + xy[0], box["y"] + height - xy[1]
 
 

@@ -291,7 +291,8 @@ class SAMv2ViewApp(TrameApp):
                     html.Div("{{ status }}", id="status", style="font-size: 0.9em;")
                     v3.VAlert(v_if="error", type="error", density="compact", closable=True,
                               text=("error",), id="error", click_close="error = ''")
-                    with html.Div(v_if="match", id="match", style="font-size: 0.95em;"):
+                    with html.Div(style="min-height: 1.9em;"), \
+                        html.Div(v_if="match", id="match", style="font-size: 0.95em;"):  # space kept: views stay put
                         html.B("{{ match.label }}: ")
                         html.Span("score {{ match.score }} ", id="match-score")
                         v3.VChip("confident", v_if="match.confident", color="green", size="small",
