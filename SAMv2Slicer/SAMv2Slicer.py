@@ -129,7 +129,7 @@ class SAMv2SlicerParameterNode:
     modelPath: pathlib.Path
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     sourcePoints: vtkMRMLMarkupsFiducialNode
-    matchingMethod: Annotated[str, Choice(list(METHODS))] = "fixed_point"
+    matchingMethod: Annotated[str, Choice(list(METHODS))] = "refined"
     matchedPoints: vtkMRMLMarkupsFiducialNode
     useLesionSegment: bool = False
     lesionSegmentation: vtkMRMLSegmentationNode

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--points", help="CSV (x,y,z[,label]) in --coords, or a Slicer .mrk.json (its own system)")
     m.add_argument("--coords", default="LPS", choices=["LPS", "RAS", "lps", "ras"],
                    help="coordinate system of --point / CSV input and of the output (default LPS)")
-    m.add_argument("--method", default="fixed_point", choices=["fixed_point", "nn"])
+    m.add_argument("--method", default="refined", choices=["refined", "fixed_point", "nn"],
+                   help="refined (default): SAM answer made precise by a local registration and checked against it")
     m.add_argument("--min-score", type=float, help="confidence threshold on the similarity score")
     m.add_argument("--modality", default="auto", help="template modality: CT, MR or auto")
     m.add_argument("--query-modality", help="query modality if different (CT, MR or auto)")

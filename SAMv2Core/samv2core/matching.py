@@ -6,11 +6,20 @@
   template point, keep the fixed points (exact round trips with a high score), fit a robust affine
   between the template and query fixed points and map the template point through it.
 * Stable matches (SAME++): fixed points of a point set, used by registration.
+* Refined (the default): the SAM answer from the pair's fixed points around the template
+  point (a weighted robust affine of cycle-consistent matches on a 12 mm grid over the
+  template body, computed once per pair; the cube
+  fixed-point answer where too few are near), made precise by a local registration of a
+  window around the point (samv2core.refine) and checked against it: the refined point is
+  used only where the two agree, otherwise the SAM answer is kept and flagged.
+
 
 All points in and out are LPS millimetres.
 """
 from __future__ import annotations
 
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,6 +28,8 @@ import numpy as np
 from .coords import PhysicalPoint
 from .embed import Embeddings, inside_source
 from .errors import InputError, MatchingError
+from .preprocess import body_mask
+from .refine import LocalRegistration, RefineOptions, regional_map
 from .search import unique_search
 
 
@@ -43,12 +54,15 @@ class MatchResult:
     reason: Optional[str]
     method: str
     details: dict = field(default_factory=dict)
+    answer: str = "sam"  # which answer query_point is: 'sam' (embedding match) or 'refined' (local registration)
+    answer_reason: Optional[str] = None  # why that answer was used (method 'refined')
 
     def to_dict(self, system: str = "LPS") -> dict:
         return {"template_point": list(self.template_point.to(system).xyz),
                 "query_point": list(self.query_point.to(system).xyz), "coordinate_system": system,
                 "score": round(self.score, 4), "confident": self.confident, "reason": self.reason,
-                "method": self.method, "details": self.details}
+                "method": self.method, "answer": self.answer, "answer_reason": self.answer_reason,
+                "details": self.details}
 
 
 @dataclass(frozen=True)
@@ -59,17 +73,39 @@ class StableMatches:
 
 
 
+@dataclass
+class _PairState:
+    """What the refined match computes once per template/query pair."""
+
+    template_pts: np.ndarray  # (M, 3) LPS points of a grid over the template body
+    query_pts: np.ndarray  # (M, 3) their cycle-consistent matches on the query
+    local: Optional[LocalRegistration]  # None when the intensities cannot be compared
+    local_error: Optional[str]
+    seconds: float
+
+
+_PAIR_CACHE: "weakref.WeakKeyDictionary[Embeddings, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
+
+
+def prepare_pair(template: Embeddings, query: Embeddings, refine_options: Optional[RefineOptions] = None) -> None:
+    """Run the refined match's per-pair precompute (the pair's fixed points) ahead of the first
+    click, e.g. while the user places points. Kept as long as both embeddings live."""
+    Matcher(template, query, refine_options=refine_options).pair_state()
+
+
 # --------------------------------------------------------------------------------------------
 class Matcher:
     """Matches points of a template volume on a query volume (both already embedded)."""
 
-    def __init__(self, template: Embeddings, query: Embeddings, options: Optional[MatchOptions] = None):
+    def __init__(self, template: Embeddings, query: Embeddings, options: Optional[MatchOptions] = None,
+                 refine_options: Optional[RefineOptions] = None):
         if (template.semantic is None) != (query.semantic is None) or template.fine.shape[0] != query.fine.shape[0]:
             raise MatchingError("template and query were embedded with different models")
         self.template, self.query = template, query
         self.t = template.index
         self.q = query.index
         self.opt = options or MatchOptions()
+        self.ropt = refine_options or RefineOptions()
 
     def _template_index(self, points_lps: np.ndarray) -> np.ndarray:
         pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
@@ -176,6 +212,92 @@ class Matcher:
         b = self.q.descriptors(q_idx[None])
         return float((a * b).sum() / self.t.n_heads)
 
+    # --- refined: SAM answer + local registration, checked against each other -----------------
+    def pair_state(self) -> _PairState:
+        """The pair's cycle-consistent matches on a grid over the template body, and the local
+        registration of the two model-grid volumes (built once per pair and options)."""
+        per_template = _PAIR_CACHE.setdefault(self.template, weakref.WeakKeyDictionary())
+        state = per_template.get(self.query)
+        if state is not None and state[0] == self.ropt:
+            return state[1]
+        t0 = time.perf_counter()
+        mv = self.template.model_volume
+        mask = body_mask(mv)
+        step = max(1, int(round(self.ropt.fixed_point_grid_mm / max(mv.spacing))))
+        kji = np.argwhere(mask[step // 2::step, step // 2::step, step // 2::step]) * step + step // 2
+        grid = mv.index_to_lps(kji[:, ::-1].astype(np.float64))
+        if len(grid) > self.ropt.max_fixed_points:
+            grid = grid[np.linspace(0, len(grid) - 1, self.ropt.max_fixed_points).astype(int)]
+        t_pts = q_pts = np.zeros((0, 3))
+        if len(grid):
+            # NN with a sub-voxel peak, kept when the round trip returns to the start voxel's
+            # neighbourhood with a high score: fixed points of the NN map, placed below the 4 mm grid
+            t_idx = self.t.grid.lps_to_index(grid)
+            q_idx, score = self._forward(t_idx, True)
+            back, _ = self._backward(np.round(q_idx), False)
+            cyc = np.linalg.norm(self.t.grid.index_to_lps(back) - grid, axis=1)
+            keep = (cyc <= self.ropt.fixed_point_cycle_mm) & (score > self.ropt.fixed_point_min_score)
+            t_pts, q_pts = grid[keep], self.q.grid.index_to_lps(q_idx[keep])
+        local, error = None, None
+        try:
+            local = LocalRegistration(mv, self.query.model_volume, self.ropt)
+        except ValueError as exc:
+            error = str(exc)
+        result = _PairState(t_pts, q_pts, local, error, time.perf_counter() - t0)
+        per_template[self.query] = (self.ropt, result)
+        return result
+
+    def refined(self, points_lps) -> list[MatchResult]:
+        t_idx = self._template_index(points_lps)
+        state = self.pair_state()
+        return [self._refined_one(t, state) for t in t_idx]
+
+    def _sam_answer(self, t: np.ndarray, state: _PairState) -> tuple[MatchResult, str]:
+        """The SAM answer: the pair's fixed points near the point (regional fit), else the cube fixed point."""
+        t_mm = self.t.grid.index_to_lps(t)
+        fit = regional_map(state.template_pts, state.query_pts, t_mm, self.ropt.regional_sigma_mm)
+        if fit is None:
+            return self.fixed_point(t_mm[None])[0], "fixed-point cube (too few of the pair's fixed points nearby)"
+        q_i = np.clip(self.q.grid.lps_to_index(fit.point), 0, np.asarray(self.q.shape[::-1]) - 1)
+        back, _ = self._backward(np.round(q_i)[None], False)
+        cyc = float(np.linalg.norm(self.t.grid.index_to_lps(back[0]) - t_mm))
+        details = {"fixed_points_support": round(fit.support, 1), "fit_residual_mm": round(fit.residual_mm, 2)}
+        res = self._result(t, self.q.grid.lps_to_index(fit.point), self._score_at(t, q_i), cyc, "refined", details)
+        return res, "regional fixed points"
+
+    def _refined_one(self, t: np.ndarray, state: _PairState) -> MatchResult:
+        """Confident only when the refined answer is used, agrees with the SAM answer and both
+        similarities (embedding at the SAM answer, local intensity after refinement) are high."""
+        sam, localiser = self._sam_answer(t, state)
+        sam_q = sam.query_point.as_array()
+        details = dict(sam.details, sam_point=[round(v, 2) for v in sam_q], sam_localiser=localiser)
+        base = dict(template_point=sam.template_point, score=sam.score, method="refined", details=details)
+
+        def keep_sam(why: str, flag: str) -> MatchResult:
+            reasons = [flag] + [r for r in (sam.reason or "").split("; ") if r and "cycle" not in r]
+            return MatchResult(query_point=sam.query_point, confident=False, reason="; ".join(reasons),
+                               answer="sam", answer_reason=why, **base)
+
+        if state.local is None:
+            return keep_sam(f"SAM answer: the local refinement cannot run ({state.local_error})", "not refined")
+        ref = state.local.refine(sam.template_point.as_array(), sam_q)
+        details["refinement"] = ref.to_dict()
+        if ref.point is None:
+            return keep_sam(f"SAM answer: refinement not used ({ref.reason})", f"not refined: {ref.reason}")
+        if ref.shift_mm > self.ropt.agree_mm:
+            return keep_sam(f"SAM answer: the refined point is {ref.shift_mm:.1f} mm away (more than "
+                            f"{self.ropt.agree_mm:g} mm); the intensities may follow changed anatomy",
+                            f"SAM and refined answers disagree by {ref.shift_mm:.1f} mm")
+        reasons = []
+        if sam.score < self.opt.min_score:
+            reasons.append(f"similarity {sam.score:.2f} below {self.opt.min_score:.2f}")
+        if ref.lncc < self.ropt.confident_lncc:
+            reasons.append(f"local similarity {ref.lncc:.2f} below {self.ropt.confident_lncc:.2f}")
+        why = f"refined: within {ref.shift_mm:.1f} mm of the SAM answer, local similarity {ref.lncc:.2f}"
+        return MatchResult(query_point=PhysicalPoint(tuple(float(v) for v in ref.point), "LPS"),
+                           confident=not reasons, reason="; ".join(reasons) or None, answer="refined",
+                           answer_reason=why, **base)
+
     # --- stable matches for registration ------------------------------------------------------
     def stable(self, points_lps, iterations: int = 5, min_score: float = 0.7) -> StableMatches:
         pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
@@ -209,15 +331,24 @@ def _robust_map(src: np.ndarray, dst: np.ndarray, point: np.ndarray, iterations:
 
 
 # --------------------------------------------------------------------------------------------
-def match_points(template: Embeddings, query: Embeddings, points_lps, method: str = "fixed_point",
-                 options: Optional[MatchOptions] = None) -> list[MatchResult]:
-    """Match template points (N, 3) LPS onto the query volume. Returns one MatchResult per point."""
-    matcher = Matcher(template, query, options)
+METHODS = ("refined", "fixed_point", "nn")
+
+
+def match_points(template: Embeddings, query: Embeddings, points_lps, method: str = "refined",
+                 options: Optional[MatchOptions] = None,
+                 refine_options: Optional[RefineOptions] = None) -> list[MatchResult]:
+    """Match template points (N, 3) LPS onto the query volume. Returns one MatchResult per point.
+
+    ``method``: 'refined' (default: SAM answer made precise by a local registration and checked
+    against it), 'fixed_point' (SAMv2 fixed-point match) or 'nn' (nearest neighbour)."""
+    matcher = Matcher(template, query, options, refine_options)
     if method == "nn":
         return matcher.nn(points_lps)
     if method in ("fixed_point", "fixed-point", "fp"):
         return matcher.fixed_point(points_lps)
-    raise InputError(f"unknown matching method {method!r}: use 'nn' or 'fixed_point'")
+    if method == "refined":
+        return matcher.refined(points_lps)
+    raise InputError(f"unknown matching method {method!r}: use one of {', '.join(METHODS)}")
 
 
 def nn_query_points(template: Embeddings, query: Embeddings, points_lps, subvoxel: bool = True):

@@ -4,6 +4,12 @@ No real same-patient follow-up pairs are bundled: a follow-up is made from a rea
 known small rigid motion, a smooth random deformation, intensity/contrast change and noise
 (optionally a field-of-view crop or an MR-like intensity remapping). Every result produced on
 such pairs must be reported as "on simulated follow-ups".
+
+Two protocols: ``simulate_followup`` (mild: same voxel grid, small motion; used by the
+registration tests) and ``simulate_hard_followup`` with :class:`FollowupProtocol` (the
+click-to-match benchmark protocol of issue 10: own voxel grid, 85% z coverage, large motion,
+B-spline deformation, contrast-phase change). ``change_lesion`` grows or shrinks a labelled
+lesion before simulating; ``body_points`` draws random evaluation points in the body.
 """
 from __future__ import annotations
 
@@ -11,8 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .errors import InputError
+from .preprocess import body_mask
 from .volume import Modality, Volume
 
 
@@ -29,11 +37,17 @@ class SimulatedPair:
         out = np.empty_like(pts)
         for n, b in enumerate(pts):
             p = b.copy()
-            for _ in range(50):  # fixed-point inversion of p -> T(p); T is a small perturbation of identity
+            step = 1.0
+            best = np.inf
+            for _ in range(200):  # damped fixed-point inversion of p -> T(p) (T is near identity)
                 err = np.asarray(self.transform.TransformPoint(tuple(p))) - b
-                p -= err
-                if np.linalg.norm(err) < 1e-4:
+                norm = float(np.linalg.norm(err))
+                if norm < 1e-4:
                     break
+                if norm > best:  # overshooting (large rotation + deformation): smaller steps
+                    step *= 0.5
+                best = min(best, norm)
+                p -= step * err
             out[n] = p
         return out
 
@@ -111,3 +125,141 @@ def simulate_followup(volume: Volume, seed: int = 0, rotation_deg: float = 4.0, 
               "deformation_mm_peak": deformation_mm, "noise": noise, "contrast": contrast,
               "crop_fraction": crop_fraction, "mr_like": mr, "simulated": True}
     return SimulatedPair(volume, out, composite, params)
+
+
+# --- the hard follow-up protocol (issue 10) ---------------------------------------------------
+@dataclass(frozen=True)
+class FollowupProtocol:
+    """Ranges of the hard follow-up simulation; every value is drawn uniformly per pair."""
+
+    spacing_scale: tuple[float, float] = (0.8, 1.5)  # follow-up voxel spacing / baseline, per axis
+    z_coverage: float = 0.85  # share of the baseline's z extent the follow-up covers (random offset)
+    rotation_deg: float = 8.0  # per axis
+    translation_mm: float = 15.0  # per axis
+    bspline_mm: float = 16.0  # cubic B-spline coefficients uniform in +-this, per component
+    control_mm: float = 50.0  # B-spline control-point spacing
+    phase_band_hu: tuple[float, float] = (20.0, 90.0)  # soft tissue that enhances (contrast phase)
+    phase_gain_hu: tuple[float, float] = (30.0, 90.0)  # how much it gains
+    gain: tuple[float, float] = (0.9, 1.1)
+    offset_hu: float = 20.0
+    noise_hu: float = 15.0
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def _bspline(box_lo: np.ndarray, box_hi: np.ndarray, rng: np.random.Generator, amplitude_mm: float,
+             control_mm: float) -> sitk.BSplineTransform:
+    """A cubic B-spline transform over the box with coefficients uniform in +-amplitude_mm."""
+    lo, hi = box_lo - control_mm, box_hi + control_mm
+    mesh = [max(1, int(np.ceil((h - l) / control_mm))) for l, h in zip(lo, hi)]
+    ref = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    ref.SetOrigin(tuple(lo))
+    ref.SetSpacing(tuple(hi - lo))
+    bs = sitk.BSplineTransformInitializer(ref, mesh, 3)
+    bs.SetParameters(tuple(rng.uniform(-amplitude_mm, amplitude_mm, len(bs.GetParameters()))))
+    return bs
+
+
+def _phase_weight(hu: np.ndarray, band: tuple[float, float], ramp: float = 10.0) -> np.ndarray:
+    """1 inside the HU band, 0 outside, linear ramps of ``ramp`` HU (no artificial edges)."""
+    lo, hi = band
+    return np.clip(np.minimum(hu - (lo - ramp), (hi + ramp) - hu) / ramp, 0.0, 1.0).astype(np.float32)
+
+
+def simulate_hard_followup(volume: Volume, seed: int = 0,
+                           protocol: FollowupProtocol = FollowupProtocol()) -> SimulatedPair:
+    """A follow-up CT of ``volume`` as hard as a real one (issue 10 protocol); the input is untouched.
+
+    The follow-up has its own voxel grid (spacing x0.8-1.5 per axis, same direction), covers
+    85% of the baseline's z extent at a random offset, and shows the baseline through a rigid
+    motion and a smooth cubic B-spline deformation, with a contrast-phase change (soft tissue
+    gains HU), a global gain/offset and Gaussian noise. ``map_points`` is the exact truth.
+    """
+    if volume.modality is not Modality.CT:
+        raise InputError("the hard follow-up protocol models CT (Hounsfield units); got " + volume.modality.value)
+    p = protocol
+    rng = np.random.default_rng(seed)
+    corners = volume.corners_lps()
+    box_lo, box_hi = corners.min(0), corners.max(0)
+    centre = corners.mean(0)
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter(tuple(centre))
+    rigid.SetRotation(*np.deg2rad(rng.uniform(-p.rotation_deg, p.rotation_deg, 3)))
+    rigid.SetTranslation(tuple(rng.uniform(-p.translation_mm, p.translation_mm, 3)))
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(rigid)
+    if p.bspline_mm > 0:
+        composite.AddTransform(_bspline(box_lo - 30, box_hi + 30, rng, p.bspline_mm, p.control_mm))
+
+    # the follow-up's own grid: same direction, new spacing, 85% of the z extent at a random offset
+    scale = rng.uniform(*p.spacing_scale, 3)
+    spacing = np.asarray(volume.spacing) * scale
+    extent = (np.asarray(volume.size_xyz) - 1) * np.asarray(volume.spacing)
+    size = np.maximum(1, np.floor(extent / spacing).astype(int) + 1)
+    z_keep = max(1, int(np.floor(p.z_coverage * extent[2] / spacing[2])) + 1)
+    z0_mm = rng.uniform(0.0, max(0.0, extent[2] - (z_keep - 1) * spacing[2]))
+    size[2] = z_keep
+    origin = volume.index_to_lps([0.0, 0.0, z0_mm / volume.spacing[2]])
+    ref = sitk.Image([int(v) for v in size], sitk.sitkFloat32)
+    ref.SetSpacing(tuple(float(v) for v in spacing))
+    ref.SetOrigin(tuple(float(v) for v in origin))
+    ref.SetDirection(tuple(volume.direction.ravel()))
+    fill = float(volume.array.min())
+    moved = sitk.Resample(volume.to_sitk(), ref, composite, sitk.sitkLinear, fill, sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(moved)
+    phase = rng.uniform(*p.phase_gain_hu)
+    gain = rng.uniform(*p.gain)
+    offset = rng.uniform(-p.offset_hu, p.offset_hu)
+    arr = arr + phase * _phase_weight(arr, p.phase_band_hu)
+    arr = arr * gain + offset + rng.normal(0.0, p.noise_hu, arr.shape).astype(np.float32)
+    out = Volume(arr.astype(np.float32), moved.GetSpacing(), moved.GetOrigin(),
+                 np.array(moved.GetDirection()).reshape(3, 3), Modality.CT, f"{volume.name}_hardfollowup{seed}")
+    params = {"seed": seed, "protocol": p.to_dict(), "spacing_mm": [round(float(v), 3) for v in spacing],
+              "z_offset_mm": round(float(z0_mm), 1), "phase_gain_hu": round(float(phase), 1),
+              "gain": round(float(gain), 3), "offset_hu": round(float(offset), 1), "simulated": True}
+    return SimulatedPair(volume, out, composite, params)
+
+
+def change_lesion(volume: Volume, label: np.ndarray, change_mm: float, seed: int = 0) -> tuple[Volume, np.ndarray]:
+    """``volume`` with the labelled lesion grown (change_mm > 0) or shrunk (< 0) by ``|change_mm|``.
+
+    The lesion boundary moves by change_mm (a Euclidean distance on the voxel grid): grown
+    voxels take the lesion's own intensities (resampled from it, with its texture), voxels
+    the lesion gives up take the median of the tissue around it. Returns the new volume and
+    the lesion centre (label centroid) in LPS: the point whose follow-up position is the truth.
+    """
+    lab = np.asarray(label) > 0
+    if lab.shape != volume.array.shape or not lab.any():
+        raise InputError("the lesion label must be a non-empty mask on the volume's grid")
+    rng = np.random.default_rng(seed)
+    sp = np.asarray(volume.spacing)[::-1]  # (z, y, x)
+    centre = volume.index_to_lps(np.argwhere(lab).mean(0)[::-1])
+    arr = np.array(volume.array, dtype=np.float32)
+    inside = arr[lab]
+    if change_mm > 0:
+        dist = ndimage.distance_transform_edt(~lab, sampling=sp)
+        grown = (dist > 0) & (dist <= change_mm)
+        arr[grown] = rng.choice(inside, int(grown.sum())) + rng.normal(0, 0.25 * inside.std(), int(grown.sum()))
+    elif change_mm < 0:
+        depth = ndimage.distance_transform_edt(lab, sampling=sp)
+        lost = lab & (depth <= -change_mm)
+        shell = (ndimage.distance_transform_edt(~lab, sampling=sp) > 0) & \
+            (ndimage.distance_transform_edt(~lab, sampling=sp) <= 6.0)
+        around = arr[shell]
+        arr[lost] = np.median(around) + rng.normal(0, max(1.0, 0.5 * around.std()), int(lost.sum()))
+    return volume.with_array(arr, f"{volume.name}_lesion{change_mm:+g}mm"), centre
+
+
+def body_points(volume: Volume, count: int, seed: int = 0, erode_mm: float = 10.0) -> np.ndarray:
+    """``count`` random LPS points (N, 3) inside the body mask eroded by ``erode_mm`` (not only landmarks)."""
+    mask = body_mask(volume)
+    sp = np.asarray(volume.spacing)[::-1]
+    inner = ndimage.distance_transform_edt(mask, sampling=sp) > erode_mm
+    idx = np.argwhere(inner)
+    if len(idx) == 0:
+        raise InputError(f"{volume.name or 'volume'}: no body voxel deeper than {erode_mm:g} mm")
+    rng = np.random.default_rng(seed)
+    pick = idx[rng.choice(len(idx), min(count, len(idx)), replace=False)].astype(np.float64)
+    pick += rng.uniform(-0.5, 0.5, pick.shape)  # anywhere in the voxel, not only at centres
+    return volume.index_to_lps(pick[:, ::-1])

@@ -1,6 +1,6 @@
 """Choices and names shared by the widget, the parameter node and the logic (no heavy imports)."""
 
-METHODS = ("fixed_point", "nn")  # point matching: SAMv2 fixed-point, or plain nearest neighbour
+METHODS = ("refined", "fixed_point", "nn")  # = samv2core.matching.METHODS: refined (default), SAMv2 fixed-point, NN
 REGISTRATION_MODES = ("rigid", "affine")
 REGISTRATION_FEATURES = ("auto", "sam", "mind")  # = samv2core.registration.options.FEATURES (tested)
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -260,7 +260,7 @@ class SAMv2Logic:
         return Job("Embed volumes", compute, lambda names: names, "embed", {"volumes": [base, follow]})
 
     # --- matching -------------------------------------------------------------------------
-    def prepare_match(self, baseline_node, followup_node, points_node, method: str = "fixed_point",
+    def prepare_match(self, baseline_node, followup_node, points_node, method: str = "refined",
                       output_name: Optional[str] = None) -> Job:
         """Match every point of ``points_node`` (on the baseline) onto the follow-up."""
         if method not in METHODS:
@@ -298,7 +298,7 @@ class SAMv2Logic:
         return Job("Match points", compute, apply, "match",
                    {"template": base, "query": follow, "points_lps": points_lps, "method": method})
 
-    def match_points(self, baseline_node, followup_node, points_node, method: str = "fixed_point",
+    def match_points(self, baseline_node, followup_node, points_node, method: str = "refined",
                      output_name: Optional[str] = None, progress=None) -> MatchOutcome:
         return self.run(lambda: self.prepare_match(baseline_node, followup_node, points_node, method, output_name),
                         progress, "Match points")
@@ -320,6 +320,7 @@ class SAMv2Logic:
         node.SetAttribute(ATTRIBUTE_PREFIX + "Method", method)
         node.SetAttribute(ATTRIBUTE_PREFIX + "Scores", json.dumps([round(float(r.score), 4) for r in results]))
         node.SetAttribute(ATTRIBUTE_PREFIX + "Confident", json.dumps([bool(r.confident) for r in results]))
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Answers", json.dumps([r.answer for r in results]))
         if follow is not None:
             node.SetAttribute(ATTRIBUTE_PREFIX + "Volume", follow.GetName())
         return node
@@ -327,7 +328,7 @@ class SAMv2Logic:
     # --- lesion propagation ---------------------------------------------------------------
     def prepare_propagate_lesion(self, baseline_node, followup_node, points_node=None, point_index: int = 0,
                                  radius_mm: float = 10.0, segmentation_node=None, segment_id: Optional[str] = None,
-                                 method: str = "fixed_point", output_name: Optional[str] = None) -> Job:
+                                 method: str = "refined", output_name: Optional[str] = None) -> Job:
         """Propagate a lesion to the follow-up: a point + radius (sphere), or a segment.
 
         Output: a point list with the matched lesion centre and a segmentation with the region.
@@ -489,8 +490,11 @@ class SAMv2Logic:
 
 # --- pure helpers (no scene) ------------------------------------------------------------------
 def describe_match(result) -> str:
-    """Control point description: score, and the reason when the match is not confident."""
+    """Control point description: score, which answer was used and why (refined match), and the
+    reason when the match is not confident."""
     text = f"score {result.score:.2f}"
+    if getattr(result, "answer_reason", None):
+        text += f"; {result.answer_reason}"
     if not result.confident:
         text += f"; NOT CONFIDENT: {result.reason or 'low score'}"
     return text

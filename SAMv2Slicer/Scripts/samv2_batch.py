@@ -67,7 +67,7 @@ def parse_args(argv):
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--model", default=None, help="weights file (.safetensors); default: the bundled model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--method", default="fixed_point", choices=["fixed_point", "nn"])
+    p.add_argument("--method", default="refined", choices=["refined", "fixed_point", "nn"])
     p.add_argument("--register", default="none", choices=["none", "rigid", "affine"],
                    help="also register follow-up (moving) onto baseline (fixed)")
     p.add_argument("--deformable", action="store_true", help="add a deformable refinement (with --register)")

@@ -1,0 +1,266 @@
+"""Click-to-match on hard SIMULATED follow-ups (issue 10): NN, fixed-point, refined, and peers.
+
+Run:  nice python Testing/benchmark_followup.py [--quick] [--no-peers] [--only lung,aorta,...]
+      [--seeds 0,1,2] [--points 40] [--lesions 5] [--out results.json]
+
+Follow-ups are SIMULATED from the real CTs of ../shared/data with samv2core.simulate's hard
+protocol (FollowupProtocol: own voxel grid with spacing x0.8-1.5 per axis, 85% of the z
+coverage at a random offset, rigid motion up to 8 deg / 15 mm, cubic B-spline deformation with
+coefficients up to +-16 mm on a 50 mm grid, contrast-phase change, gain, offset, noise 15 HU).
+Query points are random points in the eroded (10 mm) body of the baseline whose true position
+lies inside the follow-up; the truth is exact (the known transform). Lesion-change pairs: the
+lung tumour grows by 6-10 mm or shrinks by 4 mm before the simulation; the truth is where the
+lesion centre went.
+
+Per scan and method: median / p90 error, CPM@10mm, false-confident (confident and >= 10 mm
+off), over-cautious (not confident and < 10 mm), silent failures (count of >= 10 mm errors not
+flagged), worst case, time to the first answer (load both scans + embed both + first click;
+peers: load + register) and time per further click. Peers: ``samv2 register`` (affine +
+deformable; points through its composite transform) and ANTs SyN (antspyx defaults, run in a
+subprocess with ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS). Peers have no confidence flag: every
+answer counts as confident. Timings are wall clock on a shared machine: compare rows of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SAMV2_SHARED_DATA", REPO.parent / "shared" / "data"))
+SCANS = {
+    "lung": "ct/radiomics_lung1/image.nrrd",
+    "abdomen3mm": "ct/totalseg_example/ct_3mm.nii.gz",
+    "aorta": "ct/totalseg_aorta/ct_1.5mm.nii.gz",
+    "dicom": "ct/totalseg_dicom/dicom",
+}
+LESION_SCAN, LESION_LABEL = "ct/radiomics_lung1/image.nrrd", "ct/radiomics_lung1/tumor_label.nrrd"
+METHODS = ("nn", "fixed_point", "refined")
+
+_ANTS_CHILD = r"""
+import json, sys, time
+import ants, numpy as np, pandas as pd
+spec = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+fixed = ants.image_read(spec["fixed"]); moving = ants.image_read(spec["moving"])
+reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyN")
+pts = pd.DataFrame(np.asarray(spec["points"]), columns=["x", "y", "z"])
+# ITK convention: the forward (image) transforms map fixed physical points to moving ones
+out = ants.apply_transforms_to_points(3, pts, reg["fwdtransforms"])
+print(json.dumps({"points": out[["x", "y", "z"]].to_numpy().tolist(), "seconds": time.perf_counter() - t0}))
+"""
+
+
+def stats(err: np.ndarray, confident: np.ndarray) -> dict:
+    far = err >= 10.0
+    return {"n": len(err), "median": float(np.median(err)), "p90": float(np.percentile(err, 90)),
+            "cpm10": float(np.mean(~far)), "false_confident": float(np.mean(confident & far)),
+            "over_cautious": float(np.mean(~confident & ~far)), "silent": int(np.sum(confident & far)),
+            "worst": float(err.max())}
+
+
+def run_samv2(base_path, follow_path, points, truth, methods, threads):
+    """Time to the first answer and per-click times for each matching method.
+
+    Both scans are loaded and embedded once from scratch (no cache; timed); each method's
+    first answer = that time + its own first click (the refined method's per-pair precompute
+    runs inside its first click)."""
+    import torch
+    from samv2core.embed import Embedder
+    from samv2core.matching import match_points
+    from samv2core.models import resolve_model
+    from samv2core.volume import load_volume
+
+    torch.set_num_threads(threads)
+    embedder = Embedder(resolve_model(None).model, device="cpu")
+    t0 = time.perf_counter()
+    base, follow = load_volume(base_path, "CT"), load_volume(follow_path, "CT")
+    te, qe = embedder.embed(base), embedder.embed(follow)
+    t_embed = time.perf_counter() - t0
+    out = {}
+    for method in methods:
+        results, clicks = [], []
+        for p in points:
+            t = time.perf_counter()
+            results += match_points(te, qe, p[None], method=method)
+            clicks.append(time.perf_counter() - t)
+        q = np.array([r.query_point.xyz for r in results])
+        err = np.linalg.norm(q - truth, axis=1)
+        conf = np.array([r.confident for r in results])
+        out[method] = {"err": err.tolist(), "confident": conf.tolist(), "first_s": t_embed + clicks[0],
+                       "embed_s": t_embed, "first_click_s": clicks[0],
+                       "click_ms": 1000 * float(np.median(clicks[1:] if len(clicks) > 1 else clicks)),
+                       "answers": [r.answer for r in results], "reasons": [r.reason for r in results],
+                       "answer_reasons": [r.answer_reason for r in results]}
+    return out
+
+
+def run_register(base_path, follow_path, points, truth):
+    from samv2core.errors import SAMv2Error
+    from samv2core.registration import register
+    from samv2core.volume import load_volume
+
+    t0 = time.perf_counter()
+    base, follow = load_volume(base_path, "CT"), load_volume(follow_path, "CT")
+    try:
+        res = register(base, follow, mode="affine", deformable=True)
+    except SAMv2Error as exc:  # a refusal is a result too (reported, never silent)
+        return {"error": str(exc).splitlines()[0][:120], "first_s": time.perf_counter() - t0}
+    first = time.perf_counter() - t0
+    t = time.perf_counter()
+    q = res.transform_points(points)
+    click = 1000 * (time.perf_counter() - t) / max(1, len(points))
+    err = np.linalg.norm(q - truth, axis=1)
+    return {"err": err.tolist(), "confident": [True] * len(err), "first_s": first, "click_ms": click}
+
+
+def run_ants(base_path, follow_path, points, truth, threads, timeout):
+    env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    spec = {"fixed": str(base_path), "moving": str(follow_path), "points": np.asarray(points).tolist()}
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, "-c", _ANTS_CHILD, json.dumps(spec)], capture_output=True, text=True,
+                             env=env, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s", "first_s": timeout}
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120], "first_s": time.perf_counter() - t0}
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    err = np.linalg.norm(np.asarray(doc["points"]) - truth, axis=1)
+    return {"err": err.tolist(), "confident": [True] * len(err), "first_s": time.perf_counter() - t0, "click_ms": 0.0}
+
+
+def save_volume(volume, path: Path) -> None:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(volume.to_sitk(), str(path))
+
+
+def make_cases(args):
+    """(scan, seed, kind, baseline Volume, SimulatedPair, points, truth, lesion_mask) per pair."""
+    from samv2core.simulate import body_points, change_lesion, simulate_hard_followup
+    from samv2core.volume import load_volume
+
+    only = set(args.only.split(",")) if args.only else None
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for name, rel in SCANS.items():
+        if only and name not in only:
+            continue
+        if not (SHARED / rel).exists():
+            print(f"# skipped {name}: {SHARED / rel} not found", flush=True)
+            continue
+        vol = load_volume(SHARED / rel, "CT")
+        for seed in seeds:
+            pair = simulate_hard_followup(vol, seed)
+            pts = body_points(vol, 20 * args.points, seed + 100)
+            truth = pair.map_points(pts)
+            ok = pair.followup.contains_lps(truth, -1.0)
+            yield name, seed, "body", vol, pair, pts[ok][: args.points], truth[ok][: args.points]
+    if args.lesions and (not only or "lesion" in only) and (SHARED / LESION_SCAN).exists():
+        import SimpleITK as sitk
+
+        vol = load_volume(SHARED / LESION_SCAN, "CT")
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(SHARED / LESION_LABEL))) > 0
+        rng = np.random.default_rng(0)
+        for k in range(args.lesions):
+            change = -4.0 if k % 3 == 2 else float(rng.uniform(6.0, 10.0))
+            changed, centre = change_lesion(vol, label, change, seed=k)
+            pair = simulate_hard_followup(changed, 50 + k)
+            pts = np.vstack([centre[None], body_points(vol, 10 * args.lesion_points, 200 + k)])
+            truth = pair.map_points(pts)
+            ok = pair.followup.contains_lps(truth, -1.0)
+            ok[0] = True
+            pts, truth = pts[ok][: args.lesion_points + 1], truth[ok][: args.lesion_points + 1]
+            yield f"lesion{change:+.0f}mm", 50 + k, "lesion", vol, pair, pts, truth
+
+
+def fmt_row(scan, method, s, first, click):
+    return (f"| {scan:<14} | {method:<12} | {s['n']:>4} | {s['median']:>6.2f} | {s['p90']:>6.2f} | {100 * s['cpm10']:>6.1f} | "
+            f"{100 * s['false_confident']:>6.1f} | {100 * s['over_cautious']:>6.1f} | {s['silent']:>6d} | {s['worst']:>6.1f} | "
+            f"{first:>7.1f} | {click:>8.1f} |")
+
+
+HEADER = ("| scan           | method       |    n | median |    p90 | CPM@10 | false-c | over-c | silent |  worst | "
+          "first s | click ms |\n|" + "|".join("-" * w for w in (16, 14, 6, 8, 8, 8, 9, 8, 8, 8, 9, 10)) + "|")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one seed, 15 points, 2 lesion pairs, no ANTs")
+    ap.add_argument("--no-peers", action="store_true", help="skip samv2 register and ANTs SyN")
+    ap.add_argument("--no-ants", action="store_true", help="skip ANTs SyN only")
+    ap.add_argument("--ants-seeds", default="", help="run ANTs SyN only on these seeds (default: all)")
+    ap.add_argument("--only", default="", help=f"comma list of {', '.join(SCANS)}, lesion")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--points", type=int, default=40)
+    ap.add_argument("--lesions", type=int, default=5)
+    ap.add_argument("--lesion-points", type=int, default=10)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--threads", type=int, default=1, help="torch / ITK threads (the machine is shared)")
+    ap.add_argument("--ants-timeout", type=float, default=1800.0)
+    ap.add_argument("--out", default="", help="write all per-point results as JSON here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.points, args.lesions, args.no_ants = args.seeds.split(",")[0], 15, 2, True
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
+    methods = [m for m in args.methods.split(",") if m]
+    print("# Click-to-match on SIMULATED follow-ups (hard protocol, samv2core.simulate.FollowupProtocol)")
+    print(f"# seeds {args.seeds}, {args.points} body points per pair, {args.lesions} lesion-change pairs; "
+          f"threads {args.threads}")
+    print(HEADER, flush=True)
+    collected: dict = {}
+    all_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scan, seed, kind, vol, pair, pts, truth in make_cases(args):
+            bpath, fpath = Path(tmp) / f"{scan}_{seed}_b.nrrd", Path(tmp) / f"{scan}_{seed}_f.nrrd"
+            save_volume(pair.baseline, bpath)
+            save_volume(pair.followup, fpath)
+            res = run_samv2(bpath, fpath, pts, truth, methods, args.threads)
+            if not args.no_peers:
+                res["register"] = run_register(bpath, fpath, pts, truth)
+                if not args.no_ants and (not args.ants_seeds or str(seed) in args.ants_seeds.split(",")):
+                    res["ants_syn"] = run_ants(bpath, fpath, pts, truth, args.threads, args.ants_timeout)
+            for method, r in res.items():
+                if "error" in r:
+                    print(f"| {scan:<14} | {method:<12} | failed: {r['error']} ({r['first_s']:.0f} s) |", flush=True)
+                    continue
+                err, conf = np.asarray(r["err"]), np.asarray(r["confident"])
+                print(fmt_row(f"{scan}/{seed}", method, stats(err, conf), r["first_s"], r["click_ms"]), flush=True)
+                if kind == "lesion":
+                    why = (r.get("answer_reasons") or [None])[0]
+                    print(f"|   lesion centre | {method:<12} | error {err[0]:.1f} mm, "
+                          f"{'confident' if conf[0] else 'flagged'}{'; ' + why if why else ''} |", flush=True)
+                key = (scan.split("+")[0] if kind == "body" else "lesion", method)
+                c = collected.setdefault(key, {"err": [], "conf": [], "first": [], "click": [], "centre": []})
+                c["err"] += list(err)
+                c["conf"] += list(conf)
+                c["first"].append(r["first_s"])
+                c["click"].append(r["click_ms"])
+                if kind == "lesion":
+                    c["centre"].append(float(err[0]))
+                all_rows.append({"scan": scan, "seed": seed, "kind": kind, "method": method,
+                                 **{k: v for k, v in r.items() if k not in ("first_s",)}, "first_s": r["first_s"],
+                                 "params": pair.params})
+    print("\n## Summary per scan (all seeds pooled; first/click: median over pairs)")
+    print(HEADER)
+    for (scan, method), c in collected.items():
+        s = stats(np.asarray(c["err"]), np.asarray(c["conf"], bool))
+        print(fmt_row(scan, method, s, float(np.median(c["first"])), float(np.median(c["click"]))))
+    for (scan, method), c in collected.items():
+        if c["centre"]:
+            print(f"lesion centres, {method}: " + ", ".join(f"{e:.1f}" for e in c["centre"]) + " mm")
+    if args.out:
+        Path(args.out).write_text(json.dumps(all_rows, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
