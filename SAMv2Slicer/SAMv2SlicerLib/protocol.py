@@ -149,14 +149,15 @@ def match_to_dict(result: MatchResult) -> dict:
     return {"template_lps": list(result.template_point.to("LPS").xyz),
             "query_lps": list(result.query_point.to("LPS").xyz),
             "score": float(result.score), "confident": bool(result.confident), "reason": result.reason,
-            "method": result.method, "details": json.loads(json.dumps(result.details, default=_plain))}
+            "method": result.method, "details": json.loads(json.dumps(result.details, default=_plain)),
+            "answer": result.answer, "answer_reason": result.answer_reason}
 
 
 def match_from_dict(data: dict) -> MatchResult:
     return MatchResult(PhysicalPoint(tuple(data["template_lps"]), "LPS"),
                        PhysicalPoint(tuple(data["query_lps"]), "LPS"),
                        float(data["score"]), bool(data["confident"]), data["reason"], data["method"],
-                       dict(data.get("details") or {}))
+                       dict(data.get("details") or {}), data.get("answer", "sam"), data.get("answer_reason"))
 
 
 def encode_result(op: str, payload: Any, folder: "str | Path") -> Any:

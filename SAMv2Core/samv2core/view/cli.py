@@ -23,7 +23,7 @@ def add_view_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query", default="", help="follow-up scan (can also be opened by path in the page)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")
-    parser.add_argument("--method", default="fixed_point", choices=["fixed_point", "nn"])
+    parser.add_argument("--method", default="refined", choices=["refined", "fixed_point", "nn"])
     parser.add_argument("--register-mode", default="rigid", choices=["rigid", "affine"],
                         help="linear model of the Register button (default rigid)")
     add_model_arguments(parser)

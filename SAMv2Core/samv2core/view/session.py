@@ -36,7 +36,7 @@ class ViewSession:
     """
 
     embeddings: EmbeddingSession
-    method: str = "fixed_point"
+    method: str = "refined"
     template: Volume | None = None
     query: Volume | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
