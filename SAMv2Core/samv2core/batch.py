@@ -38,7 +38,7 @@ class MatchCaseJob:
     model_id: str = "bundled"
     device: str = "auto"
     precision: str = "auto"
-    method: str = "fixed_point"
+    method: str = "refined"
     points_system: str = "LPS"
     modality: str = "auto"
     min_score: Optional[float] = None
@@ -112,7 +112,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (e.g. tcp://host:8786)")
     p.add_argument("--shard", help="i/n: run only cases k with k %% n == i (job arrays, e.g. $SLURM_ARRAY_TASK_ID/4)")
     p.add_argument("--threads", type=int, help="torch threads per worker")
-    p.add_argument("--method", default="fixed_point", choices=["fixed_point", "nn"])
+    p.add_argument("--method", default="refined", choices=["refined", "fixed_point", "nn"])
     p.add_argument("--min-score", type=float, help="confidence threshold on the similarity score")
     p.add_argument("--points-system", default="LPS", choices=["LPS", "RAS"],
                    help="coordinate system of CSV point files; .mrk.json files name their own")
