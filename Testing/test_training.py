@@ -375,3 +375,37 @@ def test_bf16_and_the_optional_companion_losses_run(tmp_path):
     loss, comps = tr.compute_loss(pairs, np.random.default_rng(0))
     assert torch.isfinite(loss) and "alice" in comps and np.isfinite(comps["fine"])
     loss.backward()
+
+
+def test_corrupt_newer_checkpoints_never_prune_valid_ones_and_restart_is_explicit(tmp_path):
+    """Issue 13: corrupt higher-numbered checkpoints do not count as the newest when pruning;
+    a resume with no valid checkpoint is refused unless --restart; the loss log never holds a
+    step twice."""
+    from samv2train import checkpoint as ck
+    from samv2train.cli import main
+    from samv2train.trainer import Trainer, train
+
+    cfg = make_cfg(tmp_path, run={"keep_checkpoints": 1})
+    train(cfg, log=quiet)  # steps 1-4, checkpoint kept: 4
+    ckdir = cfg.run_dir / "checkpoints"
+    for step in (10, 12):  # corrupt "newer" files, e.g. from a damaged copy
+        ck.checkpoint_path(ckdir, step).write_bytes(b"corrupt")
+        ck.checkpoint_path(ckdir, step).with_name(f"step_{step:08d}.pt.sha256").write_text("0" * 64 + "\n")
+    cfg6 = make_cfg(tmp_path, run={"keep_checkpoints": 1, "iterations": 6})
+    tr = Trainer(cfg6, resume=True, log=quiet)
+    assert tr.state.step == 4
+    tr.fit()
+    steps = [s for s, _ in ck.list_checkpoints(ckdir)]
+    assert 6 in steps and 4 not in steps and {10, 12} <= set(steps)  # the valid 6 kept, the corrupt left alone
+    assert ck.is_valid(ck.checkpoint_path(ckdir, 6))
+
+    for _, p in ck.list_checkpoints(ckdir):  # now nothing is valid
+        p.write_bytes(b"broken")
+    run_dir = str(cfg6.run_dir)
+    assert main(["--resume", run_dir, "--no-progress"]) == 2
+    assert main(["--resume", run_dir, "--restart", "--no-progress"]) == 0
+    rows = (cfg6.run_dir / "loss_log.csv").read_text().strip().splitlines()[1:]
+    logged = [int(r.split(",")[0]) for r in rows]
+    assert logged == sorted(set(logged)) and logged[-1] == 6
+    assert sorted(p.name for p in ckdir.glob("*.corrupt"))  # set aside, not deleted
+    assert all(ck.is_valid(p) for _, p in ck.list_checkpoints(ckdir))

@@ -6,7 +6,7 @@ script (its job runs the Slicer logic in-process). What it guarantees:
 * **Case names are sanitised** (letters, digits, ``.``, ``_``, ``-``; ``../x`` becomes ``x``):
   a case never writes outside the output folder; names must stay unique.
 * **A case is all-or-nothing**: its files are written in a private staging folder
-  ``OUTPUT/.partial-<pid>-<id>-<case>/``, then a ``manifest.json`` (SHA-256 of every input
+  ``OUTPUT/.partial-<pid>@<host>-<id>-<case>/``, then a ``manifest.json`` (SHA-256 of every input
   and output file, the job's settings) is written LAST, and the folder is renamed to
   ``OUTPUT/<case>/``. A killed run leaves only staging folders, which are removed on restart.
 * **Restart skips finished cases**: a case whose manifest exists, whose outputs still match
@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -206,7 +207,7 @@ def run_case(case: Case, out_root: "str | Path", job: CaseJob, attempt: int = 1)
         return CaseOutcome(case.name, "skipped", "finished earlier (outputs verified)", 0.0, attempt,
                            sorted(done["outputs"]), done.get("info", {}))
     attempt += _remove_earlier_attempts(out_root, case.name)
-    stage = out_root / f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}-{case.name}"
+    stage = out_root / f".partial-{os.getpid()}@{_HOST}-{uuid.uuid4().hex[:8]}-{case.name}"
     try:
         stage.mkdir(parents=True)
         missing = [p for p in case.inputs.values() if p and not Path(p).exists()]
@@ -243,16 +244,28 @@ def run_case(case: Case, out_root: "str | Path", job: CaseJob, attempt: int = 1)
     return CaseOutcome(case.name, "failed", message, time.monotonic() - t0, attempt)
 
 
-_STAGE = re.compile(r"^\.partial-(\d+)-[0-9a-f]{8}-(.+)$")
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+_STAGE = re.compile(r"^\.partial-(\d+)@(\w+)-[0-9a-f]{8}-(.+)$")
+STALE_ELSEWHERE_S = 24 * 3600  # another host's staging folder: only removed when this old
 
 
 def _remove_stale(out_root: Path, case_name: Optional[str] = None) -> int:
     """Remove staging folders left by killed processes (of one case, or all); returns how
-    many. Folders of processes still alive are kept."""
+    many. On this host a folder whose process is gone is stale; a folder of another host
+    (shared file system: job arrays, Dask workers elsewhere) only after a day untouched."""
     n = 0
     for p in out_root.glob(".partial-*"):
         m = _STAGE.match(p.name)
-        if m and p.is_dir() and (case_name is None or m.group(2) == case_name) and not _pid_alive(int(m.group(1))):
+        if not m or not p.is_dir() or (case_name is not None and m.group(3) != case_name):
+            continue
+        if m.group(2) == _HOST:
+            stale = not _pid_alive(int(m.group(1)))
+        else:
+            try:
+                stale = time.time() - p.stat().st_mtime > STALE_ELSEWHERE_S
+            except OSError:
+                stale = False
+        if stale:
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
