@@ -279,6 +279,25 @@ def test_ctrl_c_during_start_up_is_one_line(ws, capsys, monkeypatch):
     _check_clean(ws, before, capsys.readouterr().err, "interrupted")
 
 
+def test_ctrl_c_while_the_command_line_imports_is_one_line(ws, capsys, monkeypatch):
+    """The console script's entry (samv2core.launch) imports the heavy command line itself, so
+    a Ctrl-C during those seconds of start-up is one line and exit code 130, not a traceback."""
+    from samv2core.launch import samv2
+
+    class InterruptImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "samv2core.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "samv2core.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [InterruptImport(), *sys.meta_path])
+    monkeypatch.setattr(sys, "argv", ["samv2", "embed", str(ws["root"] / "v.nrrd")])
+    before = _snapshot(ws["root"])
+    assert samv2() == 130
+    _check_clean(ws, before, capsys.readouterr().err, "interrupted")
+
+
 # --- Python API ---------------------------------------------------------------------------------
 def _api_cases():
     def load(name):
@@ -500,5 +519,5 @@ def test_train_refuses_cleanly(ws, tmp_path, capsys, make_args, needle):
 
 
 def test_catalogue_size():
-    n = len(CLI_CASES) + 2 + len(API_CASES) + 1 + len(SCRIPT_CASES) + 1 + len(TRAIN_CASES)
+    n = len(CLI_CASES) + 3 + len(API_CASES) + 1 + len(SCRIPT_CASES) + 1 + len(TRAIN_CASES)
     assert n >= 60, n

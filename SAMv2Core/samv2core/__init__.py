@@ -6,8 +6,22 @@ Coordinate convention: every physical point handled by this package is in LPS mi
 RAS; convert explicitly with :func:`samv2core.coords.ras_to_lps` / :func:`lps_to_ras`.
 """
 from .errors import SAMv2Error, InputError, CheckpointError, DeviceError
-from .volume import Volume, Modality, load_volume
-from .coords import PhysicalPoint, ras_to_lps, lps_to_ras
+
+# Loaded on first use (PEP 562), so importing the package (e.g. by the command line's entry
+# point) is instant and stays interruptible.
+_LAZY = {"Volume": "volume", "Modality": "volume", "load_volume": "volume",
+         "PhysicalPoint": "coords", "ras_to_lps": "coords", "lps_to_ras": "coords"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = [
