@@ -227,6 +227,7 @@ CLI_CASES = [
     ("convert-bad-variant", ["convert-checkpoint", "@weights.pth", "@out.safetensors", "--variant", "sam3"],
      "variant"),
     ("convert-dst-is-src", ["convert-checkpoint", "@weights.pth", "@weights.pth"], "overwrite the input"),
+    ("demo-out-is-file", ["demo", "--out", "@afile"], "is a file"),
     # batch (core runner)
     ("batch-bad-shard", ["batch", "@cohort/good.csv", "-o", "@cohort_out", "--shard", "4/2", *LITE], "--shard"),
     ("batch-bad-workers", ["batch", "@cohort/good.csv", "-o", "@cohort_out", "--workers", "-1", *LITE], "--workers"),

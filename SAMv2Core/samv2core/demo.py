@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .markups import write_markups
+from .outputs import atomic_write, check_writable, write_text_atomic
 from .preprocess import body_mask
 from .sample_data import load_sample
 from .simulate import simulate_hard_followup
@@ -52,14 +53,15 @@ def run_demo(args) -> int:
     from .cli_options import embed_with_progress, session_from_args
     from .matching import match_points
 
-    out = Path(args.out)
+    out = check_writable(Path(args.out), folder=True)
     out.mkdir(parents=True, exist_ok=True)
     baseline = load_sample("lung1_ct")
     label = load_sample("lung1_tumor_label")
     pair = simulate_hard_followup(baseline, seed=args.seed)
     followup = pair.followup
-    sitk.WriteImage(sitk.Cast(followup.to_sitk(), sitk.sitkInt16), str(out / "followup_simulated.nrrd"), True)
-    sitk.WriteImage(sitk.Cast(baseline.to_sitk(), sitk.sitkInt16), str(out / "baseline.nrrd"), True)
+    for name, vol in (("followup_simulated.nrrd", followup), ("baseline.nrrd", baseline)):
+        atomic_write(out / name, lambda tmp, v=vol: sitk.WriteImage(sitk.Cast(v.to_sitk(), sitk.sitkInt16), str(tmp),
+                                                                    True))
 
     pts, labels = demo_points(baseline, label, seed=args.seed)
     truth = pair.map_points(pts)
@@ -92,7 +94,7 @@ def run_demo(args) -> int:
                           [r.confident for r in res])
     write_markups(out / "baseline_points.mrk.json", pts, labels, "RAS")
     write_markups(out / "followup_truth.mrk.json", truth, [f"{l}-truth" for l in labels], "RAS")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     figures_note = write_demo_figures(out / "figures", baseline, followup, labels, figure_results, truth)
 
     print("\nFollow-up SIMULATED from the bundled lung CT (known motion), so errors are exact:")

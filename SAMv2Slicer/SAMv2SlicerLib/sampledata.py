@@ -53,11 +53,11 @@ def sample_pair(cache_dir: "str | os.PathLike", seed: int = SIMULATION_SEED) -> 
     if not target.is_file() or target.stat().st_mtime < baseline.stat().st_mtime:
         import SimpleITK as sitk
 
+        from samv2core.outputs import atomic_write
         from samv2core.simulate import simulate_followup
         from samv2core.volume import load_volume
 
         pair = simulate_followup(load_volume(baseline, "CT"), seed=seed)
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.nrrd")
-        sitk.WriteImage(pair.followup.to_sitk(), str(tmp), True)
-        os.replace(tmp, target)  # atomic: a half-written file is never picked up
+        # atomic: a half-written file is never picked up
+        atomic_write(target, lambda tmp: sitk.WriteImage(pair.followup.to_sitk(), str(tmp), True))
     return SamplePair(baseline, target, tumor, True)

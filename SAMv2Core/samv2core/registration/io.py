@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import RegistrationError
-from ..outputs import OutputSet
+from ..outputs import OutputSet, check_outputs
 from ..volume import Volume
 from .result import RegistrationResult
 
@@ -62,7 +62,8 @@ def write_registration(result: RegistrationResult, fixed: Volume, moving: Volume
     """Write the transforms, the resampled moving image and the report into ``out_dir``.
 
     Returns {"linear_tfm", "linear_h5", "displacement", "displacement_h5" (if any), "composite", "moving_resampled",
-    "report"} -> Path. Raises RegistrationError if a file cannot be written (nothing is left behind).
+    "report"} -> Path. Raises InputError if an output would replace an image the inputs were read from, RegistrationError
+    if a file cannot be written (nothing is left behind).
     """
     if not isinstance(result, RegistrationResult):
         raise RegistrationError("write_registration needs a RegistrationResult from register()")
@@ -72,6 +73,8 @@ def write_registration(result: RegistrationResult, fixed: Volume, moving: Volume
     if result.displacement is not None:
         names["displacement"] = "displacement.nii.gz"
         names["displacement_h5"] = "displacement.h5"
+    # the folder must not hold the files the images were read from under an output's name
+    check_outputs([], [v.meta.get("source") for v in (fixed, moving)], [(out, names.values())])
     try:
         with OutputSet() as files:  # all or nothing
             tmp = {key: str(files.stage(out / name)) for key, name in names.items() if key != "report"}
