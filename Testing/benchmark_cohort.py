@@ -67,7 +67,7 @@ def main() -> None:
             assert all(o.status == "ok" for o in s.outcomes) and all(o.status == "skipped" for o in again.outcomes)
             rows.append((label, wall, float(np.median(per_case)), max(per_case), rerun))
     print(f"{args.cases} cases, {os.cpu_count()} CPU cores (simulated follow-ups)")
-    print(f"| runner | wall s | case s (median) | case s (max) | rerun, all skipped s |")
+    print("| runner | wall s | case s (median) | case s (max) | rerun, all skipped s |")
     print("|---|---|---|---|---|")
     for label, wall, med, worst, rerun in rows:
         print(f"| {label} | {wall:.1f} | {med:.1f} | {worst:.1f} | {rerun:.2f} |")

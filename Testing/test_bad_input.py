@@ -12,7 +12,6 @@ network saved as a model file (this checks refusals, not accuracy).
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.util
 import json
