@@ -3,7 +3,7 @@ and a rerun where every case is verified and skipped. Prints a table.
 
 Cases: crops (96 x 96 x 24 voxels) of the bundled pyradiomics lung CT (PyPI origin) with
 SIMULATED follow-ups (known rigid motion, smooth deformation, noise), 3 points each, matched
-with the bundled model (fixed-point). Absolute times depend on the machine's load; compare
+with the bundled model and samv2 batch's default method. Absolute times depend on the machine's load; compare
 the rows of one run.
 
     python Testing/benchmark_cohort.py [--cases 6]

@@ -116,6 +116,9 @@ def ws(tmp_path_factory):
                                      "a_b,../v.nrrd,../q.nrrd,../points.csv\n")
     (cases / "good.csv").write_text("case,baseline,followup,points\none,../v.nrrd,../q.nrrd,../points.csv\n")
     (cases / "empty.csv").write_text("case,baseline,followup,points\n")
+    (cases / "one").mkdir()
+    _write(img, cases / "one" / "v.nrrd")  # an input inside the folder case "one" would replace
+    (cases / "inside.csv").write_text("case,baseline,followup,points\none,one/v.nrrd,../q.nrrd,../points.csv\n")
     return {"root": root, "centre": centre, "crop": crop}
 
 
@@ -236,6 +239,7 @@ CLI_CASES = [
     ("batch-no-cases", ["batch", "@cohort/empty.csv", "-o", "@cohort_out", *LITE], "no cases"),
     ("batch-bad-model", ["batch", "@cohort/good.csv", "-o", "@cohort_out", "--model", "@garbage.safetensors"],
      "garbage"),
+    ("batch-input-in-case-folder", ["batch", "@cohort/inside.csv", "-o", "@cohort", *LITE], "lies in the output"),
     ("batch-output-is-file", ["batch", "@cohort/good.csv", "-o", "@afile", *LITE], "is a file"),
 ]
 

@@ -276,23 +276,6 @@ def _remove_earlier_attempts(out_root: Path, case_name: str) -> int:
     return _remove_stale(out_root, case_name)
 
 
-def check_inputs_outside(cases: list, out_root: Path) -> None:
-    """Refuse a cohort whose outputs would replace an input: a case folder (replaced as a
-    whole when the case is redone) or a summary file holding an input."""
-    out_root = Path(os.path.abspath(out_root))
-    for case in cases:
-        for p in case.inputs.values():
-            if not p:
-                continue
-            q = Path(os.path.realpath(p))
-            for folder in {out_root / c.name for c in cases} | {Path(os.path.realpath(out_root / c.name)) for c in cases}:
-                if q == folder or folder in q.parents:
-                    raise InputError(f"{p}: input of case {case.name} lies in the output folder {folder}, "
-                                     "which the run replaces; choose another --output")
-            if q.parent == Path(os.path.realpath(out_root)) and q.name.startswith("summary"):
-                raise InputError(f"{p}: input of case {case.name} would be overwritten by the summary")
-
-
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -303,6 +286,24 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def check_inputs_outside(cases: list, out_root: Path) -> None:
+    """Refuse a cohort whose outputs would replace an input: a case folder (replaced as a
+    whole when the case is redone) or a summary file holding an input."""
+    root = Path(os.path.realpath(out_root))
+    folders = {root / c.name: c.name for c in cases}
+    for case in cases:
+        for p in case.inputs.values():
+            if not p:
+                continue
+            q = Path(os.path.realpath(p))
+            hit = next((f for f in (q, *q.parents) if f in folders), None)
+            if hit is not None:
+                raise InputError(f"{p}: input of case {case.name} lies in the output folder {hit}, "
+                                 "which the run replaces; choose another --output")
+            if q.parent == root and q.name.startswith("summary"):
+                raise InputError(f"{p}: input of case {case.name} would be overwritten by the summary")
 
 
 def _task(case: Case, out_root: str, job: CaseJob) -> CaseOutcome:
