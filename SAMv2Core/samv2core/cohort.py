@@ -378,7 +378,7 @@ def _run_dask(cases: list, out_root: Path, job: CaseJob, workers: int, scheduler
                 raise InputError(f"cannot reach the Dask scheduler {scheduler}: {str(exc).splitlines()[0]}") from None
         else:
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+                                   dashboard_address=None, silence_logs=logging.CRITICAL)
             client = Client(cluster)
         outcomes = []
         with client:
