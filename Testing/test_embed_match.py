@@ -155,12 +155,12 @@ def test_coarse_head_on_fine_grid_equals_trilinear_sampling(template):
     every fine voxel centre, on a real embedding's grids."""
     import torch.nn.functional as F
 
-    from samv2core.embed import _fill_coarse_on_fine
+    from samv2core.embed import fill_coarse_on_fine
 
     fg, cg, coarse = template.fine_grid, template.coarse_grid, template.coarse
     c = coarse.shape[0]
     rows = torch.zeros(tuple(fg.shape) + (c + 2,), dtype=torch.float32)
-    _fill_coarse_on_fine(rows, 1, coarse.float(), cg, fg, chunk=3)  # chunks that split the z range
+    fill_coarse_on_fine(rows, 1, coarse.float(), cg, fg, chunk=3)  # chunks that split the z range
     zz, yy, xx = np.meshgrid(*[np.arange(n) for n in fg.shape], indexing="ij")
     ijk = np.stack([xx, yy, zz], -1).reshape(-1, 3).astype(float)
     cidx = (np.asarray(fg.origin) + ijk * np.asarray(fg.spacing) - np.asarray(cg.origin)) / np.asarray(cg.spacing)

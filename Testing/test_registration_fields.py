@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from samv2core.errors import RegistrationError
+from samv2core.grid import Grid
 from samv2core.preprocess import body_mask, resample_to_model_grid
 from samv2core.registration.deformable import DeformableOptions, make_deformable_image, refine_deformable
 from samv2core.registration.fov import crop_volume, overlap_crop
-from samv2core.registration.grid import Grid, sample
+from samv2core.registration.grid import sample
 from samv2core.registration.mind import PAIRS, mind_ssc
 from samv2core.registration.sampling import grid_points_in_mask
 from samv2core.registration.svf import integrate_svf, jacobian_determinant, jacobian_stats

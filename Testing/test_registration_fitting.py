@@ -7,8 +7,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from samv2core.errors import RegistrationError
+from samv2core.fitting import fit_affine, fit_rigid, huber_affine, robust_fit
 from samv2core.registration.coarse import fit_coarse_field
-from samv2core.registration.fitting import fit_affine, fit_rigid, robust_fit
 
 
 def _points(n=400, seed=0):
@@ -143,3 +143,18 @@ def test_affine_on_a_thin_slab_of_matches_falls_back_to_a_similarity_and_says_so
     fit = robust_fit(src, dst, "affine")
     assert fit.mode == "affine" and fit.stats["fitted_model"] == "similarity" and "similarity" in fit.stats["warning"]
     assert np.allclose(fit.matrix, m, atol=5e-3)
+
+
+def test_huber_affine_resists_a_few_gross_outliers():
+    """The fixed-point map of one click: few points (a 5^3 cube), some of them wrong."""
+    src, rng = _points(n=40, seed=3)
+    a = np.array([[1.05, 0.02, 0.0], [-0.03, 0.97, 0.04], [0.01, 0.0, 1.02]])
+    t = np.array([4.0, -7.0, 2.5])
+    dst = src @ a.T + t + rng.normal(0, 0.3, src.shape)
+    dst[:4] += 40.0  # 10% gross outliers
+    m, tt, r = huber_affine(src, dst)
+    probe = src.mean(0) + 10.0
+    assert np.linalg.norm(m @ probe + tt - (a @ probe + t)) < 1.5
+    plain_m, plain_t = fit_affine(src, dst)
+    assert np.linalg.norm(plain_m @ probe + plain_t - (a @ probe + t)) > 2.0  # least squares is pulled away
+    assert np.median(r) < 1.0 and r[:4].min() > 30.0

@@ -18,8 +18,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from samv2core.errors import RegistrationError
+from samv2core.grid import Grid
 from samv2core.registration import RegistrationResult, write_registration
-from samv2core.registration.grid import Grid
 from samv2core.registration.result import displacement_image, linear_transform
 from samv2core.volume import Volume
 

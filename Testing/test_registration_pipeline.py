@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from samv2core.embed import EmbeddingGrid, Embeddings
+from samv2core.embed import Embeddings
 from samv2core.errors import RegistrationError
+from samv2core.grid import Grid
 from samv2core.preprocess import body_mask, resample_to_model_grid
 from samv2core.registration import DeformableOptions, RegistrationOptions, register
 from samv2core.registration.cli import add_register_arguments, run_register
@@ -54,9 +55,9 @@ class OracleEmbedder:
         mv = resample_to_model_grid(volume, 2.0)
         sp, org = np.asarray(mv.spacing), np.asarray(mv.origin)
         z, y, x = mv.array.shape
-        fine = EmbeddingGrid(tuple(org + sp * 0.5), tuple(sp * 2), (-(-z // 2), -(-y // 2), -(-x // 2)))
+        fine = Grid(tuple(org + sp * 0.5), tuple(sp * 2), (-(-z // 2), -(-y // 2), -(-x // 2)))
         cs = np.array([16.0, 16.0, 4.0])
-        coarse = EmbeddingGrid(tuple(org + sp * (cs - 1) / 2), tuple(sp * cs),
+        coarse = Grid(tuple(org + sp * (cs - 1) / 2), tuple(sp * cs),
                                (-(-z // 4), -(-y // 16), -(-x // 16)))
         ref = self.to_reference[volume.name]
         pts = fine.index_to_lps(fine.all_index_xyz())

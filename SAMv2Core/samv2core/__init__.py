@@ -5,6 +5,8 @@ Coordinate convention: every physical point handled by this package is in LPS mi
 (the ITK / DICOM convention) unless a function or field says otherwise. 3D Slicer works in
 RAS; convert explicitly with :func:`samv2core.coords.ras_to_lps` / :func:`lps_to_ras`.
 """
+import importlib
+
 from .errors import SAMv2Error, InputError, CheckpointError, DeviceError
 
 # Loaded on first use (PEP 562), so importing the package (e.g. by the command line's entry
@@ -15,8 +17,6 @@ _LAZY = {"Volume": "volume", "Modality": "volume", "load_volume": "volume",
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
@@ -24,7 +24,7 @@ def __getattr__(name):
 
 
 __version__ = "0.1.0"
-__all__ = [
+__all__ = [  # noqa: F822 - the volume and coords names are loaded on first use (__getattr__)
     "SAMv2Error", "InputError", "CheckpointError", "DeviceError",
     "Volume", "Modality", "load_volume",
     "PhysicalPoint", "ras_to_lps", "lps_to_ras",

@@ -20,8 +20,17 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from .cohort import Case, parse_shard, read_cases, run_cohort
+from .device import select_device
+from .errors import InputError
+from .markups import read_points, write_csv, write_markups
+from .matching import MatchOptions, match_points
+from .models import resolve_model
+from .registration import register, write_registration
+from .session import EmbeddingSession
+from .volume import load_volume
 
 ROLES = {"template": ("template", "baseline"), "query": ("query", "followup"), "points": ("points",)}
 
@@ -56,23 +65,15 @@ class MatchCaseJob:
 
     def session(self):
         """This process's embedding session for the job's model (opened on first use)."""
-        from .session import EmbeddingSession
-
         key = (self.model, self.device, self.precision, self.cache_dir)
         if key not in _SESSIONS:
             if self.threads:
-                import torch
-
                 torch.set_num_threads(self.threads)
             _SESSIONS[key] = EmbeddingSession.open(self.model, device=self.device, precision=self.precision,
                                                    cache_dir=self.cache_dir)
         return _SESSIONS[key]
 
     def __call__(self, case: Case, out_dir: Path) -> dict:
-        from .markups import read_points, write_csv, write_markups
-        from .matching import MatchOptions, match_points
-        from .volume import load_volume
-
         template = load_volume(case.inputs["template"], self.modality)
         query = load_volume(case.inputs["query"], self.modality)
         points = read_points(case.inputs["points"], self.points_system)
@@ -96,8 +97,6 @@ class MatchCaseJob:
         info = {"points": len(results), "confident": confident,
                 "message": f"{confident}/{len(results)} points matched confidently"}
         if self.register != "none":
-            from .registration import register, write_registration
-
             reg = register(template, query, mode=self.register, deformable=self.deformable, embedder=session)
             write_registration(reg, template, query, out_dir / "registration")
             info["message"] += f"; {self.register} registration, {reg.report['linear']['inliers']} inliers"
@@ -129,9 +128,6 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 def job_from_args(args) -> MatchCaseJob:
     """The job of ``samv2 batch``; loads the model once here so a bad --model is refused
     (exit 2) before any case runs."""
-    from .device import select_device
-    from .models import resolve_model
-
     select_device(args.device)  # a missing GPU is refused up front
     resolved = resolve_model(args.model, device="cpu")
     model_id = getattr(resolved.model.card, "sha256", None) or resolved.label
@@ -144,8 +140,6 @@ def job_from_args(args) -> MatchCaseJob:
 
 
 def run_batch(args) -> int:
-    from .errors import InputError
-
     if args.workers < 0:
         raise InputError(f"--workers must be 0 or more, got {args.workers}")
     if args.deformable and args.register == "none":

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable, Hashable, Optional, TypeVar
 
 from .checked_tensors import CorruptFileError, load_checked, save_checked
-from .embed import EmbeddingGrid, Embeddings, source_geometry
+from .embed import Embeddings, source_geometry
+from .grid import Grid
 from .preprocess import resample_to_model_grid
 from .volume import Volume
 
@@ -100,7 +101,7 @@ class EmbeddingDiskCache:
             t, meta = load_checked(path)
             if meta.get("key") != key:
                 raise CorruptFileError(f"{path}: entry is for another volume or model")
-            grids = [EmbeddingGrid(**{k: tuple(v) for k, v in json.loads(meta[g]).items()})
+            grids = [Grid(**{k: tuple(v) for k, v in json.loads(meta[g]).items()})
                      for g in ("fine_grid", "coarse_grid")]
             head_dims = tuple((str(h), int(d)) for h, d in json.loads(meta["head_dims"]))
             rows, coarse = t["rows"], t["coarse"]

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import SAMv2Error
 from .outputs import atomic_write
@@ -37,8 +39,6 @@ def tensors_sha256(tensors: dict) -> str:
 
 def save_checked(path: "str | os.PathLike", tensors: dict, metadata: dict | None = None) -> Path:
     """Write ``tensors`` (name -> tensor) with ``metadata`` (str -> str) and their checksum."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {**(metadata or {}), CHECKSUM_KEY: tensors_sha256(tensors)}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -46,8 +46,6 @@ def save_checked(path: "str | os.PathLike", tensors: dict, metadata: dict | None
 
 def load_checked(path: "str | os.PathLike") -> tuple[dict, dict]:
     """(tensors, metadata) of a file written by ``save_checked``; CorruptFileError otherwise."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), "pt") as f:

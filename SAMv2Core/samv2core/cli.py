@@ -9,16 +9,23 @@ from typing import Optional
 
 import numpy as np
 
+from .batch import add_batch_arguments, run_batch
+from .checked_tensors import save_checked
 from .cli_options import add_model_arguments, embed_with_progress, session_from_args
+from .demo import run_demo
 from .errors import OneLineParser, SAMv2Error, run_cli
+from .figures import figures_available, pictures_from_matches, write_match_figures
+from .markups import parse_inline, read_points, write_csv, write_markups
+from .matching import MatchOptions, match_points
+from .model_io import card_path_for, convert_official_checkpoint
 from .outputs import OutputSet, check_outputs
+from .registration.cli import add_register_arguments, run_register
+from .view.cli import add_view_arguments, run_view
+from .volume import load_volume
 
 
 # --- embed ------------------------------------------------------------------------------------
 def cmd_embed(args) -> int:
-    from .checked_tensors import save_checked
-    from .volume import load_volume
-
     check_outputs([args.out], [args.image, args.model])
     vol = load_volume(args.image, args.modality)
     session = session_from_args(args)
@@ -42,8 +49,6 @@ def cmd_embed(args) -> int:
 
 # --- match ------------------------------------------------------------------------------------
 def _gather_points(args):
-    from .markups import parse_inline, read_points
-
     system = args.coords.upper()
     pts, labels, out_system = [], [], system
     for n, text in enumerate(args.point or []):
@@ -62,9 +67,6 @@ def _gather_points(args):
 
 def match_volumes(template_path, query_path, points_lps, labels, args, session=None):
     """Run a match job; returns (results, report dict). Shared by the CLI and the demo."""
-    from .matching import MatchOptions, match_points
-    from .volume import load_volume
-
     template = load_volume(template_path, args.modality) if not hasattr(template_path, "array") else template_path
     query = load_volume(query_path, args.query_modality or args.modality) if not hasattr(query_path, "array") else query_path
     if session is None:
@@ -73,24 +75,19 @@ def match_volumes(template_path, query_path, points_lps, labels, args, session=N
     te = embed_with_progress(session, template)
     qe = embed_with_progress(session, query)
     t1 = time.perf_counter()
-    opts = MatchOptions(min_score=args.min_score) if args.min_score is not None else None
+    opts = MatchOptions(min_score=args.min_score)
     results = match_points(te, qe, points_lps, method=args.method, options=opts)
     t2 = time.perf_counter()
     return results, {"embed_seconds": round(t1 - t0, 3), "match_seconds": round(t2 - t1, 4)}
 
 
 def cmd_match(args) -> int:
-    from .markups import write_csv, write_markups
-
     check_outputs([args.out, args.out_markups, args.out_csv],
                   [args.template, args.query, args.points, args.model],
                   folder_outputs=[(args.figure, ["overview.png"])] if args.figure else ())
     pts, labels, out_system = _gather_points(args)
     template, query = args.template, args.query
     if args.figure:
-        from .figures import figures_available
-        from .volume import load_volume
-
         if not figures_available():
             raise SAMv2Error("--figure needs matplotlib: pip install 'samv2core[figures]'")
         template = load_volume(args.template, args.modality)
@@ -120,8 +117,6 @@ def cmd_match(args) -> int:
     if not args.out:
         print(text)
     if args.figure:
-        from .figures import pictures_from_matches, write_match_figures
-
         paths = write_match_figures(args.figure, template, query, pictures_from_matches(labels, results))
         print(f"wrote {len(paths)} pictures to {args.figure}", file=sys.stderr)
     return 0
@@ -129,8 +124,6 @@ def cmd_match(args) -> int:
 
 # --- convert ----------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
-    from .model_io import card_path_for, convert_official_checkpoint
-
     check_outputs([args.dst, card_path_for(args.dst)], [args.src])
     card = convert_official_checkpoint(args.src, args.dst, variant=args.variant)
     print(json.dumps({"written": str(args.dst), "name": card.name, "heads": card.heads,
@@ -140,8 +133,6 @@ def cmd_convert(args) -> int:
 
 # --- demo -------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
     return run_demo(args)
 
 
@@ -166,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coordinate system of --point / CSV input and of the output (default LPS)")
     m.add_argument("--method", default="refined", choices=["refined", "fixed_point", "nn"],
                    help="refined (default): SAM answer made precise by a local registration and checked against it")
-    m.add_argument("--min-score", type=float, help="confidence threshold on the similarity score")
+    m.add_argument("--min-score", type=float, default=MatchOptions().min_score,
+                   help=f"confidence threshold on the similarity score ({MatchOptions().min_score:g})")
     m.add_argument("--modality", default="auto", help="template modality: CT, MR or auto")
     m.add_argument("--query-modality", help="query modality if different (CT, MR or auto)")
     m.add_argument("--out", help="write the JSON result here instead of stdout")
@@ -188,27 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(d)
     d.set_defaults(func=cmd_demo)
 
-    from .view.cli import add_view_arguments, run_view
-
     v = sub.add_parser("view", help="browser view: click on the baseline, see the match on the follow-up")
     add_view_arguments(v)
     v.set_defaults(func=run_view)
-
-    from .batch import add_batch_arguments, run_batch
 
     b = sub.add_parser("batch", help="run a cohort (CSV of cases): resumable, one failure never stops the others, "
                                      "on Dask workers or job-array shards")
     add_batch_arguments(b)
     b.set_defaults(func=run_batch)
 
-    try:
-        from .registration.cli import add_register_arguments, run_register
-    except ImportError:  # registration not installed in this build
-        pass
-    else:
-        r = sub.add_parser("register", help="register a moving image to a fixed image")
-        add_register_arguments(r)
-        r.set_defaults(func=run_register)
+    r = sub.add_parser("register", help="register a moving image to a fixed image")
+    add_register_arguments(r)
+    r.set_defaults(func=run_register)
     return p
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -363,11 +364,10 @@ def run_cohort(cases: list, out_root: "str | Path", job: CaseJob, workers: int =
 def _run_dask(cases: list, out_root: Path, job: CaseJob, workers: int, scheduler: Optional[str],
               report: Report, retries: int) -> list:
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, LocalCluster, as_completed  # noqa: PLC0415 - optional ('cohort' extra)
     except ImportError:
         raise InputError("running cases on Dask needs dask.distributed: pip install 'samv2core[cohort]' "
                          "(or use --workers 0)") from None
-    import logging
 
     cluster = None
     try:

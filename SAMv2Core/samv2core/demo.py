@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .cli_options import embed_with_progress, session_from_args
+from .figures import figures_available, pictures_from_matches, write_match_figures
 from .markups import write_markups
+from .matching import match_points
 from .outputs import atomic_write, check_writable, write_text_atomic
 from .preprocess import body_mask
 from .sample_data import load_sample
@@ -41,8 +44,6 @@ def demo_points(volume, label, n_landmarks: int = 6, seed: int = 0):
 
 def write_demo_figures(out_dir: Path, baseline, followup, labels, results, truth) -> str:
     """The figure hook: a PNG per point and an overview when matplotlib is installed; returns a note."""
-    from .figures import figures_available, pictures_from_matches, write_match_figures
-
     if not figures_available():
         return "pictures skipped: matplotlib is not installed (pip install 'samv2core[figures]')"
     paths = write_match_figures(out_dir, baseline, followup, pictures_from_matches(labels, results, truth))
@@ -50,9 +51,6 @@ def write_demo_figures(out_dir: Path, baseline, followup, labels, results, truth
 
 
 def run_demo(args) -> int:
-    from .cli_options import embed_with_progress, session_from_args
-    from .matching import match_points
-
     out = check_writable(Path(args.out), folder=True)
     out.mkdir(parents=True, exist_ok=True)
     baseline = load_sample("lung1_ct")

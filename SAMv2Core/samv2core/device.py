@@ -1,6 +1,9 @@
 """Compute device selection: CUDA, then Apple MPS, then CPU, unless the user asks otherwise."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Optional
+
 import torch
 
 from .errors import DeviceError
@@ -35,9 +38,21 @@ def select_device(requested: "str | torch.device" = "auto") -> torch.device:
     raise DeviceError(f"unknown device '{requested}': use auto, cpu, cuda, cuda:N or mps")
 
 
-def inference_dtype(device: torch.device) -> "torch.dtype | None":
-    """Autocast dtype for inference on ``device``: fp16 on CUDA, None (fp32) elsewhere.
+@contextmanager
+def torch_threads(n: Optional[int], device: torch.device):
+    """Temporarily run torch's CPU ops on ``n`` threads.
 
-    bf16 on CPU is opt-in (see Embedder): it is only faster on CPUs with native bf16/AMX.
+    The optimisation loop is hundreds of small tensor ops per iteration: their OpenMP
+    fork/join costs more than the work, and when cores are shared with other processes a
+    descheduled worker thread stalls every op (measured: 10x slower with 2 threads than 1 on
+    a busy 2-core machine). One thread is the robust choice on CPU.
     """
-    return torch.float16 if device.type == "cuda" else None
+    if device.type != "cpu" or n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -16,35 +16,12 @@ import torch
 
 from .device import select_device
 from .errors import InputError
+from .grid import Grid
+from .network import COARSE_STRIDE, FINE_STRIDE, INPUT_MULTIPLE
 from .preprocess import normalize_intensity, resample_to_model_grid
 from .progress import Progress
 from .search import SearchIndex
 from .volume import Volume
-
-
-@dataclass(frozen=True)
-class EmbeddingGrid:
-    """An identity-direction LPS grid: voxel centre (i, j, k) is at origin + spacing * (i, j, k)."""
-
-    origin: tuple[float, float, float]  # LPS mm
-    spacing: tuple[float, float, float]  # (x, y, z) mm
-    shape: tuple[int, int, int]  # (z, y, x)
-
-    def index_to_lps(self, ijk) -> np.ndarray:
-        return np.asarray(ijk, dtype=np.float64) * np.asarray(self.spacing) + np.asarray(self.origin)
-
-    def lps_to_index(self, lps) -> np.ndarray:
-        return (np.asarray(lps, dtype=np.float64) - np.asarray(self.origin)) / np.asarray(self.spacing)
-
-    def contains_index(self, ijk, slack: float = 0.5) -> np.ndarray:
-        ijk = np.asarray(ijk, dtype=np.float64)
-        hi = np.asarray(self.shape[::-1], dtype=np.float64) - 1 + slack
-        return np.all((ijk >= -slack) & (ijk <= hi), axis=-1)
-
-    def all_index_xyz(self) -> np.ndarray:
-        """(N, 3) integer (i, j, k) of every voxel in C order of the (z, y, x) array."""
-        z, y, x = np.meshgrid(*(np.arange(s) for s in self.shape), indexing="ij")
-        return np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,8 +38,8 @@ class Embeddings:
     rows: torch.Tensor  # (N, D)
     head_dims: tuple  # ((name, channels), ...) in row order
     coarse: torch.Tensor  # (C, z', y', x') coarse head on coarse_grid
-    fine_grid: EmbeddingGrid
-    coarse_grid: EmbeddingGrid
+    fine_grid: Grid
+    coarse_grid: Grid
     model_volume: Volume  # the resampled model-grid volume (raw intensities)
     model_id: str
     meta: dict = field(default_factory=dict)
@@ -151,9 +128,9 @@ class Embedder:
         self.slab_margin = slab_margin_voxels  # context on each side of a slab (64 mm at 2 mm)
         self.memory_budget_gb = memory_budget_gb
         self.storage_dtype = storage_dtype
-        self.multiple = tuple(getattr(net, "input_multiple", (4, 16, 16)))
-        self.fine_stride = tuple(getattr(net, "fine_stride", (2, 2, 2)))
-        self.coarse_stride = tuple(getattr(net, "coarse_stride", (4, 16, 16)))
+        self.multiple = tuple(getattr(net, "input_multiple", INPUT_MULTIPLE))
+        self.fine_stride = tuple(getattr(net, "fine_stride", FINE_STRIDE))
+        self.coarse_stride = tuple(getattr(net, "coarse_stride", COARSE_STRIDE))
         cfg = getattr(net, "config", None)
         self._first_channels = int(cfg.stage_channels[0]) if cfg is not None else 64
 
@@ -214,7 +191,7 @@ class Embedder:
         fine_grid = cell_grid(mv, self.fine_stride, (nfz, nfy, nfx))
         coarse_grid = cell_grid(mv, self.coarse_stride, tuple(coarse.shape[1:]))
         report(0.92, "combining heads")
-        _fill_coarse_on_fine(rows, c, coarse, coarse_grid, fine_grid)
+        fill_coarse_on_fine(rows, c, coarse, coarse_grid, fine_grid)
         rows = rows.reshape(-1, rows.shape[-1])
         report(1.0, "done")
         return Embeddings(rows, head_dims, coarse, fine_grid, coarse_grid, mv, self.model_id,
@@ -243,7 +220,7 @@ class Embedder:
         return {k: v[0].to("cpu", self.storage_dtype) for k, v in out.items()}
 
 
-def cell_grid(model_volume: Volume, stride_zyx, shape: Optional[tuple] = None) -> EmbeddingGrid:
+def cell_grid(model_volume: Volume, stride_zyx, shape: Optional[tuple] = None) -> Grid:
     """The grid of a stride-``stride_zyx`` output level over ``model_volume``'s (identity
     direction) grid. Output voxel n covers input voxels [s*n, s*n + s): its centre sits at
     s*n + (s - 1)/2 in model-grid index units. ``shape`` (z, y, x) defaults to ceil(n / s)."""
@@ -251,7 +228,7 @@ def cell_grid(model_volume: Volume, stride_zyx, shape: Optional[tuple] = None) -
     k = np.asarray(tuple(stride_zyx)[::-1], float)  # (x, y, z)
     if shape is None:
         shape = tuple(math.ceil(n / s) for n, s in zip(model_volume.array.shape, stride_zyx))
-    return EmbeddingGrid(tuple(org + sp * (k - 1) / 2), tuple(sp * k), tuple(int(n) for n in shape))
+    return Grid(tuple(org + sp * (k - 1) / 2), tuple(sp * k), tuple(int(n) for n in shape))
 
 
 def source_geometry(volume: Volume) -> dict:
@@ -295,8 +272,8 @@ def _linear_weights(positions: np.ndarray, n: int) -> torch.Tensor:
     return torch.as_tensor(w, dtype=torch.float32)
 
 
-def _fill_coarse_on_fine(rows: torch.Tensor, start: int, coarse: torch.Tensor, coarse_grid: EmbeddingGrid,
-                         fine_grid: EmbeddingGrid, chunk: int = 16) -> None:
+def fill_coarse_on_fine(rows: torch.Tensor, start: int, coarse: torch.Tensor, coarse_grid: Grid,
+                         fine_grid: Grid, chunk: int = 16) -> None:
     """Write the coarse head, trilinearly interpolated at every fine voxel centre, into
     ``rows[..., start:start + C]`` (in z-chunks, so no full-size float32 copy is made).
 

@@ -1,6 +1,7 @@
 """Exception types. Every user-facing failure is one of these, with a one-line message
 naming the problem, so the CLI and the Slicer module can show it as it is."""
 import argparse
+import sys
 
 
 class SAMv2Error(Exception):
@@ -44,8 +45,6 @@ def run_cli(prog: str, action, interrupted: str = "interrupted") -> int:
     """Run a command-line action: a SAMv2Error, a file-system error (unwritable or full disk)
     or running out of memory becomes one ``prog: error: ...`` line on stderr and exit code 2,
     Ctrl-C exit code 130; otherwise the action's own exit code."""
-    import sys
-
     try:
         return int(action() or 0)
     except SAMv2Error as exc:

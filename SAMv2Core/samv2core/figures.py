@@ -84,8 +84,8 @@ def display_window(volume: Volume) -> tuple[float, float]:
 
 def _matplotlib():
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - optional extra
+        from matplotlib.figure import Figure  # noqa: PLC0415 - optional extra
     except ImportError:
         raise SAMv2Error("pictures need matplotlib: pip install 'samv2core[figures]'") from None
     return Figure, FigureCanvasAgg

@@ -8,7 +8,7 @@ import sys
 
 def samv2() -> int:
     try:
-        from .cli import main
+        from .cli import main  # noqa: PLC0415 - imported here so a Ctrl-C during it is caught
     except KeyboardInterrupt:
         print("samv2: interrupted", file=sys.stderr)
         return 130

@@ -28,6 +28,7 @@ import numpy as np
 from .coords import PhysicalPoint
 from .embed import Embeddings, inside_source
 from .errors import InputError, MatchingError
+from .fitting import huber_affine
 from .preprocess import body_mask
 from .refine import LocalRegistration, RefineOptions, regional_map
 from .search import unique_search
@@ -43,6 +44,16 @@ class MatchOptions:
     fixed_point_max_distance_mm: float = 100.0
     min_fixed_points: int = 4
     subvoxel: bool = True  # parabolic refinement of the similarity peak
+
+    def __post_init__(self):
+        """InputError (one line, naming the option) for a value matching cannot use."""
+        if self.cube_size < 1 or self.cube_size % 2 == 0:
+            raise InputError(f"cube_size must be a positive odd number of voxels, got {self.cube_size}")
+        for name in ("iterations", "min_fixed_points"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.cycle_tolerance_mm > 0 or not self.fixed_point_max_distance_mm > 0:
+            raise InputError("cycle_tolerance_mm and fixed_point_max_distance_mm must be positive")
 
 
 @dataclass(frozen=True)
@@ -312,22 +323,13 @@ class Matcher:
 
 def _robust_map(src: np.ndarray, dst: np.ndarray, point: np.ndarray, iterations: int = 10):
     """Map ``point`` by a Huber-IRLS affine fitted src -> dst (translation only when degenerate)."""
-    centre = src.mean(0)
-    a = src - centre
-    sv = np.linalg.svd(a, compute_uv=False) if len(a) >= 3 else np.zeros(3)
+    sv = np.linalg.svd(src - src.mean(0), compute_uv=False) if len(src) >= 3 else np.zeros(3)
     if len(src) < 8 or sv[-1] < 1e-3 * max(sv[0], 1e-9) or sv[-1] < 1.0:
         shift = np.median(dst - src, axis=0)
         return point + shift, {"model": "translation", "points": int(len(src))}
-    x = np.hstack([a, np.ones((len(a), 1))])
-    w = np.ones(len(a))
-    for _ in range(iterations):
-        coef, *_ = np.linalg.lstsq(x * w[:, None], dst * w[:, None], rcond=None)
-        r = np.linalg.norm(x @ coef - dst, axis=1)
-        delta = max(1.345 * np.median(r) / 0.6745, 1e-3)
-        w = np.sqrt(np.where(r <= delta, 1.0, delta / np.maximum(r, 1e-12)))
-    mapped = np.append(point - centre, 1.0) @ coef
-    return mapped, {"model": "affine", "points": int(len(src)),
-                    "residual_mm": round(float(np.median(r)), 2)}
+    a, t, r = huber_affine(src, dst, iterations)
+    return a @ point + t, {"model": "affine", "points": int(len(src)),
+                           "residual_mm": round(float(np.median(r)), 2)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,9 +17,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, DeviceError, InputError
+from .device import select_device
+from .errors import CheckpointError, InputError
 from .network import NetConfig, SAMv2Net, build_network
 from .outputs import atomic_write
 
@@ -138,8 +142,6 @@ def save_model(model: SAMv2Net, card: ModelCard, path: "str | Path", fp16: bool 
     float16 (half the size); BatchNorm parameters and statistics stay float32 because small
     running variances lose too much precision in fp16. Returns the weights path.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InputError(f"weights path must end in .safetensors, got {path.name}")
@@ -202,26 +204,12 @@ def check_state_dict(state: Mapping[str, torch.Tensor], model: SAMv2Net, what: s
         raise CheckpointError(f"{what}: {len(bad)} shape mismatch(es), first: {'; '.join(bad[:3])}")
 
 
-def _resolve_device(device) -> torch.device:
-    try:  # the project's device policy (explicit devices that are absent raise DeviceError)
-        from .device import select_device
-    except ImportError:  # pragma: no cover - device.py ships with the package
-        dev = torch.device("cpu" if str(device) == "auto" else device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError(f"device '{device}' requested but no CUDA GPU is available") from None
-        return dev
-    return select_device(device)
-
-
 def load_model(path: "str | Path", device: "str | torch.device" = "cpu") -> LoadedModel:
     """Load a weights file written by :func:`save_model`; returns the model in eval mode.
 
     Verifies the card, the checksum, the safetensors format, the architecture and every key
     and shape; any problem raises CheckpointError naming it.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
@@ -241,7 +229,7 @@ def load_model(path: "str | Path", device: "str | torch.device" = "cpu") -> Load
     check_state_dict(state, model, what=path.name)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                           strict=False)
-    dev = _resolve_device(device)
+    dev = select_device(device)
     model = model.to(dev).eval()
     return LoadedModel(model=model, card=card, path=path)
 
@@ -291,8 +279,6 @@ def _torch_load_safely(src: Path) -> Any:
         raise CheckpointError(f"{src.name} is not a readable PyTorch checkpoint: "
                               f"{_unpickler_reason(first_error)}") from None
     if unsafe and unsafe <= _NUMPY_SAFE_GLOBALS:
-        import numpy as np
-
         core = getattr(np, "_core", None) or np.core
         objs = {"scalar": core.multiarray.scalar, "dtype": np.dtype}
         # (object, pickled name) pairs: the name as written by whichever numpy saved the file;

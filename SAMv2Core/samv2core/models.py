@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from .errors import CheckpointError
 from .model_io import LoadedModel, ModelCard, bundled_model_path, load_model
 from .network import NetConfig, build_network
@@ -33,7 +35,6 @@ def resolve_model(path: "Optional[str | Path]" = None, device: str = "cpu",
         card = ModelCard(name="UNTRAINED lite network (random weights, seed 0)", architecture=cfg.to_dict(),
                          heads=list(cfg.heads), sha256="untrained-lite-seed0",
                          notes="No bundled model is installed; results are NOT meaningful.")
-        import torch
 
         torch.manual_seed(0)
         net = build_network(cfg).eval()

@@ -182,12 +182,19 @@ class FPNHead(nn.Module):
         return self.fpn_convs[0](lat[0])
 
 
+# The network's output strides, (z, y, x) input voxels per output voxel: the one definition
+# (embedding, MIND-SSC descriptors and training read them from here).
+FINE_STRIDE = (2, 2, 2)
+COARSE_STRIDE = (4, 16, 16)
+INPUT_MULTIPLE = (4, 16, 16)  # input (Z, Y, X) must be multiples of these
+
+
 class SAMv2Net(nn.Module):
     """SAM / SAMv2 embedding network. ``forward`` returns L2-normalised embeddings."""
 
-    fine_stride = (2, 2, 2)        # (z, y, x) voxels of input per fine voxel
-    coarse_stride = (4, 16, 16)
-    input_multiple = (4, 16, 16)   # input (Z, Y, X) must be multiples of these
+    fine_stride = FINE_STRIDE
+    coarse_stride = COARSE_STRIDE
+    input_multiple = INPUT_MULTIPLE
 
     def __init__(self, config: NetConfig):
         super().__init__()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .errors import InputError
 from .volume import Modality, Volume
@@ -83,8 +84,6 @@ def body_mask(volume: Volume, threshold: float | None = None) -> np.ndarray:
 
     CT default threshold -500 HU; MR default: 10% of the 99th percentile.
     """
-    from scipy import ndimage
-
     a = volume.array
     if threshold is None:
         threshold = -500.0 if volume.modality is Modality.CT else 0.1 * float(np.percentile(a, 99))

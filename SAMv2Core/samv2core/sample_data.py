@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import SimpleITK as sitk
+
 from .errors import InputError
 from .volume import Volume, load_volume
 
@@ -32,6 +34,5 @@ def load_sample(name: str) -> Volume:
     fname, modality = SAMPLES.get(name, (None, None))
     path = sample_path(name)
     if modality is None:
-        import SimpleITK as sitk
         return Volume.from_sitk(sitk.ReadImage(str(path)), "MR", name=name)
     return load_volume(path, modality)

@@ -52,7 +52,7 @@ def _satisfied(line: str) -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     try:
-        from packaging.requirements import Requirement
+        from packaging.requirements import Requirement  # noqa: PLC0415 - optional
 
         return Requirement(line).specifier.contains(installed, prereleases=True)
     except Exception:  # packaging absent or unusual line: presence is enough
@@ -93,7 +93,7 @@ def ensure_torch(slicer, confirm: Callable[[str], bool], report: Optional[Callab
         return True
     report = report or (lambda text: slicer.util.errorDisplay(text))
     try:
-        import PyTorchUtils  # provided by the PyTorch extension (listed in EXTENSION_DEPENDS)
+        import PyTorchUtils  # noqa: PLC0415 - Slicer's PyTorch extension (listed in EXTENSION_DEPENDS)
     except ImportError:
         report("SAMv2 needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager, restart Slicer, "
                "then try again.")
@@ -119,7 +119,7 @@ def ensure_requirements(slicer, confirm: Callable[[str], bool], requester: str =
     packaging_api = _slicer_packaging()
     if packaging_api is not None and hasattr(packaging_api, "pip_ensure"):
         # Slicer 5.12+: one call checks, asks, installs with progress and offers a restart.
-        from packaging.requirements import Requirement
+        from packaging.requirements import Requirement  # noqa: PLC0415 - Slicer 5.12+ only
 
         reqs = [Requirement(line) for line in missing]
         # raises RuntimeError when the user declines, CalledProcessError when pip fails

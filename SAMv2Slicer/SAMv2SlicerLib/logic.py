@@ -27,17 +27,27 @@ import numpy as np
 import vtk
 
 from samv2core.coords import lps_to_ras, ras_to_lps
+from samv2core.device import select_device
 from samv2core.embed import Embedder
-from samv2core.errors import InputError, MatchingError, SAMv2Error
+from samv2core.errors import CheckpointError, InputError, MatchingError, SAMv2Error
+from samv2core.progress import no_progress
+from samv2core.registration import RegistrationOptions
 from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume
 
 from . import nodes, steps
-from .constants import (ATTRIBUTE_PREFIX, FIXED_REFERENCE_ROLE, FLAGGED_SUFFIX, METHODS,  # noqa: F401
-                        MOVING_REFERENCE_ROLE, REGISTRATION_FEATURES, REGISTRATION_MODES, SOURCE_POINTS_ROLE,
-                        SOURCE_VOLUME_ROLE)
+from .constants import (  # noqa: F401
+    ATTRIBUTE_PREFIX,
+    FIXED_REFERENCE_ROLE,
+    FLAGGED_SUFFIX,
+    METHODS,
+    MOVING_REFERENCE_ROLE,
+    REGISTRATION_FEATURES,
+    REGISTRATION_MODES,
+    SOURCE_POINTS_ROLE,
+    SOURCE_VOLUME_ROLE,
+)
 from .progress import Cancelled, ProgressCallback, run_sync
-from .progress import no_progress as _noop
 from .steps import sphere_mask, warp_mask  # noqa: F401  (re-exported: part of the logic's API)
 
 
@@ -103,8 +113,6 @@ class SAMv2Logic:
         """Choose the model: a weights file, the bundled default (``model_path=None``), or a
         ready model object (LoadedModel or network; used by tests). Loading happens lazily in
         the compute phase; the device is checked now (DeviceError if absent)."""
-        from samv2core.device import select_device
-
         device = str(device or "auto").lower()
         select_device(device)  # raises DeviceError now, before any work is queued
         if model is not None:
@@ -112,8 +120,6 @@ class SAMv2Logic:
         elif model_path:
             p = Path(model_path)
             if not p.is_file():
-                from samv2core.errors import CheckpointError
-
                 raise CheckpointError(f"{p}: model file not found")
             spec = ("file", str(p.resolve()), device)
         else:
@@ -187,7 +193,7 @@ class SAMv2Logic:
         plugins store on the node's subject hierarchy item, else 'auto' (guessed from intensities)."""
         return nodes.node_modality(node)
 
-    def embeddings(self, volume: Volume, progress: ProgressCallback = _noop):
+    def embeddings(self, volume: Volume, progress: ProgressCallback = no_progress):
         """Embeddings of a (prepared) volume, computed once per volume content and reused."""
         session = self.session()
         emb = session.embed(volume, progress=progress)
@@ -409,8 +415,6 @@ class SAMv2Logic:
         if features not in REGISTRATION_FEATURES:
             raise InputError(f"unknown descriptors {features!r}: use one of {', '.join(REGISTRATION_FEATURES)}")
         if options is None:
-            from samv2core.registration import RegistrationOptions
-
             options = RegistrationOptions(refine=bool(refine), features=features)
         fixed, moving = self._pair(fixed_node, moving_node, ("fixed volume", "moving volume"), world_second=False)
         base = output_name or f"{moving_node.GetName()} to {fixed_node.GetName()}"
@@ -479,13 +483,6 @@ class SAMv2Logic:
                        + (f" (matched on {features} descriptors)" if features != "sam" else "")
                        + "".join(f" - note: {w}" for w in report.get("warnings", [])))
         return RegistrationOutcome(linear, grid, result, report)
-
-    # --- helpers for the widget -----------------------------------------------------------
-    @staticmethod
-    def match_position_ras(points_node, index: int) -> np.ndarray:
-        p = [0.0, 0.0, 0.0]
-        points_node.GetNthControlPointPositionWorld(index, p)
-        return np.asarray(p)
 
 
 # --- pure helpers (no scene) ------------------------------------------------------------------

@@ -50,11 +50,6 @@ def lps_matrix_to_ras(matrix_lps) -> np.ndarray:
     return _F4 @ np.asarray(matrix_lps, dtype=np.float64) @ _F4
 
 
-def ras_matrix_to_lps(matrix_ras) -> np.ndarray:
-    """A 4x4 homogeneous map written for RAS points -> the same map for LPS points."""
-    return _F4 @ np.asarray(matrix_ras, dtype=np.float64) @ _F4
-
-
 # --- volumes --------------------------------------------------------------------------
 
 def _apply_parent_transform(node, ijk_to_ras: np.ndarray) -> np.ndarray:

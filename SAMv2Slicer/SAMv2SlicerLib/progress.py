@@ -8,20 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-ProgressCallback = Callable[[float, str], None]
+from samv2core.progress import ProgressCallback, no_progress, sub_progress  # noqa: F401 - the core's, re-exported
 
 
 class Cancelled(Exception):
     """Raised inside a step when the user pressed Cancel."""
-
-
-def no_progress(fraction: float, message: str) -> None:
-    return None
-
-
-def sub_progress(progress: ProgressCallback, lo: float, hi: float) -> ProgressCallback:
-    """A progress callback mapping [0, 1] onto [lo, hi] of ``progress``."""
-    return lambda f, m: progress(lo + (hi - lo) * float(f), m)
 
 
 def run_sync(fn: Callable[[ProgressCallback], Any], progress: Optional[ProgressCallback] = None) -> Any:

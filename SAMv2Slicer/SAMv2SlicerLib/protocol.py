@@ -121,7 +121,7 @@ def decode_inputs(args: dict, load_volume: Callable[[dict], Volume]) -> dict:
 
 
 def _options_from_dict(class_name: str, values: dict):
-    from samv2core.registration import RegistrationOptions
+    from samv2core.registration import RegistrationOptions  # noqa: PLC0415 - the GUI imports this module before the pip dependencies are installed
 
     if class_name != RegistrationOptions.__name__:
         raise ValueError(f"protocol: unknown options class {class_name!r}")
@@ -192,7 +192,7 @@ def decode_result(op: str, data: Any) -> Any:
             region = read_volume(data["region"])
         return match_from_dict(data["centre"]), region, dict(data["details"])
     if op == "register":
-        from samv2core.registration.result import RegistrationResult
+        from samv2core.registration.result import RegistrationResult  # noqa: PLC0415 - the GUI imports this module before the pip dependencies are installed
 
         linear = sitk.ReadTransform(data["linear"])
         if linear.GetName() == "CompositeTransform":  # a .tfm of one transform may read back wrapped

@@ -33,14 +33,14 @@ class SamplePair:
 
 def bundled_baseline() -> Path:
     """Path of the bundled baseline CT (samv2core InputError if the package has none)."""
-    from samv2core.sample_data import sample_path
+    from samv2core.sample_data import sample_path  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
 
     return sample_path(BASELINE_SAMPLE)
 
 
 def sample_pair(cache_dir: "str | os.PathLike", seed: int = SIMULATION_SEED) -> SamplePair:
     """Paths of the sample pair; the simulated follow-up is written to ``cache_dir`` on first use."""
-    from samv2core.sample_data import sample_path
+    from samv2core.sample_data import sample_path  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
 
     baseline = bundled_baseline()
     try:
@@ -51,11 +51,11 @@ def sample_pair(cache_dir: "str | os.PathLike", seed: int = SIMULATION_SEED) -> 
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"{BASELINE_SAMPLE}_simulated_followup_seed{seed}.nrrd"
     if not target.is_file() or target.stat().st_mtime < baseline.stat().st_mtime:
-        import SimpleITK as sitk
+        import SimpleITK as sitk  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
 
-        from samv2core.outputs import atomic_write
-        from samv2core.simulate import simulate_followup
-        from samv2core.volume import load_volume
+        from samv2core.outputs import atomic_write  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
+        from samv2core.simulate import simulate_followup  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
+        from samv2core.volume import load_volume  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
 
         pair = simulate_followup(load_volume(baseline, "CT"), seed=seed)
         # atomic: a half-written file is never picked up

@@ -12,6 +12,9 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from samv2core.fitting import fit_affine
+from samv2core.matching import match_points
+from samv2core.registration import register as core_register
 from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume
 
@@ -28,8 +31,6 @@ def embed_volumes(session: EmbeddingSession, volumes, progress: ProgressCallback
 def match(session: EmbeddingSession, base: Volume, follow: Volume, points_lps, method: str,
           progress: ProgressCallback = no_progress) -> list:
     """Match template points (LPS, in the baseline's voxel space) onto the follow-up."""
-    from samv2core.matching import match_points
-
     points_lps = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
     e_base = session.embed(base, sub_progress(progress, 0.0, 0.45))
     e_follow = session.embed(follow, sub_progress(progress, 0.45, 0.9))
@@ -44,8 +45,6 @@ def propagate(session: EmbeddingSession, base: Volume, follow: Volume, samples_l
     """Match the lesion samples (centre first) and build its region on the follow-up lattice:
     a ball of ``radius_mm`` around the matched centre, or ``mask`` carried by a local fit.
     Returns (centre MatchResult, region Volume or None, details)."""
-    from samv2core.matching import match_points
-
     samples_lps = np.asarray(samples_lps, dtype=np.float64).reshape(-1, 3)
     e_base = session.embed(base, sub_progress(progress, 0.0, 0.45))
     e_follow = session.embed(follow, sub_progress(progress, 0.45, 0.85))
@@ -65,8 +64,6 @@ def propagate(session: EmbeddingSession, base: Volume, follow: Volume, samples_l
 def register(session: EmbeddingSession, fixed: Volume, moving: Volume, mode: str, deformable: bool, options,
              progress: ProgressCallback = no_progress):
     """Register moving onto fixed with the session's model (a samv2core RegistrationResult)."""
-    from samv2core.registration import register as core_register
-
     return core_register(fixed, moving, mode=mode, deformable=deformable, embedder=session,
                          options=options, progress=progress)
 
@@ -129,10 +126,7 @@ def local_affine(samples_lps: np.ndarray, results) -> tuple[sitk.AffineTransform
     a = np.eye(3)
     model = "translation"
     if ok.sum() >= 5:
-        s, d = src[ok], dst[ok]
-        cs, cd = s.mean(0), d.mean(0)
-        sol, *_ = np.linalg.lstsq(s - cs, d - cd, rcond=None)
-        lin = sol.T
+        lin, _ = fit_affine(src[ok], dst[ok])
         sv = np.linalg.svd(lin, compute_uv=False)
         if np.linalg.det(lin) > 0 and sv.min() > 0.7 and sv.max() < 1.4:
             a = lin

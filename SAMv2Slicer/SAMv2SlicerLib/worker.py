@@ -147,7 +147,7 @@ class WorkerProcess:
         return self.workdir / "worker.log"
 
     def _environment(self) -> dict:
-        import samv2core
+        import samv2core  # noqa: PLC0415 - the GUI imports this module before the pip dependencies are installed
 
         paths = [str(Path(__file__).resolve().parents[1]), str(Path(samv2core.__file__).resolve().parents[1])]
         env = dict(os.environ)

@@ -18,7 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from samv2core.errors import OneLineParser, run_cli
+from samv2core.errors import InputError, OneLineParser, run_cli
+
+from .config import load_config
+from .crosssam import run_crosssam
+from .data import load_dataset
+from .export import export_run
+from .trainer import train
 
 
 def main(argv=None) -> int:
@@ -40,11 +46,7 @@ def main(argv=None) -> int:
 
 
 def _run(args, ap) -> int:
-    from .config import load_config
-
     if args.check_config:
-        from .data import load_dataset
-
         cfg = load_config(args.check_config)
         load_dataset(cfg.data, log=lambda m: print(m, file=sys.stderr))
         print(f"config OK: {args.check_config} (identity {cfg.identity_hash()}, run dir {cfg.run_dir})")
@@ -52,7 +54,6 @@ def _run(args, ap) -> int:
     if args.export:
         if not args.out:
             ap.error("--export needs --out PATH.safetensors")
-        from .export import export_run
 
         path = export_run(Path(args.export), Path(args.out), which=args.which)
         print(f"exported {path}")
@@ -61,21 +62,16 @@ def _run(args, ap) -> int:
         ap.error("--restart goes with --resume RUN_DIR")
     if not args.config and not args.resume:
         ap.error("give --config FILE to start a run or --resume RUN_DIR to continue one")
-    from .trainer import train
 
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
         if not saved.is_file():
-            from samv2core.errors import InputError
-
             raise InputError(f"{run_dir}: not a run directory (no config.yaml)")
         cfg = load_config(saved)
         if args.config:
             other = load_config(args.config)
             if other.identity_hash() != cfg.identity_hash():
-                from samv2core.errors import InputError
-
                 raise InputError(f"{run_dir}: was created by a different config than {args.config} "
                                  f"({cfg.identity_hash()} != {other.identity_hash()}); refusing to resume")
         # the run may have been moved: the run dir given on the command line wins
@@ -90,8 +86,6 @@ def _run(args, ap) -> int:
     if args.no_progress:
         cfg.runtime.progress = False
     if cfg.crosssam.enabled:
-        from .crosssam import run_crosssam
-
         trainer = run_crosssam(cfg, resume=bool(args.resume), restart=args.restart)
     else:
         trainer = train(cfg, resume=bool(args.resume), restart=args.restart)

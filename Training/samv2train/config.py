@@ -375,13 +375,13 @@ def _read_raw(path: Path) -> dict:
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # noqa: PLC0415 - optional (the 'train' extra)
 
             return yaml.safe_load(text) or {}
         if suffix == ".json":
             return json.loads(text)
         if suffix == ".toml":
-            import tomllib
+            import tomllib  # noqa: PLC0415 - Python >= 3.11 only
 
             return tomllib.loads(text)
     except Exception as exc:  # parser errors: report the file and the parser's first line
@@ -399,6 +399,6 @@ def load_config(path: "str | os.PathLike") -> TrainConfig:
 
 def save_config(cfg: TrainConfig, path: "str | os.PathLike") -> None:
     """Write the resolved config (absolute paths) as YAML, atomically."""
-    import yaml
+    import yaml  # noqa: PLC0415 - optional (the 'train' extra)
 
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -26,15 +26,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import map_coordinates
 
+from samv2core.embed import Embedder
 from samv2core.errors import RegistrationError
+from samv2core.fitting import robust_fit
+from samv2core.matching import stable_matches
 from samv2core.outputs import atomic_write
+from samv2core.preprocess import body_mask
+from samv2core.registration import register
+from samv2core.registration.fov import overlap_crop
+from samv2core.registration.sampling import grid_points_in_mask
+from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume, load_volume
 
 from .augment import View, augment_intensity, extract_mask, extract_patch, random_view
 from .config import TrainConfig
 from .data import TrainVolume, load_label_map, prepare_volume
 from .sampling import ViewPair
+from .trainer import Trainer
 
 
 @dataclass
@@ -57,8 +67,6 @@ class PairRegistration:
         lps = np.asarray(lps, float)
         out = lps @ self.fixed_to_moving[:3, :3].T + self.fixed_to_moving[:3, 3]
         if self.disp is not None:
-            from scipy.ndimage import map_coordinates
-
             idx = (lps - self.disp_origin) / self.disp_spacing  # (x, y, z) index
             coords = idx[:, ::-1].T  # (z, y, x)
             for c in range(3):
@@ -91,43 +99,33 @@ def register_pair(model: torch.nn.Module, fixed: Volume, moving: Volume, margin_
                   deformable: bool = True, log=print) -> PairRegistration:
     """AdaReg with the current model: rigid from stable matches, FOV crop, deformable refinement.
 
-    Uses ``samv2core.registration.register`` when the package provides it; otherwise a rigid
-    RANSAC/Kabsch fit of SAME++ stable matches (samv2core.matching) and no deformable step.
+    Uses ``samv2core.registration.register``; when it refuses the pair, a rigid RANSAC/Kabsch
+    fit of SAME++ stable matches (samv2core.matching) and no deformable step.
     """
-    from samv2core.embed import Embedder
-    from samv2core.session import EmbeddingSession
-
     # a fresh session per call: the model's weights change between rounds
     embedder = EmbeddingSession(Embedder(_eval_copy(model), device="cpu", precision="fp32",
                                          storage_dtype=torch.float32,
                                          model_id=f"crosssam-{id(model)}-{np.random.randint(1 << 30)}"))
     try:
-        from samv2core.registration import register  # the full pipeline, when present
-    except ImportError:
-        register = None
-    if register is not None:
-        try:
-            res = register(fixed, moving, mode="rigid", deformable=deformable, embedder=embedder)
-            m4 = np.asarray(res.linear_matrix, float).reshape(4, 4)
-            rep = getattr(res, "report", {}) or {}
-            n = rep.get("inliers", rep.get("matches", 0))
-            reg = PairRegistration(m4, *_box(fixed, moving, m4, margin_mm), "register(rigid"
-                                   + (",deformable)" if deformable else ")"), int(n) if isinstance(n, (int, float)) else 0)
-            if deformable and getattr(res, "displacement", None) is not None:
-                reg = _with_displacement(reg, res.transform_points, fixed)
-            log(f"  registered {fixed.name} -> {moving.name} with samv2core.registration.register ({reg.method})")
-            return reg
-        except RegistrationError as exc:
-            log(f"  register() refused this pair ({str(exc)[:160]}); trying a rigid fit of stable matches")
-        except (AttributeError, TypeError, ValueError) as exc:
-            log(f"  samv2core.registration.register not usable here ({str(exc)[:120]}); "
-                "falling back to a rigid fit of stable matches")
+        res = register(fixed, moving, mode="rigid", deformable=deformable, embedder=embedder)
+        m4 = np.asarray(res.linear_matrix, float).reshape(4, 4)
+        rep = getattr(res, "report", {}) or {}
+        n = rep.get("inliers", rep.get("matches", 0))
+        reg = PairRegistration(m4, *_box(fixed, moving, m4, margin_mm), "register(rigid"
+                               + (",deformable)" if deformable else ")"), int(n) if isinstance(n, (int, float)) else 0)
+        if deformable and getattr(res, "displacement", None) is not None:
+            reg = _with_displacement(reg, res.transform_points, fixed)
+        log(f"  registered {fixed.name} -> {moving.name} with samv2core.registration.register ({reg.method})")
+        return reg
+    except RegistrationError as exc:
+        log(f"  register() refused this pair ({str(exc)[:160]}); trying a rigid fit of stable matches")
+    except (AttributeError, TypeError, ValueError) as exc:
+        log(f"  samv2core.registration.register not usable here ({str(exc)[:120]}); "
+            "falling back to a rigid fit of stable matches")
     return _rigid_from_matches(embedder, fixed, moving, margin_mm, log)
 
 
 def _box(fixed: Volume, moving: Volume, m4: np.ndarray, margin_mm: float):
-    from samv2core.registration.fov import overlap_crop
-
     crop = overlap_crop(fixed, moving, m4, margin_mm=margin_mm)
     return crop.fixed_lo, crop.fixed_hi
 
@@ -146,11 +144,6 @@ def _with_displacement(reg: PairRegistration, map_points, fixed: Volume, spacing
 
 
 def _rigid_from_matches(embedder, fixed: Volume, moving: Volume, margin_mm: float, log) -> PairRegistration:
-    from samv2core.matching import stable_matches
-    from samv2core.preprocess import body_mask
-    from samv2core.registration.fitting import robust_fit
-    from samv2core.registration.sampling import grid_points_in_mask
-
     ef, em = embedder.embed(fixed), embedder.embed(moving)
     # query points on the smaller field of view (the moving image in CrossSAM's setting)
     pts = grid_points_in_mask(moving, body_mask(moving), spacing_mm=16.0)
@@ -167,15 +160,6 @@ def _rigid_from_matches(embedder, fixed: Volume, moving: Volume, margin_mm: floa
                             int(len(sm.template_lps)))
 
 
-def _vox_to_lps(tv: TrainVolume, v: np.ndarray) -> np.ndarray:
-    """Model-grid voxel coords (z, y, x) -> LPS (x, y, z); the model grid has identity direction."""
-    return np.asarray(v, float)[:, ::-1] * tv.spacing_mm + tv.origin
-
-
-def _lps_to_vox(tv: TrainVolume, lps: np.ndarray) -> np.ndarray:
-    return ((np.asarray(lps, float) - tv.origin) / tv.spacing_mm)[:, ::-1]
-
-
 def make_pair_source(fixed: TrainVolume, moving: TrainVolume, reg: PairRegistration, patch_size, aug,
                      index: int = -1):
     """A callable rng -> ViewPair for a registered pair (A = fixed, B = moving).
@@ -189,12 +173,12 @@ def make_pair_source(fixed: TrainVolume, moving: TrainVolume, reg: PairRegistrat
     # fixed voxel (z,y,x) -> moving voxel (z,y,x): P (reverse axes) composed with the LPS map
     flip = np.eye(3)[::-1]
     vox_lin = flip @ lin @ flip  # spacing identical (both on the model grid)
-    lo_v = _lps_to_vox(fixed, reg.box_lo[None])[0]
-    hi_v = _lps_to_vox(fixed, reg.box_hi[None])[0]
+    lo_v = fixed.lps_to_voxel(reg.box_lo[None])[0]
+    hi_v = fixed.lps_to_voxel(reg.box_hi[None])[0]
     box_min, box_max = np.minimum(lo_v, hi_v), np.maximum(lo_v, hi_v)
 
     def b_from_a(v):
-        return _lps_to_vox(moving, reg.map(_vox_to_lps(fixed, v)))
+        return moving.lps_to_voxel(reg.map(fixed.voxel_to_lps(v)))
 
     def a_valid(v):
         v = np.asarray(v, float)
@@ -267,8 +251,6 @@ def run_crosssam(cfg: TrainConfig, resume: bool = False, log=None, pairs=None, r
     directly as (fixed Volume, moving Volume) tuples (used by tests); otherwise
     crosssam.pairs of the config are loaded.
     """
-    from .trainer import Trainer
-
     c = cfg.crosssam
     cfg.run.iterations = c.rounds * c.iterations_per_round
     tr = Trainer(cfg, resume=resume, log=log, restart=restart)

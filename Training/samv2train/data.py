@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from samv2core.errors import InputError
+from samv2core.grid import Grid
 from samv2core.preprocess import body_mask, model_grid_for, normalize_intensity, resample_to_model_grid
 from samv2core.volume import Modality, Volume, load_volume
 
@@ -43,6 +44,20 @@ class TrainVolume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.image.shape)
+
+    @property
+    def grid(self) -> Grid:
+        """The model grid the tensors live on (identity direction)."""
+        s = float(self.spacing_mm)
+        return Grid(tuple(float(v) for v in self.origin), (s, s, s), self.shape)
+
+    def voxel_to_lps(self, zyx: np.ndarray) -> np.ndarray:
+        """Voxel coordinates (N, 3) in (z, y, x) order -> LPS (N, 3)."""
+        return self.grid.index_to_lps(np.asarray(zyx, float)[:, ::-1])
+
+    def lps_to_voxel(self, lps: np.ndarray) -> np.ndarray:
+        """LPS (N, 3) -> voxel coordinates (N, 3) in (z, y, x) order."""
+        return self.grid.lps_to_index(lps)[:, ::-1]
 
     def classes(self) -> list[int]:
         if self.labels is None:

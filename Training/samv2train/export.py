@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from samv2core.errors import CheckpointError, InputError
+from samv2core.model_io import ModelCard, save_model
 from samv2core.network import NetConfig, build_network
 
 from . import checkpoint as ck
 from .config import load_config
+from .data import list_entries
 
 
 def load_run_model(run_dir: Path, which: str = "best"):
@@ -46,13 +48,10 @@ def export_run(run_dir: Path, out: Path, which: str = "best", name: str = "", mo
 
     ``matching_heads``: the heads the matcher should average (default: all heads).
     """
-    from samv2core.model_io import ModelCard, save_model
-
     run_dir = Path(run_dir)
     net, info = load_run_model(run_dir, which)
     cfg = load_config(run_dir / "config.yaml")
     mods = set()
-    from .data import list_entries
 
     for e in list_entries(cfg.data):
         m = (e.get("modality") or "auto").upper()

@@ -13,9 +13,6 @@ from .augment import View, augment_intensity, extract_mask, extract_patch, rando
 from .config import AugmentSection
 from .data import TrainVolume
 
-FINE_STRIDE = (2, 2, 2)
-COARSE_STRIDE = (4, 16, 16)
-
 
 def output_grid_centres(shape, stride) -> np.ndarray:
     """Patch-voxel coordinates (N, 3) of the centres of an output grid ``shape`` with ``stride``.

@@ -17,18 +17,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
+from samv2core.device import select_device
 from samv2core.errors import CheckpointError, InputError
-from samv2core.network import NetConfig, build_network
+from samv2core.model_io import load_model
+from samv2core.network import FINE_STRIDE, NetConfig, build_network
 from samv2core.outputs import atomic_write
 
 from . import checkpoint as ck
 from .config import TrainConfig, load_config, save_config
 from .data import TrainVolume, load_dataset
-from .losses import (alice_loss, appearance_loss, coarse_spec, fine_spec, labels_on_grid, prototype_supcon,
-                     random_global_negatives)
-from .sampling import FINE_STRIDE, ViewPair, fixed_view_pair, make_view_pair, output_grid_centres
+from .losses import (
+    alice_loss,
+    appearance_loss,
+    coarse_spec,
+    fine_spec,
+    labels_on_grid,
+    prototype_supcon,
+    random_global_negatives,
+)
+from .sampling import ViewPair, fixed_view_pair, make_view_pair, output_grid_centres
 
 LOG_FIELDS = ["step", "wall_s", "lr", "loss", "fine", "coarse", "semantic", "alice", "pair", "fine_acc",
               "val_median_mm", "val_mean_mm", "val_cpm10"]
@@ -58,7 +70,6 @@ def init_distributed(device_pref: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    import torch.distributed as dist
 
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,8 +82,6 @@ def init_distributed(device_pref: str) -> DistInfo:
 
 
 def select_training_device(pref: str, dist_info: DistInfo) -> torch.device:
-    from samv2core.device import select_device
-
     dev = select_device(pref)
     if dev.type == "cuda" and dist_info.world_size > 1:
         return torch.device("cuda", dist_info.local_rank)
@@ -82,8 +91,6 @@ def select_training_device(pref: str, dist_info: DistInfo) -> torch.device:
 def build_model(cfg: TrainConfig, log=print) -> torch.nn.Module:
     """Fresh network of cfg.model.variant, or the weights of cfg.model.init (fine-tuning)."""
     if cfg.model.init:
-        from samv2core.model_io import load_model
-
         loaded = load_model(cfg.model.init, device="cpu")
         log(f"  initialised from {cfg.model.init}")
         model = loaded.model
@@ -149,8 +156,6 @@ class Trainer:
         self.model = build_model(cfg, self.log).to(self.device)
         self.raw_model = self.model
         if self.dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             if self.device.type == "cuda":
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
                 self.raw_model = self.model
@@ -329,7 +334,9 @@ class Trainer:
                     r = alice_loss(fine[2 * k], fine[2 * k + 2], cfg.loss, rng)
                     if r is not None:
                         parts["alice"].append(r[0])
-        mean = lambda xs: torch.stack(xs).mean() if xs else None
+        def mean(xs):
+            return torch.stack(xs).mean() if xs else None
+
         total = torch.zeros((), device=self.device)
         comps = {}
         for key, w in (("fine", 1.0), ("coarse", cfg.loss.coarse_weight), ("semantic", cfg.loss.semantic_weight),
@@ -399,8 +406,6 @@ class Trainer:
         done_now = 0
         bar = None
         if cfg.runtime.progress and self.dist.is_main:
-            from tqdm import tqdm
-
             bar = tqdm(total=total, initial=self.state.step, desc=cfg.run.name, dynamic_ncols=True, file=sys.stderr)
         t_last = time.time()
         while self.state.step < total:
@@ -498,10 +503,10 @@ def nn_errors_mm(out: dict, pair: ViewPair, rng: np.random.Generator, n: int = 2
 
 def plot_loss_log(csv_path: Path, png_path: Path) -> None:
     """PNG of the loss components (and validation error) against the step."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - optional (the 'train' extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after choosing the Agg backend
 
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))

@@ -14,13 +14,20 @@ from pathlib import Path
 
 from ..cli_options import add_model_arguments, session_from_args
 from ..errors import SAMv2Error
+from ..figures import figures_available, registration_figure
+from ..outputs import check_outputs
 from ..progress import progress_bar
+from ..volume import load_volume
 from .deformable import INTENSITY_TERMS, DeformableOptions
+from .io import OUTPUT_FILES, resample_moving, write_registration
 from .options import FEATURES, MODALITY_PAIRS, RegistrationOptions
+from .pipeline import register
+from .preflight import preflight
 
 
 def add_register_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``register`` sub-command's arguments to ``parser``."""
+    """Add the ``register`` sub-command's arguments to ``parser`` (defaults: RegistrationOptions)."""
+    d, dd = RegistrationOptions(), DeformableOptions()
     parser.add_argument("--fixed", required=True, help="fixed (reference) image: NIfTI / NRRD / MHA / DICOM folder")
     parser.add_argument("--moving", required=True, help="moving image, registered onto the fixed one")
     parser.add_argument("--mode", default="affine", choices=["rigid", "affine"],
@@ -33,34 +40,39 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (transforms, resampled image, report.json)")
     parser.add_argument("--fixed-modality", default="auto", help="CT, MR or auto (DICOM tag / intensities)")
     parser.add_argument("--moving-modality", default="auto", help="CT, MR or auto")
-    parser.add_argument("--modality-pair", default="auto", choices=list(MODALITY_PAIRS),
+    parser.add_argument("--modality-pair", default=d.modality_pair, choices=list(MODALITY_PAIRS),
                         help="declare 'same' or 'cross' modality: refuse if the images disagree")
-    parser.add_argument("--features", default="auto", choices=list(FEATURES),
+    parser.add_argument("--features", default=d.features, choices=list(FEATURES),
                         help="descriptors to match: sam (the model), mind (training-free MIND-SSC), auto (SAM; "
                              "a CT-MRI pair whose SAM matches disagree is retried with MIND-SSC, said in the report)")
-    parser.add_argument("--min-score", type=float, default=0.7, help="similarity threshold of a match (0.7)")
-    parser.add_argument("--grid-spacing", type=float, default=16.0, help="query point spacing in mm (16)")
-    parser.add_argument("--min-inliers", type=int, default=12, help="refuse with fewer inlier matches (12)")
-    parser.add_argument("--inlier-threshold", type=float, default=8.0, help="inlier distance in mm (8)")
-    parser.add_argument("--fov-margin", type=float, default=20.0, help="margin of the field-of-view crop, mm (20)")
-    parser.add_argument("--intensity-term", default="auto", choices=list(INTENSITY_TERMS),
+    parser.add_argument("--min-score", type=float, default=d.min_score,
+                        help=f"similarity threshold of a match ({d.min_score:g})")
+    parser.add_argument("--grid-spacing", type=float, default=d.grid_spacing_mm,
+                        help=f"query point spacing in mm ({d.grid_spacing_mm:g})")
+    parser.add_argument("--min-inliers", type=int, default=d.min_inliers,
+                        help=f"refuse with fewer inlier matches ({d.min_inliers})")
+    parser.add_argument("--inlier-threshold", type=float, default=d.inlier_threshold_mm,
+                        help=f"inlier distance in mm ({d.inlier_threshold_mm:g})")
+    parser.add_argument("--fov-margin", type=float, default=d.fov_margin_mm,
+                        help=f"margin of the field-of-view crop, mm ({d.fov_margin_mm:g})")
+    parser.add_argument("--intensity-term", default=dd.intensity, choices=list(INTENSITY_TERMS),
                         help="deformable intensity term: auto (LNCC same modality, MIND cross), lncc, mind, none")
     parser.add_argument("--no-embedding-term", action="store_true",
                         help="deformable step without the embedding cosine (intensity term only)")
-    parser.add_argument("--smoothness", type=float, default=None, help="deformable regularisation weight")
+    parser.add_argument("--smoothness", type=float, default=dd.smoothness,
+                        help=f"deformable regularisation weight ({dd.smoothness:g})")
     parser.add_argument("--ignore-physical-overlap", action="store_true",
                         help="register images whose scanner coordinates do not overlap (different scanners/patients)")
     add_model_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def options_from_args(args) -> RegistrationOptions:
     """RegistrationOptions from parsed ``register`` arguments."""
     dopt = DeformableOptions(intensity=args.intensity_term, device=args.device, seed=args.seed,
-                             embedding_weight=0.0 if args.no_embedding_term else 1.0)
-    if args.smoothness is not None:
-        dopt.smoothness = float(args.smoothness)
+                             smoothness=float(args.smoothness),
+                             embedding_weight=0.0 if args.no_embedding_term else DeformableOptions().embedding_weight)
     return RegistrationOptions(refine=not args.no_refine, features=args.features,
                                grid_spacing_mm=args.grid_spacing, min_score=args.min_score, min_inliers=args.min_inliers, inlier_threshold_mm=args.inlier_threshold,
                                fov_margin_mm=args.fov_margin, modality_pair=args.modality_pair,
@@ -70,9 +82,6 @@ def options_from_args(args) -> RegistrationOptions:
 
 def write_overlay(result, fixed, moving, out_dir) -> dict:
     """``overlay.png`` (before/after colour fusion, three planes) when matplotlib is installed."""
-    from ..figures import figures_available, registration_figure
-    from .io import resample_moving
-
     if not figures_available():
         print("samv2 register: note: overlay.png skipped (pip install 'samv2core[figures]')", file=sys.stderr)
         return {}
@@ -85,12 +94,6 @@ def run_register(args, embedder=None) -> int:
 
     ``embedder`` (optional) replaces the model given by ``--model`` / the bundled one.
     """
-    from ..volume import load_volume
-    from ..outputs import check_outputs
-    from .io import OUTPUT_FILES, write_registration
-    from .pipeline import register
-    from .preflight import preflight
-
     try:
         # before any work: --out must be a folder that can be written and holds no input
         check_outputs([], [args.fixed, args.moving, args.model], [(args.out, OUTPUT_FILES)])

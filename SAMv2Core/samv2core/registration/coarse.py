@@ -3,11 +3,11 @@ matched point pairs left over after the linear step, with a diffusion (smoothnes
 regulariser so that the few mismatches that survive do not fold the field.
 
 The field is trilinear between control points, so the fit is a sparse linear least-squares
-problem, solved exactly (no learning rate to tune) and made robust by Huber IRLS. If the
-result still folds, the smoothness weight is raised until it does not.
+problem, solved exactly (no learning rate to tune) and made robust by IRLS (Huber weights
+by default; the pipeline uses Tukey biweights, ``tukey_sigmas``). If the result still
+folds, the smoothness weight is raised until it does not.
 """
 from __future__ import annotations
-
 
 import numpy as np
 import scipy.sparse as sp
@@ -15,7 +15,8 @@ import scipy.sparse.linalg as spla
 import torch
 
 from ..errors import RegistrationError
-from .grid import DisplacementField, Grid
+from ..grid import Grid
+from .grid import DisplacementField
 from .svf import jacobian_determinant, jacobian_stats
 
 

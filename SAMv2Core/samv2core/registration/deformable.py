@@ -22,21 +22,23 @@ transform continuously outside the common field of view.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
-from ..device import select_device
-from .grid import DisplacementField, Grid, sample
+from ..device import select_device, torch_threads
+from ..errors import InputError
+from ..grid import Grid
+from ..progress import Progress
+from .grid import DisplacementField, crop_to_box, sample
 from .mind import mind_ssc
-from .similarity import diffusion
+from .similarity import diffusion, patch_ncc
 from .svf import integrate_svf
 
-Progress = Optional[Callable[[float, str], None]]
 INTENSITY_TERMS = ("auto", "lncc", "mind", "none")
 
 
@@ -107,8 +109,6 @@ def make_deformable_image(model_volume, mask: Optional[np.ndarray] = None, embed
     ``mask`` (z, y, x) bool is dilated by ``mask_margin_voxels`` so the body outline counts;
     ``embeddings`` (samv2core.embed.Embeddings) adds the fine embedding head and its grid.
     """
-    from scipy import ndimage
-
     if not np.allclose(model_volume.direction, np.eye(3), atol=1e-6):
         raise ValueError("the deformable step works on identity-direction (model-grid) volumes")
     grid = Grid(model_volume.origin, model_volume.spacing, tuple(model_volume.array.shape))
@@ -128,7 +128,7 @@ def make_deformable_image(model_volume, mask: Optional[np.ndarray] = None, embed
 def resolve_intensity_term(term: str, fixed_modality: str, moving_modality: str) -> str:
     """'auto' -> 'lncc' for the same modality, 'mind' across modalities; others unchanged."""
     if term not in INTENSITY_TERMS:
-        raise ValueError(f"intensity term must be one of {INTENSITY_TERMS}, got {term!r}")
+        raise InputError(f"intensity term must be one of {INTENSITY_TERMS}, got {term!r}")
     if term == "auto":
         return "lncc" if str(fixed_modality) == str(moving_modality) else "mind"
     return term
@@ -174,7 +174,7 @@ def _pca_project(a: torch.Tensor, b: torch.Tensor, k: int, seed: int) -> tuple[t
     return proj(a), proj(b)
 
 
-def _candidate_points(fixed: DeformableImage, lo, hi, spacing: float) -> np.ndarray:
+def candidate_points(fixed: DeformableImage, lo, hi, spacing: float) -> np.ndarray:
     """LPS points (N, 3) on a ``spacing`` grid in the box [lo, hi] and inside the fixed mask."""
     g = Grid.covering(lo, hi, spacing)
     pts = g.points().reshape(-1, 3)
@@ -182,49 +182,6 @@ def _candidate_points(fixed: DeformableImage, lo, hi, spacing: float) -> np.ndar
         m = sample(fixed.mask.float(), fixed.intensity_grid, torch.as_tensor(pts, dtype=torch.float32)[None])
         pts = pts[m.reshape(-1).numpy() > 0.5]
     return pts
-
-
-def _crop_to_box(t: torch.Tensor, grid: Grid, lo, hi, pool: int = 1) -> tuple[torch.Tensor, Grid]:
-    """The part of a (1, C, z, y, x) tensor on ``grid`` covering [lo, hi], optionally avg-pooled."""
-    i0 = np.clip(np.floor(grid.lps_to_index(lo)).astype(int) - 1, 0, np.asarray(grid.size_xyz) - 1)
-    i1 = np.clip(np.ceil(grid.lps_to_index(hi)).astype(int) + 2, i0 + 1, np.asarray(grid.size_xyz))
-    sub = t[..., i0[2]:i1[2], i0[1]:i1[1], i0[0]:i1[0]]
-    origin = grid.index_to_lps(i0)
-    spacing = np.asarray(grid.spacing)
-    if pool > 1 and min(sub.shape[2:]) >= pool:
-        sub = F.avg_pool3d(sub, pool, stride=pool)
-        origin = origin + spacing * (pool - 1) / 2
-        spacing = spacing * pool
-    return sub.contiguous(), Grid(tuple(float(v) for v in origin), tuple(float(v) for v in spacing),
-                                  tuple(int(s) for s in sub.shape[2:]))
-
-
-def _patch_ncc(fixed_patches: torch.Tensor, moving_patches: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """1 - mean squared NCC over patches (P, K) with per-patch validity (P,)."""
-    f = fixed_patches - fixed_patches.mean(1, keepdim=True)
-    m = moving_patches - moving_patches.mean(1, keepdim=True)
-    cc = (f * m).sum(1) ** 2 / ((f * f).sum(1) * (m * m).sum(1) + 1e-5)
-    return 1.0 - (cc * valid).sum() / valid.sum().clamp_min(1.0)
-
-
-@contextmanager
-def _torch_threads(n: Optional[int], device: torch.device):
-    """Temporarily run torch's CPU ops on ``n`` threads.
-
-    The optimisation loop is hundreds of small tensor ops per iteration: their OpenMP
-    fork/join costs more than the work, and when cores are shared with other processes a
-    descheduled worker thread stalls every op (measured: 10x slower with 2 threads than 1 on
-    a busy 2-core machine). One thread is the robust choice on CPU.
-    """
-    if device.type != "cpu" or n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_moving: np.ndarray,
@@ -241,7 +198,7 @@ def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_
     """
     opt = options or DeformableOptions()
     dev = select_device(opt.device)
-    with _torch_threads(opt.cpu_threads, dev):
+    with torch_threads(opt.cpu_threads, dev):
         return _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progress, dev)
 
 
@@ -264,7 +221,7 @@ def _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progr
     m_hi = torch.as_tensor(moving.intensity_grid.upper, dtype=dt, device=dev)
 
     # --- fixed side: sample points and their descriptors, computed once -----------------
-    cand = _candidate_points(fixed, valid_lo, valid_hi, opt.sample_spacing_mm)
+    cand = candidate_points(fixed, valid_lo, valid_hi, opt.sample_spacing_mm)
     if len(cand) < 50:
         raise ValueError(f"only {len(cand)} sample points inside the fixed body and the common field of view")
     cand_t = torch.as_tensor(cand, dtype=dt, device=dev)[None]
@@ -273,13 +230,13 @@ def _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progr
                       for c in (dom_lo[2], dom_hi[2])]) @ np.asarray(fixed_to_moving)[:3, :3].T + np.asarray(fixed_to_moving)[:3, 3]
     r_lo, r_hi = reach.min(0) - 40.0, reach.max(0) + 40.0
     pool = max(1, int(round(opt.sample_spacing_mm / max(moving.intensity_grid.spacing))))
-    m_int, m_int_grid = _crop_to_box(moving.intensity.to(dev, dt), moving.intensity_grid, r_lo, r_hi, pool)
-    f_int, f_int_grid = _crop_to_box(fixed.intensity.to(dev, dt), fixed.intensity_grid, dom_lo - 8, dom_hi + 8, pool)
+    m_int, m_int_grid = crop_to_box(moving.intensity.to(dev, dt), moving.intensity_grid, r_lo, r_hi, pool)
+    f_int, f_int_grid = crop_to_box(fixed.intensity.to(dev, dt), fixed.intensity_grid, dom_lo - 8, dom_hi + 8, pool)
 
     f_emb = m_emb_map = None
     if use_emb:
-        fe, fe_grid = _crop_to_box(fixed.features.to(dev), fixed.feature_grid, dom_lo - 8, dom_hi + 8)
-        me, me_grid = _crop_to_box(moving.features.to(dev), moving.feature_grid, r_lo, r_hi)
+        fe, fe_grid = crop_to_box(fixed.features.to(dev), fixed.feature_grid, dom_lo - 8, dom_hi + 8)
+        me, me_grid = crop_to_box(moving.features.to(dev), moving.feature_grid, r_lo, r_hi)
         fe, m_emb_map = _pca_project(fe, me, opt.feature_channels, opt.seed)
         f_emb = sample(fe, fe_grid, cand_t)[0].T  # (N, C)
         m_emb_grid = me_grid
@@ -351,7 +308,7 @@ def _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progr
                 pm = warp(pts, leaf, g)
                 mi = sample(m_int, m_int_grid, pm).reshape(len(sel), -1)
                 ok = inside_moving(pm).reshape(len(sel), -1).min(1).values
-                parts["lncc"] = _patch_ncc(fi, mi, ok)
+                parts["lncc"] = patch_ncc(fi, mi, ok)
                 loss = loss + opt.intensity_weight * parts["lncc"]
             reg = diffusion(velocity * taper, g.spacing)
             if opt.exact_gradient:

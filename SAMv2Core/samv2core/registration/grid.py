@@ -1,78 +1,29 @@
-"""An axis-aligned LPS sampling grid (identity direction) for displacement fields and the
-deformable optimisation, the conversions torch's ``grid_sample`` needs, and a displacement
-field on such a grid."""
+"""Tensors on a samv2core Grid: trilinear sampling at LPS points (torch ``grid_sample``),
+cropping to a box, and a displacement field on a grid."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
-import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
+
+from ..grid import Grid
 
 
-@dataclass(frozen=True)
-class Grid:
-    """Identity-direction LPS grid: point(i, j, k) = origin + spacing * (i, j, k)."""
-
-    origin: tuple[float, float, float]  # LPS mm of voxel (0, 0, 0)
-    spacing: tuple[float, float, float]  # (x, y, z) mm
-    shape: tuple[int, int, int]  # (z, y, x)
-
-    @classmethod
-    def covering(cls, lo, hi, spacing_mm: float) -> "Grid":
-        """The grid at ``spacing_mm`` whose voxel centres cover the LPS box [lo, hi]."""
-        lo, hi = np.asarray(lo, float), np.asarray(hi, float)
-        n = np.maximum(2, np.ceil((hi - lo) / spacing_mm - 1e-6).astype(int) + 1)
-        return cls(tuple(float(v) for v in lo), (float(spacing_mm),) * 3, (int(n[2]), int(n[1]), int(n[0])))
-
-    def rescaled(self, spacing_mm: float) -> "Grid":
-        """A grid over the same box at another spacing."""
-        lo = np.asarray(self.origin)
-        hi = lo + np.asarray(self.spacing) * (np.asarray(self.shape[::-1]) - 1)
-        return Grid.covering(lo, hi, spacing_mm)
-
-    @property
-    def size_xyz(self) -> tuple[int, int, int]:
-        return self.shape[::-1]
-
-    @property
-    def upper(self) -> np.ndarray:
-        return np.asarray(self.origin) + np.asarray(self.spacing) * (np.asarray(self.size_xyz) - 1)
-
-    def index_to_lps(self, ijk) -> np.ndarray:
-        return np.asarray(ijk, float) * np.asarray(self.spacing) + np.asarray(self.origin)
-
-    def lps_to_index(self, lps) -> np.ndarray:
-        return (np.asarray(lps, float) - np.asarray(self.origin)) / np.asarray(self.spacing)
-
-    def points(self) -> np.ndarray:
-        """LPS coordinates of every voxel, (z, y, x, 3)."""
-        axes = [self.origin[d] + self.spacing[d] * np.arange(self.size_xyz[d]) for d in range(3)]
-        zz, yy, xx = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
-        return np.stack([xx, yy, zz], -1)
-
-    # --- torch helpers (align_corners=True everywhere) ---------------------------------
-    def normalizer(self, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(offset, scale) with normalized = (lps - offset) * scale, for grid_sample on this grid."""
-        size = np.asarray(self.size_xyz, float)
-        scale = 2.0 / (np.maximum(size - 1, 1) * np.asarray(self.spacing))
-        offset = np.asarray(self.origin) + np.asarray(self.spacing) * (size - 1) / 2
-        return (torch.tensor(offset, device=device, dtype=dtype), torch.tensor(scale, device=device, dtype=dtype))
-
-    def points_torch(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """LPS coordinates of every voxel as a (1, z, y, x, 3) tensor."""
-        return torch.as_tensor(self.points(), dtype=dtype, device=device)[None]
-
-    def sitk_reference(self) -> sitk.Image:
-        """An empty SimpleITK image with this geometry (for resampling onto the grid)."""
-        img = sitk.Image(list(self.size_xyz), sitk.sitkUInt8)
-        img.SetOrigin(self.origin)
-        img.SetSpacing(self.spacing)
-        return img
-
-    def to_dict(self) -> dict:
-        return {"origin_lps": [round(v, 4) for v in self.origin], "spacing_mm": list(self.spacing),
-                "shape_zyx": list(self.shape)}
+def crop_to_box(t: torch.Tensor, grid: Grid, lo, hi, pool: int = 1) -> tuple[torch.Tensor, Grid]:
+    """The part of a (1, C, z, y, x) tensor on ``grid`` covering [lo, hi], optionally avg-pooled."""
+    i0 = np.clip(np.floor(grid.lps_to_index(lo)).astype(int) - 1, 0, np.asarray(grid.size_xyz) - 1)
+    i1 = np.clip(np.ceil(grid.lps_to_index(hi)).astype(int) + 2, i0 + 1, np.asarray(grid.size_xyz))
+    sub = t[..., i0[2]:i1[2], i0[1]:i1[1], i0[0]:i1[0]]
+    origin = grid.index_to_lps(i0)
+    spacing = np.asarray(grid.spacing)
+    if pool > 1 and min(sub.shape[2:]) >= pool:
+        sub = F.avg_pool3d(sub, pool, stride=pool)
+        origin = origin + spacing * (pool - 1) / 2
+        spacing = spacing * pool
+    return sub.contiguous(), Grid(tuple(float(v) for v in origin), tuple(float(v) for v in spacing),
+                                  tuple(int(s) for s in sub.shape[2:]))
 
 
 def sample(volume: torch.Tensor, grid: Grid, points_lps: torch.Tensor, mode: str = "bilinear",

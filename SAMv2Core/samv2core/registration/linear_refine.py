@@ -21,10 +21,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .deformable import (DeformableImage, _candidate_points, _crop_to_box, _patch_ncc, _torch_threads,
-                         resolve_intensity_term)
-from .grid import sample
+from ..device import torch_threads
+from .deformable import DeformableImage, candidate_points, resolve_intensity_term
+from .grid import crop_to_box, sample
 from .mind import mind_ssc
+from .similarity import patch_ncc
 
 
 @dataclass
@@ -65,7 +66,7 @@ def refine_linear(fixed: DeformableImage, moving: DeformableImage, fixed_to_movi
     ``mode``: 'rigid' keeps the update rigid, 'affine' allows a general matrix update.
     """
     opt = options or LinearRefineOptions()
-    with _torch_threads(opt.cpu_threads, torch.device("cpu")):
+    with torch_threads(opt.cpu_threads, torch.device("cpu")):
         return _refine(fixed, moving, np.asarray(fixed_to_moving, float), mode, valid_lo, valid_hi, intensity, opt)
 
 
@@ -76,12 +77,12 @@ def _refine(fixed, moving, lin4, mode, valid_lo, valid_hi, intensity, opt):
     if term == "none":
         raise ValueError("the linear refinement needs an intensity term ('lncc' or 'mind')")
     valid_lo, valid_hi = np.asarray(valid_lo, float), np.asarray(valid_hi, float)
-    cand = _candidate_points(fixed, valid_lo, valid_hi, opt.sample_spacing_mm)
+    cand = candidate_points(fixed, valid_lo, valid_hi, opt.sample_spacing_mm)
     if len(cand) < 200:
         raise ValueError(f"only {len(cand)} sample points inside the fixed body and the common field of view")
     centre = cand.mean(0)
     cand_t = torch.as_tensor(cand, dtype=torch.float32)
-    f_int, f_grid = _crop_to_box(fixed.intensity.float(), fixed.intensity_grid, valid_lo - 8, valid_hi + 8)
+    f_int, f_grid = crop_to_box(fixed.intensity.float(), fixed.intensity_grid, valid_lo - 8, valid_hi + 8)
     m_int, m_grid = moving.intensity.float(), moving.intensity_grid
     m_lo = torch.as_tensor(np.asarray(m_grid.origin), dtype=torch.float32)
     m_hi = torch.as_tensor(m_grid.upper, dtype=torch.float32)
@@ -114,7 +115,7 @@ def _refine(fixed, moving, lin4, mode, valid_lo, valid_hi, intensity, opt):
             pm = mapped(pts[0])[None]
             mi = sample(m_int, m_grid, pm).reshape(len(sel), -1)
             ok = torch.all((pm >= m_lo) & (pm <= m_hi), dim=-1)[0].float().reshape(len(sel), -1).min(1).values
-            return _patch_ncc(fi, mi, ok)
+            return patch_ncc(fi, mi, ok)
         pts = cand_t[sel][None]
         fd = sample(f_map, f_grid, pts)[0].T
         pm = mapped(pts[0])[None]

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ..errors import RegistrationError
+from ..errors import InputError, RegistrationError
+from ..matching import nn_query_points, stable_matches
 from ..volume import Volume
 from .sampling import grid_points_in_mask
 
@@ -60,8 +61,6 @@ def _subvoxel(template_emb, query_emb, template_pts: np.ndarray, query_pts: np.n
     """Refine the query end of each match to sub-voxel precision (NN search with a parabolic
     peak fit from the same template point); keeps the voxel answer when the refinement moves
     further than ``max_shift_mm`` (a different peak, not a refinement)."""
-    from ..matching import nn_query_points
-
     # forward search only: the NN round trip's backward search would be thrown away here
     refined, _ = nn_query_points(template_emb, query_emb, template_pts)
     close = np.linalg.norm(refined - query_pts, axis=1) <= max_shift_mm
@@ -84,10 +83,8 @@ def registration_matches(emb_f, emb_m, mask_f: np.ndarray, mask_m: np.ndarray, *
     the 4 mm embedding grid. Raises
     RegistrationError when the query body mask is too small to sample.
     """
-    from ..matching import stable_matches
-
     if query_side not in QUERY_SIDES:
-        raise ValueError(f"query_side must be one of {QUERY_SIDES}, got {query_side!r}")
+        raise InputError(f"query_side must be one of {QUERY_SIDES}, got {query_side!r}")
     mv_f, mv_m = emb_f.model_volume, emb_m.model_volume
     vol_f = float(mask_f.sum()) * float(np.prod(mv_f.spacing))
     vol_m = float(mask_m.sum()) * float(np.prod(mv_m.spacing))

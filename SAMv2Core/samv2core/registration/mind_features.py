@@ -19,13 +19,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..embed import Embeddings, _fill_coarse_on_fine, cell_grid, source_geometry
+from ..embed import Embeddings, cell_grid, fill_coarse_on_fine, source_geometry
+from ..errors import InputError
+from ..network import FINE_STRIDE  # fine cells as the network's fine head
 from ..preprocess import normalize_intensity, resample_to_model_grid
 from ..volume import Volume
 from .mind import mind_ssc
 
 MODEL_ID = "mind-ssc"
-FINE_STRIDE = (2, 2, 2)  # model voxels (z, y, x) per fine cell: the network's fine stride
 
 
 def _pooled(desc: torch.Tensor, shape: tuple, stride: tuple) -> torch.Tensor:
@@ -53,7 +54,7 @@ def mind_embeddings(volume: Volume, spacing_mm: float = 2.0, coarse_stride: tupl
     fine = _pooled(torch.cat([mind_ssc(img, 1, 1), mind_ssc(img, 1, 2)], 1), fine_grid.shape, FINE_STRIDE)
     k = int(coarse_downsample)
     if k not in (1, 2) or any(s % k for s in coarse_stride):
-        raise ValueError(f"coarse_downsample must be 1 or 2 and divide the coarse stride {tuple(coarse_stride)}")
+        raise InputError(f"coarse_downsample must be 1 or 2 and divide the coarse stride {tuple(coarse_stride)}")
     if k == 1:
         smooth = F.avg_pool3d(F.pad(img, (1,) * 6, mode="replicate"), 3, stride=1)
         coarse_d = torch.cat([mind_ssc(smooth, 2, 4), mind_ssc(smooth, 2, 8)], 1)
@@ -66,7 +67,7 @@ def mind_embeddings(volume: Volume, spacing_mm: float = 2.0, coarse_stride: tupl
     cf, cc = fine.shape[0], coarse.shape[0]
     rows = torch.empty((*fine_grid.shape, cf + cc), dtype=torch.float32)
     rows[..., :cf] = fine.permute(1, 2, 3, 0)
-    _fill_coarse_on_fine(rows, cf, coarse, coarse_grid, fine_grid)
+    fill_coarse_on_fine(rows, cf, coarse, coarse_grid, fine_grid)
     rows[..., cf:] = F.normalize(rows[..., cf:], dim=-1)
     return Embeddings(rows.reshape(-1, cf + cc), (("fine", cf), ("coarse", cc)), coarse, fine_grid, coarse_grid,
                       mv, MODEL_ID, {"source": source_geometry(volume)})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..errors import InputError
 from .deformable import DeformableOptions
 from .linear_refine import LinearRefineOptions
+from .matches import QUERY_SIDES
 
 MODALITY_PAIRS = ("auto", "same", "cross")
 FEATURES = ("auto", "sam", "mind")
@@ -48,12 +50,23 @@ class RegistrationOptions:
     seed: int = 0
 
     def __post_init__(self):
+        """InputError (one line, naming the option) for a value the pipeline cannot use."""
         if self.modality_pair not in MODALITY_PAIRS:
-            raise ValueError(f"modality_pair must be one of {MODALITY_PAIRS}, got {self.modality_pair!r}")
+            raise InputError(f"modality_pair must be one of {MODALITY_PAIRS}, got {self.modality_pair!r}")
         if self.features not in FEATURES:
-            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
+            raise InputError(f"features must be one of {FEATURES}, got {self.features!r}")
+        if self.query_side not in QUERY_SIDES:
+            raise InputError(f"query_side must be one of {QUERY_SIDES}, got {self.query_side!r}")
         if not 0.0 <= self.min_score <= 1.0:
-            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+            raise InputError(f"min_score must be in [0, 1], got {self.min_score}")
+        for name in ("grid_spacing_mm", "inlier_threshold_mm", "max_scale", "coarse_spacing_mm"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("min_inliers", "max_query_points", "stable_passes", "ransac_iterations"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.fov_margin_mm < 0 or self.mask_margin_mm < 0:
+            raise InputError("fov_margin_mm and mask_margin_mm must not be negative")
 
     def to_dict(self) -> dict:
         d = asdict(self)

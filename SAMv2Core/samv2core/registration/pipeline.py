@@ -23,20 +23,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..embed import Embeddings
 from ..errors import RegistrationError, SAMv2Error
+from ..fitting import MODES, LinearFit, robust_fit
+from ..grid import Grid
+from ..progress import Progress
 from ..session import EmbeddingSession
 from ..volume import Volume
 from .coarse import fit_coarse_field
 from .deformable import make_deformable_image, refine_deformable, resolve_intensity_term, taper_window
-from .fitting import MODES, LinearFit, robust_fit
 from .fov import FovCrop, crop_volume, overlap_crop
-from .grid import Grid, sample
+from .grid import sample
 from .linear_refine import refine_linear
 from .matches import PointPairs, registration_matches
 from .mind_features import MindEmbedder
@@ -44,8 +46,6 @@ from .options import RegistrationOptions
 from .preflight import CheckedPair, preflight
 from .result import RegistrationResult, displacement_image, linear_transform
 from .svf import jacobian_determinant, jacobian_stats
-
-Progress = Optional[Callable[[float, str], None]]
 
 
 def _quiet(fraction: float, message: str) -> None:

@@ -1,8 +1,8 @@
 """Stationary velocity fields: integration by scaling and squaring (a diffeomorphism for a
-smooth velocity), field composition, and Jacobian-determinant / folding statistics.
+smooth velocity) and Jacobian-determinant / folding statistics.
 
 Fields are (1, 3, z, y, x) tensors in millimetres with components in (x, y, z) = LPS order,
-defined on a :class:`~samv2core.registration.grid.Grid`.
+defined on a :class:`~samv2core.grid.Grid`.
 """
 from __future__ import annotations
 
@@ -10,19 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .grid import Grid, sample
-
-
-def as_points(field: torch.Tensor) -> torch.Tensor:
-    """(1, 3, z, y, x) field -> (1, z, y, x, 3) channel-last view for adding to points."""
-    return field.permute(0, 2, 3, 4, 1)
-
-
-def compose(outer: torch.Tensor, inner: torch.Tensor, grid: Grid, points: torch.Tensor | None = None) -> torch.Tensor:
-    """Displacement of x -> y + outer(y) with y = x + inner(x): inner + outer(x + inner(x))."""
-    if points is None:
-        points = grid.points_torch(inner.device, inner.dtype)
-    return inner + sample(outer, grid, points + as_points(inner))
+from ..grid import Grid
 
 
 def integrate_svf(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:

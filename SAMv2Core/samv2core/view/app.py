@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -322,8 +323,6 @@ class SAMv2ViewApp(TrameApp):
 def serve(session: ViewSession, template_path: str, query_path: str, host: str = "127.0.0.1", port: int = 0,
           register_mode: str = "rigid") -> None:
     """Build the page and serve it until interrupted (blocking). Port 0 picks a free port."""
-    import socket
-
     if port == 0:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))

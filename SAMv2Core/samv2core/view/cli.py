@@ -35,7 +35,7 @@ def run_view(args) -> int:
         raise SAMv2Error(f"the browser view needs {', '.join(missing)}: pip install 'samv2core[view]'")
     if not 0 <= args.port <= 65535:
         raise SAMv2Error(f"--port must be between 0 and 65535, got {args.port}")
-    from .app import serve
+    from .app import serve  # noqa: PLC0415 - needs the optional 'view' extra (trame)
 
     embeddings = session_from_args(args)
     print(f"samv2 view: model {embeddings.label}, device {embeddings.device}", file=sys.stderr)

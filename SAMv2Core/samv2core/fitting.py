@@ -1,6 +1,8 @@
-"""Robust linear fits to matched point pairs: rigid (Arun et al. / Kabsch SVD) and affine
-(least squares), with RANSAC outlier rejection, an IRLS (Huber) refinement on the inliers,
-a minimum inlier count and a residual report.
+"""Linear fits to matched point pairs, the one home for them: weighted least-squares rigid
+(Arun et al. / Kabsch SVD), similarity (Umeyama) and affine maps; ``robust_fit`` (RANSAC,
+then IRLS with Tukey biweights on the inliers, a minimum inlier count and a residual report)
+for registration; ``huber_affine`` (IRLS with Huber weights) for the few fixed points of one
+click in matching.
 
 Every fit maps ``src`` points onto ``dst`` points: ``dst ~= matrix @ src + translation``. The
 registration pipeline fits FIXED -> MOVING (the ITK resampling convention).
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import RegistrationError
+from .errors import RegistrationError
 
 MODES = ("rigid", "affine")
 # Minimal sample sizes: 3 non-collinear points fix a rotation (and a similarity), 4 non-coplanar an affine map.
@@ -144,7 +146,7 @@ def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min
                iterations: int = 1000, scores=None, irls_iterations: int = 20, min_extent_mm: float = 5.0,
                max_scale: float = 2.0, affine_min_spread_mm: float = 15.0, tukey_sigmas: float = 2.5,
                min_inlier_fraction: float = 0.15, seed: int = 0) -> LinearFit:
-    """Fit ``mode`` ('rigid' | 'affine') to point pairs with RANSAC + Huber IRLS.
+    """Fit ``mode`` ('rigid' | 'affine') to point pairs with RANSAC + Tukey-biweight IRLS.
 
     RANSAC (MSAC scoring, minimal samples) picks the consensus set within ``threshold_mm``;
     the transform is then refitted by IRLS with Tukey biweights whose cutoff is
@@ -254,6 +256,20 @@ def robust_fit(src, dst, mode: str = "affine", *, threshold_mm: float = 8.0, min
         fit.stats["warning"] = (f"the matches span only {spread[-1]:.1f} mm (std) along one direction: a full affine "
                                 "is undetermined there, so a similarity transform (rotation + isotropic scale) was fitted")
     return fit
+
+
+def huber_affine(src, dst, iterations: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine A, t with dst ~= A src + t by IRLS with Huber weights (threshold 1.345 robust
+    standard deviations of the residual norms, at least 1 um); also returns the residuals."""
+    src = np.asarray(src, dtype=np.float64).reshape(-1, 3)
+    dst = np.asarray(dst, dtype=np.float64).reshape(-1, 3)
+    w = np.ones(len(src))
+    for _ in range(iterations):
+        a, t = fit_affine(src, dst, w)
+        r = np.linalg.norm(src @ a.T + t - dst, axis=1)
+        delta = max(1.345 * np.median(r) / 0.6745, 1e-3)
+        w = np.where(r <= delta, 1.0, delta / np.maximum(r, 1e-12))
+    return a, t, r
 
 
 def _plausible_affine(m: np.ndarray, max_scale: float) -> bool:
