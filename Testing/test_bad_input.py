@@ -272,12 +272,11 @@ def test_point_outside_but_inside_as_ras_gets_a_hint(ws, capsys):
 
 def test_ctrl_c_during_start_up_is_one_line(ws, capsys, monkeypatch):
     from samv2core import cli
-    from samv2core.registration import cli as register_cli
 
     def interrupted(_parser):  # as if Ctrl-C arrived while the sub-commands are being set up
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(register_cli, "add_register_arguments", interrupted)
+    monkeypatch.setattr(cli, "add_register_arguments", interrupted)
     before = _snapshot(ws["root"])
     assert cli.main(_abs(ws, ["embed", "@v.nrrd"])) == 130
     _check_clean(ws, before, capsys.readouterr().err, "interrupted")
