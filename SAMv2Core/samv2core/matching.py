@@ -93,6 +93,7 @@ class _PairState:
     local: Optional[LocalRegistration]  # None when the intensities cannot be compared
     local_error: Optional[str]
     seconds: float
+    body: Optional[np.ndarray] = None  # (z, y, x) body mask of the template's model-grid volume
 
 
 _PAIR_CACHE: "weakref.WeakKeyDictionary[Embeddings, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
@@ -254,7 +255,7 @@ class Matcher:
             local = LocalRegistration(mv, self.query.model_volume, self.ropt)
         except ValueError as exc:
             error = str(exc)
-        result = _PairState(t_pts, q_pts, local, error, time.perf_counter() - t0)
+        result = _PairState(t_pts, q_pts, local, error, time.perf_counter() - t0, mask)
         per_template[self.query] = (self.ropt, result)
         return result
 
@@ -289,6 +290,13 @@ class Matcher:
             return MatchResult(query_point=sam.query_point, confident=False, reason="; ".join(reasons),
                                answer="sam", answer_reason=why, **base)
 
+        if state.body is not None:
+            mv = self.template.model_volume
+            ijk = np.rint(mv.lps_to_index(sam.template_point.as_array())).astype(int)
+            inside = bool(np.all((ijk >= 0) & (ijk < np.asarray(mv.size_xyz))) and state.body[ijk[2], ijk[1], ijk[0]])
+            if not inside:
+                return keep_sam("SAM answer: the point lies outside the body (no anatomy to match)",
+                                "the point lies outside the body")
         if state.local is None:
             return keep_sam(f"SAM answer: the local refinement cannot run ({state.local_error})", "not refined")
         ref = state.local.refine(sam.template_point.as_array(), sam_q)
