@@ -175,7 +175,7 @@ def test_too_few_confident_matches_is_refused(lung):
     # "embeddings" of unrelated places: nothing is similar enough to match
     oracle = OracleEmbedder({fixed.name: lambda p: p + 3000.0, moving.name: lambda p: p})
     with pytest.raises(RegistrationError, match="too few"):
-        register(fixed, moving, "affine", embedder=oracle)
+        register(fixed, moving, "affine", embedder=oracle, options=RegistrationOptions(features="sam"))
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -260,8 +260,8 @@ def _noise_embedder(*volumes):
 
 def test_ct_onto_mr_like_followup_falls_back_to_mind_and_recovers_the_motion(lung):
     """A real CT and an MR-like follow-up simulated from it (known rigid motion, intensities
-    remapped): with SAM embeddings that cannot match across modalities, 'auto' retries on
-    MIND-SSC, says so, and recovers the motion; a same-modality pair is refused instead."""
+    remapped): with SAM embeddings that cannot match across modalities, 'auto' uses MIND-SSC,
+    says so, and recovers the motion; 'sam' alone is refused."""
     pair = simulate_followup(lung, seed=9, rotation_deg=5.0, translation_mm=10.0, deformation_mm=0.0, mr=True)
     fixed = pair.followup
     assert fixed.modality.value == "MR"
@@ -271,16 +271,17 @@ def test_ct_onto_mr_like_followup_falls_back_to_mind_and_recovers_the_motion(lun
     res = register(fixed, lung, "rigid", embedder=_noise_embedder(fixed, lung))
     err = np.linalg.norm(res.transform_points(pts) - truth, axis=1)
     assert err.mean() < 3.0, (np.linalg.norm(pts - truth, axis=1).mean(), err.mean())
-    assert res.report["features"] == "mind-ssc (cross-modality fallback)"
+    assert res.report["features"] == "mind-ssc"
+    assert res.report["verification"]["chosen"] == "mind-ssc"
+    assert not res.report["verification"]["candidates"]["sam"]["passed"]
     assert any("MIND-SSC" in w for w in res.report["warnings"])
     # asked for explicitly: the same descriptors, no SAM model needed
     direct = register(fixed, lung, "rigid", embedder=None, options=RegistrationOptions(features="mind"))
     assert direct.report["features"] == "mind-ssc"
     assert np.allclose(direct.transform_points(pts), res.transform_points(pts), atol=1e-6)
-    # same modality: no silent change of descriptors, a refusal
-    ct_pair = simulate_followup(lung, seed=9, rotation_deg=5.0, translation_mm=10.0, deformation_mm=0.0)
+    # SAM only: a refusal naming the reason, never a silent change of descriptors
     with pytest.raises(RegistrationError, match="too few"):
-        register(ct_pair.followup, lung, "rigid", embedder=_noise_embedder(ct_pair.followup, lung))
+        register(fixed, lung, "rigid", embedder=_noise_embedder(fixed, lung), options=RegistrationOptions(features="sam"))
     with pytest.raises(ValueError, match="features"):
         RegistrationOptions(features="sift")
 

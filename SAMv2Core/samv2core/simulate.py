@@ -13,6 +13,7 @@ lesion before simulating; ``body_points`` draws random evaluation points in the 
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -263,3 +264,92 @@ def body_points(volume: Volume, count: int, seed: int = 0, erode_mm: float = 10.
     pick = idx[rng.choice(len(idx), min(count, len(idx)), replace=False)].astype(np.float64)
     pick += rng.uniform(-0.5, 0.5, pick.shape)  # anywhere in the voxel, not only at centres
     return volume.index_to_lps(pick[:, ::-1])
+
+
+def _rigid(rng: np.random.Generator, centre: np.ndarray, angle_deg: tuple, offset_mm: tuple) -> np.ndarray:
+    """4x4 rigid x -> R (x - c) + c + t: rotation of ``angle_deg`` (range) about a random axis,
+    translation of random direction and length in ``offset_mm`` (range)."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = np.deg2rad(rng.uniform(*angle_deg))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)  # Rodrigues
+    d = rng.normal(size=3)
+    m = np.eye(4)
+    m[:3, :3] = rot
+    m[:3, 3] = centre - rot @ centre + d / np.linalg.norm(d) * rng.uniform(*offset_mm)
+    return m
+
+
+def _affine_transform(m4: np.ndarray) -> sitk.AffineTransform:
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(tuple(float(v) for v in m4[:3, :3].ravel()))
+    t.SetTranslation(tuple(float(v) for v in m4[:3, 3]))
+    return t
+
+
+def moved_box(volume: Volume, to_new: np.ndarray, lo_idx, hi_idx, spacing) -> sitk.Image:
+    """The index box [lo_idx, hi_idx] (continuous x, y, z) of ``volume`` carried by the rigid map
+    ``to_new`` (volume LPS -> new LPS) and resampled on its own grid there: axes = the volume's
+    axes rotated with the map, ``spacing`` (x, y, z) mm. Linear interpolation, the volume's
+    minimum outside."""
+    lo_idx, hi_idx = np.asarray(lo_idx, float), np.asarray(hi_idx, float)
+    m_src = volume.index_to_lps_matrix
+    extent = (hi_idx - lo_idx) * np.asarray(volume.spacing)
+    size = [max(2, int(np.floor(e / s)) + 1) for e, s in zip(extent, spacing)]
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing(tuple(float(v) for v in spacing))
+    ref.SetOrigin(tuple(float(v) for v in to_new[:3, :3] @ (m_src[:3, :3] @ lo_idx + m_src[:3, 3]) + to_new[:3, 3]))
+    ref.SetDirection(tuple(float(v) for v in (to_new[:3, :3] @ volume.direction).ravel()))
+    return sitk.Resample(volume.to_sitk(), ref, _affine_transform(np.linalg.inv(to_new)), sitk.sitkLinear,
+                         float(volume.array.min()), sitk.sitkFloat32)
+
+
+def simulate_offcentre_pair(volume: Volume, seed: int = 0, contrast: str = "same", fov_fraction=(0.35, 0.5),
+                            rotation_deg=(5.0, 20.0), offset_mm=(60.0, 120.0), spacing_mm=(1.0, 2.5),
+                            noise: float = 0.02) -> SimulatedPair:
+    """A follow-up that is an OFF-CENTRE field-of-view crop of ``volume`` after a large rigid motion,
+    on its own voxel grid (the registration benchmark's protocol, issue 12).
+
+    The crop keeps ``fov_fraction`` (range) of the extent along the longest physical axis and
+    75-100% along the others, pushed towards one end of each axis; the rigid motion rotates by
+    ``rotation_deg`` (range) about a random axis and translates by ``offset_mm`` (range); the
+    follow-up's axes turn with it and its spacing is drawn from ``spacing_mm`` per axis (never
+    finer than half the source's). ``contrast``: 'same' (noise and gain), 'mr-like' (CT to a
+    T1-like, non-monotonic map, flagged MR) or 'gamma' (MR gamma remap). ``transform`` maps
+    follow-up points to ``volume`` points; ``map_points`` gives the truth the other way.
+    """
+    if contrast not in ("same", "mr-like", "gamma"):
+        raise InputError(f"contrast must be 'same', 'mr-like' or 'gamma', got {contrast!r}")
+    rng = np.random.default_rng([zlib.crc32(f"{volume.name} {contrast}".encode()), seed])
+    fraction = rng.uniform(*fov_fraction)
+    size = np.asarray(volume.size_xyz, float) - 1
+    longest = int(np.argmax(size * np.asarray(volume.spacing)))
+    lo, hi = np.zeros(3), size.copy()
+    for a in range(3):
+        keep = (fraction if a == longest else rng.uniform(0.75, 1.0)) * size[a]
+        u = rng.uniform(0.0, 0.15) if rng.random() < 0.5 else rng.uniform(0.85, 1.0)
+        lo[a] = u * (size[a] - keep)
+        hi[a] = lo[a] + keep
+    m_src = volume.index_to_lps_matrix
+    centre = m_src[:3, :3] @ ((lo + hi) / 2) + m_src[:3, 3]
+    to_new = _rigid(rng, centre, rotation_deg, offset_mm)
+    spacing = np.maximum(rng.uniform(*spacing_mm, 3), np.asarray(volume.spacing) / 2)
+    img = moved_box(volume, to_new, lo, hi, spacing)
+    arr = sitk.GetArrayFromImage(img)
+    p1, p99 = np.percentile(volume.array[:: max(1, volume.array.shape[0] // 16)], [1, 99])
+    arr = arr + rng.normal(0, noise * (p99 - p1), arr.shape).astype(np.float32)
+    modality = volume.modality
+    if contrast == "same":
+        arr = (arr - p1) * rng.uniform(0.95, 1.05) + p1
+    elif contrast == "mr-like":
+        arr = mr_like(arr) * rng.uniform(0.8, 1.2) + rng.normal(0, 3.0, arr.shape).astype(np.float32)
+        modality = Modality.MR
+    else:
+        arr = p99 * np.clip(arr / max(p99, 1e-6), 0, None) ** rng.uniform(0.7, 1.4)
+    out = Volume.from_sitk(img, modality, name=f"{volume.name}_offcentre{seed}").with_array(arr.astype(np.float32))
+    params = {"seed": seed, "contrast": contrast, "fov_fraction_longest_axis": round(float(fraction), 3),
+              "rotation_deg": round(float(np.degrees(np.arccos(np.clip((np.trace(to_new[:3, :3]) - 1) / 2, -1, 1)))), 2),
+              "offset_mm": round(float(np.linalg.norm(to_new[:3, :3] @ centre + to_new[:3, 3] - centre)), 1),
+              "spacing_mm": [round(float(v), 2) for v in spacing], "simulated": True}
+    return SimulatedPair(volume, out, _affine_transform(np.linalg.inv(to_new)), params)

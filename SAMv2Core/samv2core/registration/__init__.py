@@ -1,5 +1,6 @@
-"""Embedding-driven registration: SAM-rigid/affine (+ intensity refinement), SAM-coarse,
-deformable refinement; MIND-SSC descriptors for CT-MRI pairs the model cannot match.
+"""Embedding-driven registration: SAM-rigid/affine (+ intensity refinement), verified against
+the images before it is reported, SAM-coarse, deformable refinement; MIND-SSC descriptors for
+CT-MRI pairs the model cannot match.
 
 ``register(fixed, moving, mode='rigid'|'affine', deformable=False, coarse=False, ...)`` returns
 a :class:`RegistrationResult` whose transforms map FIXED physical LPS points to MOVING points

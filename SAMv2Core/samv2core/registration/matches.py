@@ -40,15 +40,24 @@ def _mask_lookup(volume: Volume, mask: np.ndarray, points: np.ndarray) -> np.nda
     return out
 
 
-def _inside_fov(volume: Volume, points: np.ndarray, margin_mm: float) -> np.ndarray:
-    """True where a point is at least ``margin_mm`` inside the image's field of view.
+def _inside_fov(emb, points: np.ndarray, margin_mm: float) -> np.ndarray:
+    """True where a point is at least ``margin_mm`` inside the field of view of the scan ``emb``
+    was computed from (its own voxel grid: an oblique or rotated scan's model grid is a larger
+    box whose corners hold no data).
 
     The margin shrinks to a quarter of the extent along thin axes (a 40 mm slab keeps its
     middle 20 mm rather than nothing).
     """
-    ijk = volume.lps_to_index(points)
-    size = np.asarray(volume.size_xyz, float)
-    m = np.minimum(margin_mm / np.asarray(volume.spacing), (size - 1) / 4.0)
+    geo = emb.meta.get("source")
+    if geo is None:
+        mv = emb.model_volume
+        m4, size, spacing = mv.index_to_lps_matrix, np.asarray(mv.size_xyz, float), np.asarray(mv.spacing)
+    else:
+        m4, size = np.asarray(geo["index_to_lps"]), np.asarray(geo["size_xyz"], float)
+        spacing = np.linalg.norm(m4[:3, :3], axis=0)
+    pts = np.asarray(points, float).reshape(-1, 3)
+    ijk = (pts - m4[:3, 3]) @ np.linalg.inv(m4[:3, :3]).T
+    m = np.minimum(margin_mm / spacing, (size - 1) / 4.0)
     return np.all((ijk >= m) & (ijk <= size - 1 - m), axis=1)
 
 
@@ -97,7 +106,7 @@ def registration_matches(emb_f, emb_m, mask_f: np.ndarray, mask_m: np.ndarray, *
     while True:
         queries = grid_points_in_mask(t_mv, t_mask, used_spacing, max_points=max_points, min_levels=4,
                                       border_mm=min(8.0, 0.125 * _min_extent(t_mv)))
-        queries = queries[_inside_fov(t_mv, queries, edge_margin_mm)]
+        queries = queries[_inside_fov(t_emb, queries, edge_margin_mm)]
         # small images (crops): sample more densely, down to the 4 mm embedding grid
         if len(queries) >= min_query_points or used_spacing <= 4.0:
             break
@@ -110,7 +119,7 @@ def registration_matches(emb_f, emb_m, mask_f: np.ndarray, mask_m: np.ndarray, *
     it_q = max(1, int(round(mask_margin_mm / max(q_mv.spacing))))
     keep = (_mask_lookup(t_mv, ndimage.binary_dilation(t_mask, iterations=it_t), sm.template_lps)
             & _mask_lookup(q_mv, ndimage.binary_dilation(q_mask, iterations=it_q), sm.query_lps)
-            & _inside_fov(t_mv, sm.template_lps, edge_margin_mm) & _inside_fov(q_mv, sm.query_lps, edge_margin_mm))
+            & _inside_fov(t_emb, sm.template_lps, edge_margin_mm) & _inside_fov(q_emb, sm.query_lps, edge_margin_mm))
     t_pts, q_pts, scores = sm.template_lps[keep], sm.query_lps[keep], sm.scores[keep]
     refined = 0
     if subvoxel and len(t_pts):

@@ -8,6 +8,7 @@ from ..errors import InputError
 from .deformable import DeformableOptions
 from .linear_refine import LinearRefineOptions
 from .matches import QUERY_SIDES
+from .verify import VerifyOptions
 
 MODALITY_PAIRS = ("auto", "same", "cross")
 FEATURES = ("auto", "sam", "mind")
@@ -18,8 +19,9 @@ class RegistrationOptions:
     """All knobs of :func:`samv2core.registration.register`."""
 
     # --- SAM-affine / SAM-rigid --------------------------------------------------------
-    # descriptors to match: 'sam' (the model), 'mind' (training-free MIND-SSC), 'auto' (SAM; for
-    # a cross-modality pair whose SAM matches cannot support a transform, retry with MIND-SSC)
+    # descriptors to match: 'sam' (the model), 'mind' (training-free MIND-SSC), 'auto' (SAM, and
+    # MIND-SSC when SAM's result fails verification; for a cross-modality pair and a model whose card
+    # does not claim cross-modality validation, both, keeping the better verified one)
     features: str = "auto"
     grid_spacing_mm: float = 16.0  # query points every 16 mm (8 voxels at 2 mm) inside the moving body
     max_query_points: int = 600  # evenly thinned beyond this (600 vs 1500: same errors on the benchmark pairs, 40% less matching time)
@@ -35,6 +37,10 @@ class RegistrationOptions:
     affine_min_spread_mm: float = 15.0  # thinner match clouds (std) get a similarity instead of an affine
     refine: bool = True  # intensity refinement of the linear map (LNCC / MIND-SSC) started from the SAM fit
     refine_options: LinearRefineOptions = field(default_factory=LinearRefineOptions)
+    # verify every linear result against the images (verify.py) before calling it a success; a
+    # result that fails is refused, or with features 'auto' the other descriptors are tried
+    verify: bool = True
+    verify_options: VerifyOptions = field(default_factory=VerifyOptions)
     # --- inputs ---------------------------------------------------------------------------
     modality_pair: str = "auto"  # 'same' / 'cross': refuse when the volumes' modality flags disagree
     require_physical_overlap: bool = True  # refuse images whose scanner coordinates do not overlap
@@ -72,4 +78,5 @@ class RegistrationOptions:
         d = asdict(self)
         d["deformable"] = self.deformable.to_dict()
         d["refine_options"] = self.refine_options.to_dict()
+        d["verify_options"] = self.verify_options.to_dict()
         return d

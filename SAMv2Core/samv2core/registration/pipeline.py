@@ -10,7 +10,8 @@
    SVD) or SAM-affine (least squares) with RANSAC + Tukey IRLS, minimum inlier count and
    fraction (a similarity when the matches only span a thin slab);
 4. ``refine_stage`` (``refine``): a short intensity optimisation of that transform (LNCC /
-   MIND-SSC) started from it;
+   MIND-SSC) started from it; then ``verified_linear`` checks the result against the images
+   (verify.py) and, with features 'auto', tries the other descriptors (stages 2-4 per candidate);
 5. ``nonlinear_stage``: crop to the common field of view (margin) -> optional SAM-coarse
    control-grid field and optional deformable instance optimisation (SVF on embeddings + LNCC /
    MIND-SSC);
@@ -46,6 +47,7 @@ from .options import RegistrationOptions
 from .preflight import CheckedPair, preflight
 from .result import RegistrationResult, displacement_image, linear_transform
 from .svf import jacobian_determinant, jacobian_stats
+from .verify import SimilarityProbe, Verification, choose, verify_linear
 
 
 def _quiet(fraction: float, message: str) -> None:
@@ -54,6 +56,13 @@ def _quiet(fraction: float, message: str) -> None:
 
 def _default_embedder(device: str) -> EmbeddingSession:
     return EmbeddingSession.open(None, device=device)
+
+
+def _load_embedder(device: str):
+    try:
+        return _default_embedder(device)
+    except SAMv2Error as exc:
+        raise RegistrationError(f"no embedding model available: {exc}") from None
 
 
 def _crop_embedded(model_volume: Volume, mask: np.ndarray, lo, hi, emb):
@@ -163,7 +172,8 @@ def mind_pair(checked: CheckedPair, features: str = "mind-ssc") -> tuple[Embedde
 def fit_linear(checked: CheckedPair, embedded: EmbeddedPair, mode: str, opts: RegistrationOptions,
                progress: Progress = None) -> LinearStage:
     """Stable matches + robust fit; with features 'auto' on a cross-modality pair whose SAM matches
-    cannot support a transform, the same on MIND-SSC descriptors (said in the warnings)."""
+    cannot support a transform, the same on MIND-SSC descriptors (said in the warnings). This is
+    the unverified path (``RegistrationOptions(verify=False)``)."""
     report = progress or _quiet
     report(0.60, "stable matching")
     try:
@@ -272,6 +282,141 @@ def nonlinear_stage(checked: CheckedPair, linear: LinearStage, refined: RefineSt
     return NonlinearStage(displacement_image(total, field_grid), report, warnings)
 
 
+@dataclass(eq=False)
+class Candidate:
+    """One descriptor set's linear result on its way to verification."""
+
+    features: str  # 'sam' | 'mind-ssc'
+    linear: Optional[LinearStage] = None
+    refined: Optional[RefineStage] = None
+    verification: Optional[Verification] = None
+    error: str = ""  # why it produced no result or failed verification (one line)
+
+    @property
+    def passed(self) -> bool:
+        return self.verification is not None and self.verification.passed
+
+    def report(self) -> dict:
+        r: dict = {"passed": self.passed}
+        if self.error:
+            r["reason"] = self.error
+        if self.linear is not None:
+            fit = self.linear.fit
+            r["inliers"] = fit.n_inliers
+            r["matches"] = int(fit.inliers.size)
+            pts = self.linear.pairs.fixed[fit.inliers]
+            if len(pts) >= 3:  # how far the inliers spread (std along their principal axes, mm)
+                r["inlier_spread_mm"] = (np.linalg.svd(pts - pts.mean(0), compute_uv=False)
+                                         / np.sqrt(len(pts))).round(1).tolist()
+        if self.verification is not None:
+            r.update(self.verification.report())
+        return r
+
+
+@dataclass(eq=False)
+class VerifiedLinear:
+    """Stage 3-4 with verification: the accepted candidate and what was tried."""
+
+    chosen: Candidate
+    candidates: list
+    report: dict
+    warnings: list = field(default_factory=list)
+
+
+def claims_cross_modality(embedder) -> bool:
+    """True when the model card says the model was validated across modalities (CT-MRI)."""
+    descriptors = getattr(embedder, "descriptors", embedder)  # an EmbeddingSession or the descriptors
+    card = getattr(descriptors, "card", None)
+    training = getattr(card, "training", None) or {}
+    return bool(training.get("cross_modality_validated", False))
+
+
+def verification_term(checked: CheckedPair, opts: RegistrationOptions) -> str:
+    """'lncc' within one modality, 'mind' across (or the deformable option's explicit term)."""
+    if opts.deformable.intensity in ("lncc", "mind"):
+        return opts.deformable.intensity
+    return "lncc" if checked.modality_pair == "same" else "mind"
+
+
+def _candidate(checked: CheckedPair, embedded: EmbeddedPair, mode: str, opts: RegistrationOptions,
+               probe: SimilarityProbe, progress: Progress) -> Candidate:
+    cand = Candidate(embedded.features)
+    try:
+        cand.linear = _match_and_fit(embedded, mode, opts)
+        t = time.perf_counter()
+        cand.refined = refine_stage(checked, cand.linear, mode, opts, progress)
+        if cand.refined.stats is not None:
+            cand.linear.seconds["refine_s"] = round(time.perf_counter() - t, 3)
+    except RegistrationError as exc:
+        cand.error = str(exc)
+        return cand
+    t = time.perf_counter()
+    cand.verification = verify_linear(probe, cand.refined.matrix, cand.refined.stats)
+    cand.linear.seconds["verify_s"] = round(time.perf_counter() - t, 3)
+    cand.error = cand.verification.reason
+    return cand
+
+
+_LABEL = {"sam": "SAM embeddings", "mind-ssc": "MIND-SSC descriptors"}
+
+
+def verified_linear(checked: CheckedPair, embedder, mode: str, opts: RegistrationOptions,
+                    progress: Progress = None, timing: Optional[dict] = None) -> VerifiedLinear:
+    """Linear candidates from the descriptors ``opts.features`` allows, each verified against the
+    images (verify.py); the best verified one is kept, or RegistrationError names why none was.
+
+    'sam' / 'mind': that descriptor only. 'auto': SAM, and MIND-SSC when SAM's result fails; for a
+    cross-modality pair whose model card does not claim cross-modality validation, both, and the
+    better verified one is kept."""
+    report_progress = progress or _quiet
+    timing = {} if timing is None else timing
+    probe = SimilarityProbe(checked.fixed.model_volume, checked.fixed.mask, checked.moving.model_volume,
+                            verification_term(checked, opts), opts.verify_options)
+    both = (opts.features == "auto" and checked.modality_pair == "cross" and not claims_cross_modality(embedder))
+    order = {"sam": ["sam"], "mind": ["mind-ssc"], "auto": ["sam", "mind-ssc"]}[opts.features]
+    candidates: list[Candidate] = []
+    for features in order:
+        if candidates and candidates[-1].passed and not both:
+            break
+        t = time.perf_counter()
+        if features == "sam":
+            embedded = embed_pair(checked, embedder, "sam", report_progress)
+            timing["embedding_s"] = round(time.perf_counter() - t, 3)
+        else:
+            report_progress(0.6, "MIND-SSC descriptors")
+            embedded, timing["mind_descriptors_s"] = mind_pair(checked, "mind-ssc")
+            timing.setdefault("embedding_s", timing["mind_descriptors_s"])
+        report_progress(0.62, f"stable matching and fit ({_LABEL[features]})")
+        t = time.perf_counter()
+        candidates.append(_candidate(checked, embedded, mode, opts, probe, report_progress))
+        timing[f"linear_{features}_s"] = round(time.perf_counter() - t, 3)
+    passed = [c for c in candidates if c.passed]
+    tried = {c.features: c.report() for c in candidates}
+    if not passed:
+        why = "; ".join(f"{_LABEL[c.features]}: {c.error}" for c in candidates)
+        raise RegistrationError(f"the {mode} result could not be verified against the images ({why})")
+    warnings = []
+    comparison = None
+    if len(passed) > 1:
+        k, comparison = choose(probe, [(c.features, c.refined.matrix) for c in passed])
+        chosen = passed[k]
+        why = (f"{_LABEL[chosen.features]} kept: both verified, its {probe.term} similarity is higher "
+               f"({comparison['similarity']}; the fits differ by up to {comparison['max_disagreement_mm']} mm)")
+    else:
+        chosen = passed[0]
+        failed = [c for c in candidates if not c.passed]
+        why = f"{_LABEL[chosen.features]} verified" + "".join(
+            f"; {_LABEL[c.features]} not: {c.error}" for c in failed)
+        if failed:
+            warnings.append(f"{_LABEL[failed[0].features]} result refused ({failed[0].error}); "
+                            f"used {_LABEL[chosen.features]} instead")
+    report = {"summary": why, "chosen": chosen.features, "term": probe.term, "candidates": tried,
+              "cross_modality_model": claims_cross_modality(embedder)}
+    if comparison is not None:
+        report["comparison"] = comparison
+    return VerifiedLinear(chosen, candidates, report, warnings)
+
+
 # --- the pipeline ---------------------------------------------------------------------------------
 def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bool = False, coarse: bool = False,
              embedder=None, options: Optional[RegistrationOptions] = None, progress: Progress = None,
@@ -297,28 +442,33 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
         checked = preflight(fixed, moving, opts)
     t = time.perf_counter()
 
-    # 2. embeddings
-    if opts.features == "mind":
-        embedded, _ = mind_pair(checked, "mind-ssc")
-        embedder = MindEmbedder()
+    # 2-4. embeddings, linear candidates, refinement and verification
+    verification = None
+    if opts.verify:
+        if opts.features != "mind" and embedder is None:
+            embedder = _load_embedder(opts.device)
+        verified = verified_linear(checked, embedder, mode, opts, report_progress, timing)
+        linear, refined = verified.chosen.linear, verified.chosen.refined
+        timing.update(linear.seconds)
+        verification = verified
+        if linear.embedded.features == "mind-ssc":
+            embedder = MindEmbedder()
     else:
-        if embedder is None:
-            try:
-                embedder = _default_embedder(opts.device)
-            except SAMv2Error as exc:
-                raise RegistrationError(f"no embedding model available: {exc}") from None
-        embedded = embed_pair(checked, embedder, "sam", report_progress)
-    timing["embedding_s"] = round(time.perf_counter() - t, 3)
-
-    # 3. stable matches and the linear fit
-    linear = fit_linear(checked, embedded, mode, opts, report_progress)
-    timing.update(linear.seconds)
-    t = time.perf_counter()
-
-    # 4. intensity refinement of the linear map
-    refined = refine_stage(checked, linear, mode, opts, report_progress)
-    if refined.stats is not None:
-        timing["refine_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        if opts.features == "mind":
+            embedded, _ = mind_pair(checked, "mind-ssc")
+            embedder = MindEmbedder()
+        else:
+            if embedder is None:
+                embedder = _load_embedder(opts.device)
+            embedded = embed_pair(checked, embedder, "sam", report_progress)
+        timing["embedding_s"] = round(time.perf_counter() - t, 3)
+        linear = fit_linear(checked, embedded, mode, opts, report_progress)
+        timing.update(linear.seconds)
+        t = time.perf_counter()
+        refined = refine_stage(checked, linear, mode, opts, report_progress)
+        if refined.stats is not None:
+            timing["refine_s"] = round(time.perf_counter() - t, 3)
     lin4, fit = refined.matrix, linear.fit
     report = {"mode": mode, "coarse": bool(coarse), "deformable": bool(deformable),
               "modality_pair": checked.modality_pair,
@@ -333,6 +483,8 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
     if refined.stats is not None:
         report["linear_refinement"] = refined.stats
         report["linear_matrix"] = lin4.tolist()  # 'linear' above describes the SAM fit before refinement
+    if verification is not None:
+        report["verification"] = verification.report
 
     # 5. nonlinear stages
     nonlinear = nonlinear_stage(checked, linear, refined, coarse, deformable, opts, report_progress, timing)
@@ -347,6 +499,7 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
     timing["total_s"] = round(time.perf_counter() - t_start, 3)
     report["timing"] = timing
     report["settings"] = opts.to_dict()
-    report["warnings"] = linear.warnings + refined.warnings + nonlinear.warnings
+    report["warnings"] = ((verification.warnings if verification is not None else []) + linear.warnings
+                          + refined.warnings + nonlinear.warnings)
     report_progress(1.0, "registration done")
     return RegistrationResult(linear_tf, nonlinear.displacement, composite, report)
