@@ -14,12 +14,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SAMV2_SHARED_DATA", REPO.parent / "shared" / "data"))
+from repo_paths import SHARED
 
 CT_FILES = {
     "chest-abdomen CT (totalseg_example, 3 mm)": "ct/totalseg_example/ct_3mm.nii.gz",

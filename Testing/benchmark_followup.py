@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SAMV2_SHARED_DATA", REPO.parent / "shared" / "data"))
+from repo_paths import SHARED
 SCANS = {
     "lung": "ct/radiomics_lung1/image.nrrd",
     "abdomen3mm": "ct/totalseg_example/ct_3mm.nii.gz",

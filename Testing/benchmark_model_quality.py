@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO, SHARED
 
 
 def shared_data() -> Path:
-    env = os.environ.get("SAMV2_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    return SHARED
 
 
 # --- descriptors -------------------------------------------------------------------------------

@@ -59,8 +59,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SAMV2_SHARED_DATA", REPO.parent / "shared" / "data"))
+from repo_paths import REPO, SHARED
 sys.path.insert(0, str(REPO))
 
 from samv2core.preprocess import body_mask, resample_to_model_grid  # noqa: E402

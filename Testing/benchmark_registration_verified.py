@@ -45,8 +45,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SAMV2_SHARED_DATA", REPO.parent / "shared" / "data"))
+from repo_paths import SHARED
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_registration import run_ants  # noqa: E402  (one home for the peer runners)

@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import SHARED
 
 
 def shared_data_dir() -> Path:
     """../shared/data next to the repository (or $SAMV2_SHARED_DATA)."""
-    env = os.environ.get("SAMV2_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    return SHARED
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ tests check plumbing and geometry, not model accuracy.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("not available: this 'slicer' package has no MRML (install slicer-core)", allow_module_level=True)
 import vtk  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO, SHARED  # noqa: E402
+
 sys.path.insert(0, str(REPO / "SAMv2Slicer"))
 
 from samv2core.coords import lps_to_ras, ras_to_lps  # noqa: E402
@@ -35,8 +35,7 @@ from SAMv2SlicerLib.progress import Cancelled  # noqa: E402
 
 
 def shared_data() -> Path:
-    env = os.environ.get("SAMV2_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    return SHARED
 
 
 def rotation(ax, ay, az) -> np.ndarray:

@@ -7,7 +7,6 @@ cores. Tests needing the TotalSegmentator label maps read ../shared/data and ski
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,12 @@ import torch
 
 from samv2core.errors import CheckpointError, InputError
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "SAMv2Core" / "samv2core" / "data"
+from repo_paths import SAMPLE_DATA as SAMPLE
+from repo_paths import SHARED
 
 
 def _shared() -> Path:
-    env = os.environ.get("SAMV2_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    return SHARED
 
 
 def _need(path: Path) -> Path:
