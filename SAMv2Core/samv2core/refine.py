@@ -164,6 +164,9 @@ class LocalRegistration:
         s = np.arange(-self.opt.search_mm, self.opt.search_mm + 1e-6, 4.0)
         zz, yy, xx = np.meshgrid(s, s, s, indexing="ij")
         self.shifts = np.stack([xx, yy, zz], -1).reshape(-1, 3)
+        # torch builds its first optimiser slowly (it imports torch._dynamo, ~1.7 s on a CPU):
+        # pay that here, once per pair and ahead of the clicks, not on the first click.
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
     FINE_K, COARSE_K = 4, 3
 

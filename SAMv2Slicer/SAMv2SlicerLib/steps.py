@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samv2core.fitting import fit_affine
-from samv2core.matching import match_points
+from samv2core.matching import match_points, prepare_pair
 from samv2core.registration import register as core_register
 from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume
@@ -22,9 +22,18 @@ from .progress import ProgressCallback, no_progress, sub_progress
 
 
 def embed_volumes(session: EmbeddingSession, volumes, progress: ProgressCallback = no_progress) -> list[str]:
-    """Embed volumes ahead of use (the background 'embed' request); returns their names."""
-    for i, vol in enumerate(volumes):
-        session.embed(vol, sub_progress(progress, i / len(volumes), (i + 1) / len(volumes)))
+    """Embed volumes ahead of use (the background 'embed' request); returns their names.
+
+    For a baseline / follow-up pair this also runs the refined match's per-pair precompute
+    (kept with the two embeddings), so that it happens while the user places points and the
+    first click only matches."""
+    steps_total = len(volumes) + (1 if len(volumes) == 2 else 0)
+    embs = [session.embed(vol, sub_progress(progress, i / steps_total, (i + 1) / steps_total))
+            for i, vol in enumerate(volumes)]
+    if len(embs) == 2:
+        progress(2 / steps_total, "preparing the pair for matching")
+        prepare_pair(*embs)
+    progress(1.0, "embedded")
     return [v.name for v in volumes]
 
 
