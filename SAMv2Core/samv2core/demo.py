@@ -47,7 +47,7 @@ def write_demo_figures(out_dir: Path, baseline, followup, labels, results, truth
     if not figures_available():
         return "pictures skipped: matplotlib is not installed (pip install 'samv2core[figures]')"
     paths = write_match_figures(out_dir, baseline, followup, pictures_from_matches(labels, results, truth))
-    return f"wrote {len(paths)} pictures to {out_dir}/ (one per point, fixed-point matching, and overview.png)"
+    return f"wrote {len(paths)} pictures to {out_dir}/ (one per point, refined matching, and overview.png)"
 
 
 def run_demo(args) -> int:
