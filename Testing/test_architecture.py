@@ -1,4 +1,5 @@
-"""The architecture as the tools see it: the import-linter contracts in pyproject.toml (layers,
+"""The architecture as the tools see it: the import-linter contracts (pyproject.toml for the core and
+training, SAMv2Slicer/.importlinter for the Slicer library: layers,
 no cycles between layers, the core importing neither training nor Slicer) and ruff (imports at
 the top of modules, no other module's private names, pyflakes) must pass on the whole tree."""
 from __future__ import annotations
@@ -20,10 +21,11 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_import_contracts_are_kept():
+@pytest.mark.parametrize("config", ["pyproject.toml", "SAMv2Slicer/.importlinter"])
+def test_import_contracts_are_kept(config):
     pytest.importorskip("importlinter", reason="import-linter is in the 'test' extra")
     out = _run(["-c", "import sys; from importlinter.cli import lint_imports; "
-                      "sys.exit(lint_imports(no_logo=True, no_cache=True))"])
+                      f"sys.exit(lint_imports(config_filename={config!r}, no_logo=True, no_cache=True))"])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "broken" in out.stdout and " 0 broken" in out.stdout
 
