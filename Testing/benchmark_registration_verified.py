@@ -1,7 +1,7 @@
 """Verified linear registration benchmark (issue 12): is a result ever accepted and wrong?
 
 Run:  python Testing/benchmark_registration_verified.py [--quick] [--no-peers] [--peers-only]
-      [--features auto|sam|mind] [--cache DIR] [--json OUT]
+      [--features auto|sam|mind] [--model WEIGHTS] [--only REGEX] [--cache DIR] [--json OUT]
 
 Protocol (all pairs SIMULATED from real scans of ../shared/data with an exactly known rigid
 motion; no real follow-up exists in the data):
@@ -203,10 +203,10 @@ def run_ants_cached(pair: Pair, cache: Path, threads: str, cached_only: bool = F
 class SamMethod:
     """register(mode='rigid') with the bundled model, embeddings computed afresh for every pair."""
 
-    def __init__(self, features: str, device: str = "cpu"):
+    def __init__(self, features: str, device: str = "cpu", model: str | None = None):
         from samv2core.session import EmbeddingSession
 
-        self.embedder = EmbeddingSession.open(None, device=device)
+        self.embedder = EmbeddingSession.open(model, device=device)
         self.label = self.embedder.label
         self.features = features
 
@@ -240,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peers-only", action="store_true", help="only run (and cache) ANTs Rigid")
     ap.add_argument("--cached-peers", action="store_true", help="ANTs rows from the cache only (no new ANTs runs)")
     ap.add_argument("--features", default="auto", choices=["auto", "sam", "mind"])
+    ap.add_argument("--model", help="a weights file to evaluate instead of the bundled model")
     ap.add_argument("--only", help="only pairs whose name matches this regular expression")
     ap.add_argument("--cache", default="/tmp/samv2_regbench_verified", help="ANTs results and saved pairs")
     ap.add_argument("--json", help="also write the rows here")
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
     pairs = build_pairs(args.quick)
     if args.only:
         pairs = [p for p in pairs if re.search(args.only, p.name)]
-    sam = None if args.peers_only else SamMethod(args.features)
+    sam = None if args.peers_only else SamMethod(args.features, model=args.model)
     rows = []
     for p in pairs:
         row = {"pair": p.name, "kind": p.kind, "points": int(len(p.points)), **p.params}
