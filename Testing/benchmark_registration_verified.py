@@ -1,7 +1,8 @@
 """Verified linear registration benchmark (issue 12): is a result ever accepted and wrong?
 
 Run:  python Testing/benchmark_registration_verified.py [--quick] [--no-peers] [--peers-only]
-      [--features auto|sam|mind] [--model WEIGHTS] [--only REGEX] [--cache DIR] [--json OUT]
+      [--features auto|sam|mind] [--model WEIGHTS] [--only REGEX] [--seeds N ...] [--cache DIR]
+      [--json OUT]
 
 Protocol (all pairs SIMULATED from real scans of ../shared/data with an exactly known rigid
 motion; no real follow-up exists in the data):
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_registration import run_ants  # noqa: E402  (one home for the peer runners)
 from samv2core.preprocess import body_mask, resample_to_model_grid  # noqa: E402
 from samv2core.registration.sampling import grid_points_in_mask  # noqa: E402
-from samv2core.simulate import moved_box, simulate_offcentre_pair  # noqa: E402
+from samv2core.simulate import rigidly_moved, simulate_offcentre_pair  # noqa: E402
 from samv2core.volume import Volume, load_volume  # noqa: E402
 
 PROTOCOL = "v1"
@@ -78,7 +79,6 @@ class Pair:
     points: np.ndarray = field(default=None)  # fixed LPS evaluation points
     truth_points: np.ndarray = field(default=None)
     params: dict = field(default_factory=dict)
-    intensity: str = "auto"  # refinement / verification term ('mind' for two MR contrasts)
 
 
 def _load(name: str) -> Volume:
@@ -112,20 +112,13 @@ def prostate_pair(seed: int = 0) -> Pair:
     t2 = load_volume(SHARED / "mr" / "prostate_t2_monai.nii.gz", "MR")
     dwi = load_volume(SHARED / "mr" / "prostate_dwi_monai_same_patient.nii.gz", "MR")
     t2 = Volume(t2.array, t2.spacing, t2.origin, t2.direction, "MR", "prostate_t2", dict(t2.meta))
-    rng = np.random.default_rng(2000 + seed)
+    dwi = Volume(dwi.array, dwi.spacing, dwi.origin, dwi.direction, "MR", "prostate_dwi", dict(dwi.meta))
+    moving, truth = rigidly_moved(dwi, seed, name="prostate_dwi_moved")
     centre = dwi.corners_lps().mean(0)
-    axis = rng.normal(size=3)
-    rot = Rotation.from_rotvec(np.deg2rad(rng.uniform(8.0, 12.0)) * axis / np.linalg.norm(axis)).as_matrix()
-    d = rng.normal(size=3)
-    truth = np.eye(4)
-    truth[:3, :3] = rot
-    truth[:3, 3] = centre - rot @ centre + d / np.linalg.norm(d) * rng.uniform(15.0, 25.0)
-    img = moved_box(dwi, truth, np.zeros(3), np.asarray(dwi.size_xyz, float) - 1, dwi.spacing)
-    moving = Volume.from_sitk(img, "MR", name="prostate_dwi_moved")
     params = {"seed": seed, "rotation_deg": round(float(np.degrees(Rotation.from_matrix(truth[:3, :3]).magnitude())), 2),
               "offset_mm": round(float(np.linalg.norm(truth[:3, :3] @ centre + truth[:3, 3] - centre)), 1)}
-    # both are flagged MR, so the default term would be LNCC; T2 and DWI contrasts need MIND-SSC
-    return Pair(f"prostate T2 <- DWI s{seed}", "T2->DWI", t2, moving, truth, params=params, intensity="mind")
+    # both are flagged MR: the default ('auto') term for two MRs is MIND-SSC, which T2 vs DWI needs
+    return Pair(f"prostate T2 <- DWI s{seed}", "T2->DWI", t2, moving, truth, params=params)
 
 
 def eval_points(pair: Pair, spacing_mm: float = 12.0) -> None:
@@ -137,21 +130,25 @@ def eval_points(pair: Pair, spacing_mm: float = 12.0) -> None:
     pair.points, pair.truth_points = pts[keep], truth[keep]
 
 
-def build_pairs(quick: bool = False) -> list[Pair]:
-    plan = [("ct3mm", "CT->CT", s) for s in (1, 2, 3)] + [("ct3mm", "CT->MR-like", s) for s in (1, 2, 3)] \
-        + [("lung1", "CT->CT", s) for s in (1, 2, 3)] + [("lung1", "CT->MR-like", s) for s in (1, 2, 3)] \
-        + [("aorta", "CT->CT", s) for s in (1, 2, 3)] + [("aorta", "CT->MR-like", s) for s in (1, 2, 3)] \
-        + [("brain_t1", "MR->MR", s) for s in (1, 2)] + [("brain_flair", "MR->MR", s) for s in (1, 2)] \
-        + [("abdomen_mr", "MR->MR", s) for s in (1, 2)]
+def build_pairs(quick: bool = False, seeds: tuple = (1, 2, 3)) -> list[Pair]:
+    """The 24 pairs (CT sources x 2 kinds x 3 seeds, MR sources x 2 seeds) of ``seeds``; other
+    seeds give fresh pairs of the same protocol (the MR sources use the first two)."""
+    ct, mr = tuple(seeds), tuple(seeds)[:2]
+    plan = [("ct3mm", "CT->CT", s) for s in ct] + [("ct3mm", "CT->MR-like", s) for s in ct] \
+        + [("lung1", "CT->CT", s) for s in ct] + [("lung1", "CT->MR-like", s) for s in ct] \
+        + [("aorta", "CT->CT", s) for s in ct] + [("aorta", "CT->MR-like", s) for s in ct] \
+        + [("brain_t1", "MR->MR", s) for s in mr] + [("brain_flair", "MR->MR", s) for s in mr] \
+        + [("abdomen_mr", "MR->MR", s) for s in mr]
     if quick:
-        plan = [p for p in plan if p[2] == 1]
+        plan = [p for p in plan if p[2] == seeds[0]]
+        mr = mr[:1]
     sources: dict[str, Volume] = {}
     pairs = []
     for name, kind, seed in plan:
         if name not in sources:
             sources[name] = _load(name)
         pairs.append(make_pair(sources[name], kind, seed))
-    pairs.append(prostate_pair(0))
+    pairs += [prostate_pair(s - 1) for s in mr]  # the real T2 / DWI pair, one known motion per MR seed
     for p in pairs:
         eval_points(p)
     return pairs
@@ -212,21 +209,20 @@ class SamMethod:
 
     def run(self, pair: Pair) -> dict:
         from samv2core.errors import RegistrationError
-        from samv2core.registration import DeformableOptions, RegistrationOptions, register
+        from samv2core.registration import RegistrationOptions, register
 
         self.embedder.clear_cache()
         t = time.perf_counter()
         try:
             res = register(pair.fixed, pair.moving, mode="rigid", embedder=self.embedder,
-                           options=RegistrationOptions(features=self.features, device="cpu",
-                                                       deformable=DeformableOptions(intensity=pair.intensity)))
+                           options=RegistrationOptions(features=self.features, device="cpu"))
         except RegistrationError as exc:
             return {"seconds": time.perf_counter() - t, "accepted": False, "reason": str(exc)}
         sec = time.perf_counter() - t
         mean, mx = point_error(res.transform_points, pair)
         rep = res.report
         return {"seconds": sec, "accepted": True, "err_mean": mean, "err_max": mx, "features": rep["features"],
-                "verification": rep.get("verification", {}).get("summary", "")}
+                "verification": rep.get("verification", {}).get("summary", ""), "timing": rep["timing"]}
 
 
 def _fmt(v, nd=2):
@@ -242,6 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--features", default="auto", choices=["auto", "sam", "mind"])
     ap.add_argument("--model", help="a weights file to evaluate instead of the bundled model")
     ap.add_argument("--only", help="only pairs whose name matches this regular expression")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                    help="simulation seeds (default 1 2 3, the reported pairs; others give fresh pairs)")
     ap.add_argument("--cache", default="/tmp/samv2_regbench_verified", help="ANTs results and saved pairs")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--table-from", nargs="+", help="print the table from rows written by --json (several runs)")
@@ -262,7 +260,7 @@ def main(argv=None) -> int:
         rows = [r for f in args.table_from for r in json.loads(Path(f).read_text())]
         print_table(rows, "bundled model (rows from " + ", ".join(args.table_from) + ")", args.features)
         return 0
-    pairs = build_pairs(args.quick)
+    pairs = build_pairs(args.quick, tuple(args.seeds))
     if args.only:
         pairs = [p for p in pairs if re.search(args.only, p.name)]
     sam = None if args.peers_only else SamMethod(args.features, model=args.model)

@@ -18,11 +18,13 @@ import SimpleITK as sitk
 from samv2core.errors import RegistrationError
 from samv2core.registration import RegistrationOptions, register
 from samv2core.registration.cli import add_register_arguments, run_register
+from samv2core.registration.pipeline import inverse_consistency, mind_pair
 from samv2core.registration.preflight import preflight
-from samv2core.registration.verify import SimilarityProbe, perturbations, verify_linear
+from samv2core.registration.verify import SimilarityProbe, beaten_by_alternative, perturbations, verify_linear
 from samv2core.sample_data import load_sample
-from samv2core.simulate import simulate_offcentre_pair
-from samv2core.volume import Volume
+from samv2core.simulate import rigidly_moved, simulate_offcentre_pair
+from samv2core.volume import Volume, load_volume
+from repo_paths import SHARED
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,12 @@ def test_the_truth_verifies_and_wrong_or_disputed_fits_do_not(lung, contrast, te
     good = verify_linear(probe, truth)
     assert good.passed, good.reason
     assert good.similarity > good.best_perturbed
+    # the truth stands out from every placement 12-40 mm / 4-15 deg away
+    assert good.details["alternatives_compared"] >= 12 and good.details["alternatives_min_margin"] > 0
+    # a fit 20-30 mm off may sit in a local optimum of its own; a placement nearer the truth beats it
+    for shift in ([20.0, 0.0, 0.0], [0.0, 25.0, 0.0], [0.0, 0.0, -30.0]):
+        reason, compared, margin = beaten_by_alternative(probe, _shifted(truth, shift))
+        assert reason is not None and "not a distinct similarity optimum" in reason and margin < 0, shift
     # a fit 12 mm off, or turned by 8 deg, is not where the images agree
     for wrong in (_shifted(truth, [12.0, 0.0, 0.0]), _shifted(truth, [0.0, -9.0, 8.0]),
                   truth @ perturbations(probe.centre, 0.0, 8.0)[1]):
@@ -79,14 +87,14 @@ def test_the_truth_verifies_and_wrong_or_disputed_fits_do_not(lung, contrast, te
 
 class _WrongOracle:
     """Test double: "embeddings" that match consistently but to the wrong place (the true
-    correspondence shifted by 20 mm and turned 6 deg), like a confident but wrong model."""
+    correspondence shifted by ``shift_mm`` along x and turned 6 deg), like a confident but wrong model."""
 
     model_id = "wrong-oracle"
 
-    def __init__(self, fixed: Volume, moving: Volume, truth4: np.ndarray):
+    def __init__(self, fixed: Volume, moving: Volume, truth4: np.ndarray, shift_mm: float = 45.0):
         from test_registration_pipeline import OracleEmbedder
 
-        wrong = _shifted(truth4, [20.0, 0.0, 0.0]) @ perturbations(np.asarray(fixed.origin), 0.0, 6.0)[5]
+        wrong = _shifted(truth4, [shift_mm, 0.0, 0.0]) @ perturbations(np.asarray(fixed.origin), 0.0, 6.0)[5]
         inv = np.linalg.inv(wrong)
         self.inner = OracleEmbedder({fixed.name: lambda p: p,
                                      moving.name: lambda p: p @ inv[:3, :3].T + inv[:3, 3]})
@@ -117,6 +125,26 @@ def test_a_consistent_but_wrong_fit_is_refused_and_the_cli_writes_nothing(lung, 
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_fit_the_refinement_moves_beyond_its_limit_is_replaced_only_by_a_verified_end_point(lung):
+    """A consistent fit 20 mm off: the refinement moves it further than its 8 mm limit, which
+    refuses the fit; the refinement, continued from where it ended, settles at the images'
+    optimum, and that end point is kept only because it passes every check on its own."""
+    sim = simulate_offcentre_pair(lung, seed=5, contrast="same")
+    moving = Volume(sim.followup.array, sim.followup.spacing, sim.followup.origin, sim.followup.direction, "CT",
+                    "moving")
+    fixed = Volume(lung.array, lung.spacing, lung.origin, lung.direction, "CT", "fixed")
+    truth = _truth(sim)
+    res = register(fixed, moving, "rigid", embedder=_WrongOracle(fixed, moving, truth, shift_mm=20.0),
+                   options=RegistrationOptions(features="sam"))
+    sam = res.report["verification"]["candidates"]["sam"]
+    assert sam["passed"] and "fit was refused" in sam["fit_refused"]
+    assert any("fit was refused" in w for w in res.report["warnings"])
+    assert res.report["linear_refinement"]["converged"] and len(res.report["linear_refinement"]["rounds"]) >= 2
+    pts, true_pts = _eval_points(preflight(fixed, moving), truth)
+    err = np.linalg.norm(res.transform_points(pts) - true_pts, axis=1)
+    assert err.mean() < 1.0, err.mean()
+
+
 @pytest.mark.parametrize("seed", [2, 4])
 def test_mind_ssc_on_an_offcentre_small_fov_ct_to_mr_like_pair(lung, seed):
     """Seeds 2 and 4 failed before with the internal error "point (...) LPS mm is outside the
@@ -128,7 +156,23 @@ def test_mind_ssc_on_an_offcentre_small_fov_ct_to_mr_like_pair(lung, seed):
     err = np.linalg.norm(res.transform_points(pts) - truth, axis=1)
     assert err.mean() < 2.0, err.mean()
     assert res.report["features"] == "mind-ssc" and res.report["verification"]["chosen"] == "mind-ssc"
+    backward = res.report["verification"]["candidates"]["mind-ssc"]["inverse_consistency"]
+    assert backward["passed"] and backward["backward_change_mm_max"] < backward["limit_mm"]
     json.dumps(res.report)
+
+
+def test_inverse_consistency_refuses_a_map_the_backward_refinement_moves_away_from(lung):
+    """Refined from the moving image's side, the inverse of the true map stays put; the inverse
+    of a map 12 mm off is pulled back towards the truth, further than the refinement limit."""
+    sim = simulate_offcentre_pair(lung, seed=3, contrast="same")
+    checked = preflight(lung, sim.followup)
+    opts = RegistrationOptions()
+    embedded, _ = mind_pair(checked)
+    truth = _truth(sim)
+    good = inverse_consistency(checked, embedded, truth, "rigid", opts, "lncc")
+    assert good["passed"] and good["backward_change_mm_max"] < 2.0, good
+    bad = inverse_consistency(checked, embedded, _shifted(truth, [0.0, 12.0, 0.0]), "rigid", opts, "lncc")
+    assert not bad["passed"] and "not inverse-consistent" in bad["reason"], bad
 
 
 def test_offcentre_ct_to_mr_like_with_the_bundled_model_is_correct_or_refused(lung):
@@ -150,3 +194,44 @@ def test_offcentre_ct_to_mr_like_with_the_bundled_model_is_correct_or_refused(lu
         assert set(ver["candidates"]) == {"sam", "mind-ssc"} and ver["chosen"] in ver["candidates"]
         assert ver["summary"]
     assert accepted >= 1
+
+
+def test_images_beside_each_other_in_scanner_space_are_registered_far_apart_ones_refused(lung):
+    """A small field of view moved with the patient can lie beside the other scan's box (the
+    benchmark's 60-120 mm offsets): the anatomy decides. Boxes far apart are refused up front."""
+    sim = simulate_offcentre_pair(lung, seed=3, contrast="same")
+    moving = sim.followup
+    for gap, refused in ((50.0, False), (400.0, True)):
+        # push the moving image along x until its box is ``gap`` mm beside the fixed box
+        hi_f = lung.corners_lps().max(0)
+        lo_m = moving.corners_lps().min(0)
+        dx = hi_f[0] + gap - lo_m[0]
+        shifted = Volume(moving.array, moving.spacing, tuple(np.asarray(moving.origin) + [dx, 0.0, 0.0]),
+                         moving.direction, moving.modality, "beside")
+        if refused:
+            with pytest.raises(RegistrationError, match="do not overlap physically"):
+                preflight(lung, shifted)
+        else:
+            assert preflight(lung, shifted).scanner_gap_mm == pytest.approx(gap, abs=0.5)
+
+
+@pytest.mark.skipif(not (SHARED / "mr" / "prostate_dwi_monai_same_patient.nii.gz").exists(),
+                    reason=f"needs the real prostate T2 / DWI pair in {SHARED / 'mr'} (not redistributable)")
+def test_a_real_t2_to_dwi_pair_recovers_a_known_rigid_motion():
+    """Real same-patient prostate T2 and DWI (scanner-aligned); the DWI is moved by a known rigid
+    motion. Two MR contrasts: the default term is MIND-SSC and the motion is recovered within the
+    residual T2/DWI misalignment (EPI distortion), or the pair is refused, never accepted and wrong."""
+    t2 = load_volume(SHARED / "mr" / "prostate_t2_monai.nii.gz", "MR")
+    dwi = load_volume(SHARED / "mr" / "prostate_dwi_monai_same_patient.nii.gz", "MR")
+    moving, truth = rigidly_moved(dwi, seed=0)
+    res = register(t2, moving, "rigid")
+    rep = res.report
+    assert rep["verification"]["term"] == "mind" and rep["linear_refinement"]["term"] == "mind"
+    checked = preflight(t2, moving)
+    mv, mask = checked.fixed.model_volume, checked.fixed.mask
+    kji = np.argwhere(mask[::3, ::3, ::3]) * 3
+    pts = mv.index_to_lps(kji[:, ::-1].astype(float))
+    true_pts = pts @ truth[:3, :3].T + truth[:3, 3]
+    keep = moving.contains_lps(true_pts, tolerance_voxels=-1.0)
+    err = np.linalg.norm(res.transform_points(pts[keep]) - true_pts[keep], axis=1)
+    assert keep.sum() > 50 and err.mean() < 3.0, (int(keep.sum()), err.mean(), rep["verification"]["summary"])

@@ -10,6 +10,8 @@ registration tests) and ``simulate_hard_followup`` with :class:`FollowupProtocol
 click-to-match benchmark protocol of issue 10: own voxel grid, 85% z coverage, large motion,
 B-spline deformation, contrast-phase change). ``change_lesion`` grows or shrinks a labelled
 lesion before simulating; ``body_points`` draws random evaluation points in the body.
+``simulate_offcentre_pair`` (issue 12's registration protocol) and ``rigidly_moved`` (a known
+rigid motion of one scan of a real scanner-aligned pair) serve the registration benchmark.
 """
 from __future__ import annotations
 
@@ -303,6 +305,19 @@ def moved_box(volume: Volume, to_new: np.ndarray, lo_idx, hi_idx, spacing) -> si
     ref.SetDirection(tuple(float(v) for v in (to_new[:3, :3] @ volume.direction).ravel()))
     return sitk.Resample(volume.to_sitk(), ref, _affine_transform(np.linalg.inv(to_new)), sitk.sitkLinear,
                          float(volume.array.min()), sitk.sitkFloat32)
+
+
+def rigidly_moved(volume: Volume, seed: int = 0, rotation_deg=(8.0, 12.0), offset_mm=(15.0, 25.0),
+                  name: str = "") -> tuple[Volume, np.ndarray]:
+    """``volume`` moved by a seeded random rigid motion (rotation in ``rotation_deg`` about a
+    random axis through its centre, translation in ``offset_mm``) and resampled on its own moved
+    grid (same size and spacing, axes turned with it); returns the moved volume and the 4x4
+    truth mapping ``volume`` LPS points to the moved volume's LPS points. Used to perturb one of
+    two scanner-aligned real scans (e.g. the same-patient prostate T2 and DWI)."""
+    rng = np.random.default_rng([zlib.crc32(f"{volume.name} rigid".encode()), seed])
+    truth = _rigid(rng, volume.corners_lps().mean(0), rotation_deg, offset_mm)
+    img = moved_box(volume, truth, np.zeros(3), np.asarray(volume.size_xyz, float) - 1, volume.spacing)
+    return Volume.from_sitk(img, volume.modality, name=name or f"{volume.name}_moved{seed}"), truth
 
 
 def simulate_offcentre_pair(volume: Volume, seed: int = 0, contrast: str = "same", fov_fraction=(0.35, 0.5),

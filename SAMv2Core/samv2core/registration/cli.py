@@ -56,13 +56,15 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fov-margin", type=float, default=d.fov_margin_mm,
                         help=f"margin of the field-of-view crop, mm ({d.fov_margin_mm:g})")
     parser.add_argument("--intensity-term", default=dd.intensity, choices=list(INTENSITY_TERMS),
-                        help="deformable intensity term: auto (LNCC same modality, MIND cross), lncc, mind, none")
+                        help="refinement / verification / deformable intensity term: auto (LNCC same modality, MIND "
+                             "cross; two MRs: LNCC, or MIND-SSC when only that verifies), lncc, mind, none")
     parser.add_argument("--no-embedding-term", action="store_true",
                         help="deformable step without the embedding cosine (intensity term only)")
     parser.add_argument("--smoothness", type=float, default=dd.smoothness,
                         help=f"deformable regularisation weight ({dd.smoothness:g})")
     parser.add_argument("--ignore-physical-overlap", action="store_true",
-                        help="register images whose scanner coordinates do not overlap (different scanners/patients)")
+                        help=f"register images whose scanner-coordinate boxes are more than {d.physical_gap_mm:g} mm "
+                             "apart (different scanners or patients)")
     add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -8,7 +8,9 @@ within a few mm). Same modality: local NCC on small patches; across modalities: 
 The map is x -> A (x - c) + c + t + ..., parametrised around the fixed body centre c as an
 update of the SAM fit: rigid = rotation vector + translation, affine = 3x3 matrix update +
 translation. Sample points are random each iteration (stochastic, as elastix' random
-sampler), on the 2 mm model grid inside the fixed body and the common field of view.
+sampler), on the 2 mm model grid inside the fixed body and the common field of view. A round
+of Adam steps that moves body points further than the limit is continued from where it ended
+(up to ``rounds``): the pipeline then refuses the fit and verifies that end point instead.
 It runs on the CPU in float64 parameters: the work is small (about 0.5 s; 3.5 s with MIND-SSC)
 and MPS has no float64.
 """
@@ -39,6 +41,7 @@ class LinearRefineOptions:
     patches_per_iteration: int = 2000
     points_per_iteration: int = 10000  # MIND-SSC sample points (cross-modality)
     max_change_mm: float = 8.0  # a refinement that moves body points further is rejected (the SAM inlier distance)
+    rounds: int = 3  # a round that moves further than max_change_mm is continued from where it ended
     cpu_threads: Optional[int] = 1
     seed: int = 0
 
@@ -91,60 +94,89 @@ def _refine(fixed, moving, lin4, mode, valid_lo, valid_hi, intensity, opt):
     h = np.arange(-1, 2) * opt.sample_spacing_mm
     patch = torch.as_tensor(np.stack(np.meshgrid(h, h, h, indexing="ij"), -1).reshape(-1, 3), dtype=torch.float32)
 
-    a0 = torch.as_tensor(lin4[:3, :3], dtype=dt)
-    t_c0 = torch.as_tensor(lin4[:3, :3] @ centre + lin4[:3, 3], dtype=dt)  # where the centre goes
-    c = torch.as_tensor(centre, dtype=dt)
-    rot = torch.zeros(3, dtype=dt, requires_grad=True)
-    mat = torch.zeros(3, 3, dtype=dt, requires_grad=True)
-    shift = torch.zeros(3, dtype=dt, requires_grad=True)
-    params = [{"params": [shift], "lr": opt.translation_step_mm}]
-    params.append({"params": [rot] if mode == "rigid" else [mat], "lr": opt.matrix_step})
-    adam = torch.optim.Adam(params)
+    centre_t = torch.as_tensor(centre, dtype=dt)
+    n_sel = opt.patches_per_iteration if term == "lncc" else opt.points_per_iteration
     gen = torch.Generator().manual_seed(opt.seed)
+    probe = torch.randint(0, len(cand), (min(4 * n_sel, len(cand)),), generator=gen)
+    body = cand[:: max(1, len(cand) // 5000)]
 
-    def matrix():
-        return (_rotation(rot) @ a0) if mode == "rigid" else (a0 + mat)
-
-    def mapped(points: torch.Tensor) -> torch.Tensor:
-        return ((points.to(dt) - c) @ matrix().T + t_c0 + shift).float()
-
-    def loss_at(sel: torch.Tensor) -> torch.Tensor:
+    def loss_at(map_points, sel: torch.Tensor) -> torch.Tensor:
         if term == "lncc":
             pts = (cand_t[sel][:, None, :] + patch[None]).reshape(1, -1, 3)
             fi = sample(f_int, f_grid, pts).reshape(len(sel), -1)
-            pm = mapped(pts[0])[None]
+            pm = map_points(pts[0])[None]
             mi = sample(m_int, m_grid, pm).reshape(len(sel), -1)
             ok = torch.all((pm >= m_lo) & (pm <= m_hi), dim=-1)[0].float().reshape(len(sel), -1).min(1).values
             return patch_ncc(fi, mi, ok)
         pts = cand_t[sel][None]
         fd = sample(f_map, f_grid, pts)[0].T
-        pm = mapped(pts[0])[None]
+        pm = map_points(pts[0])[None]
         md = sample(m_map, m_grid, pm)[0].T
         ok = torch.all((pm >= m_lo) & (pm <= m_hi), dim=-1)[0].float()
         return (((fd - md) ** 2).mean(1) * ok).sum() / ok.sum().clamp_min(1.0)
 
-    n_sel = opt.patches_per_iteration if term == "lncc" else opt.points_per_iteration
-    probe = torch.randint(0, len(cand), (min(4 * n_sel, len(cand)),), generator=gen)
-    with torch.no_grad():
-        before = float(loss_at(probe))
-    for _ in range(opt.iterations):
-        adam.zero_grad(set_to_none=True)
-        sel = torch.randint(0, len(cand), (min(n_sel, len(cand)),), generator=gen)
-        loss_at(sel).backward()
-        adam.step()
-    with torch.no_grad():
-        after = float(loss_at(probe))
-        a = matrix().numpy()
-        t = (t_c0 + shift).numpy() - a @ centre
-        new = np.eye(4)
-        new[:3, :3], new[:3, 3] = a, t
-        body = cand[:: max(1, len(cand) // 5000)]
-        moved = np.linalg.norm((body @ a.T + t) - (body @ lin4[:3, :3].T + lin4[:3, 3]), axis=1)
-    accepted = after < before and float(moved.max()) <= opt.max_change_mm
-    stats = {"term": term, "loss_before": round(before, 5), "loss_after": round(after, 5),
+    def moved_mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(body @ (a[:3, :3] - b[:3, :3]).T + (a[:3, 3] - b[:3, 3]), axis=1)
+
+    def one_round(start: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """Adam from ``start``: (the map after ``opt.iterations`` steps, loss before, loss after)."""
+        a0 = torch.as_tensor(start[:3, :3], dtype=dt)
+        t_c0 = torch.as_tensor(start[:3, :3] @ centre + start[:3, 3], dtype=dt)  # where the centre goes
+        rot = torch.zeros(3, dtype=dt, requires_grad=True)
+        mat = torch.zeros(3, 3, dtype=dt, requires_grad=True)
+        shift = torch.zeros(3, dtype=dt, requires_grad=True)
+        params = [{"params": [shift], "lr": opt.translation_step_mm}]
+        params.append({"params": [rot] if mode == "rigid" else [mat], "lr": opt.matrix_step})
+        adam = torch.optim.Adam(params)
+
+        def matrix():
+            return (_rotation(rot) @ a0) if mode == "rigid" else (a0 + mat)
+
+        def mapped(points: torch.Tensor) -> torch.Tensor:
+            return ((points.to(dt) - centre_t) @ matrix().T + t_c0 + shift).float()
+
+        with torch.no_grad():
+            before = float(loss_at(mapped, probe))
+        for _ in range(opt.iterations):
+            adam.zero_grad(set_to_none=True)
+            sel = torch.randint(0, len(cand), (min(n_sel, len(cand)),), generator=gen)
+            loss_at(mapped, sel).backward()
+            adam.step()
+        with torch.no_grad():
+            after = float(loss_at(mapped, probe))
+            a = matrix().numpy()
+            out = np.eye(4)
+            out[:3, :3], out[:3, 3] = a, (t_c0 + shift).numpy() - a @ centre
+        return out, before, after
+
+    # rounds: one when the optimum is within the limit of the start (the usual case); a round that
+    # moves further is followed by another from where it ended, until one stays within the limit
+    # (converged) or ``opt.rounds`` are used
+    current, first_before, last_after, rounds = lin4, None, None, []
+    for _ in range(max(1, opt.rounds)):
+        new, before, after = one_round(current)
+        first_before = before if first_before is None else first_before
+        step = float(moved_mm(new, current).max())
+        if after >= before:  # this round did not improve: stay where it started
+            rounds.append({"change_mm_max": round(step, 3), "improved": False})
+            break
+        rounds.append({"change_mm_max": round(step, 3), "improved": True})
+        current, last_after = new, after
+        if step <= opt.max_change_mm:
+            break
+    improved = last_after is not None
+    converged = not rounds[-1]["improved"] or rounds[-1]["change_mm_max"] <= opt.max_change_mm
+    moved = moved_mm(current, lin4)
+    accepted = improved and float(moved.max()) <= opt.max_change_mm
+    stats = {"term": term, "loss_before": round(first_before, 5),
+             "loss_after": round(last_after if improved else first_before, 5),
              "change_mm_mean": round(float(moved.mean()), 3), "change_mm_max": round(float(moved.max()), 3),
+             "rounds": rounds, "converged": bool(converged),
              "accepted": bool(accepted), "seconds": round(time.perf_counter() - t0, 3), "options": opt.to_dict()}
     if not accepted:
-        stats["reason"] = ("the intensity term did not improve" if after >= before
+        stats["reason"] = ("the intensity term did not improve" if not improved
                            else f"it would move body points by up to {moved.max():.1f} mm (limit {opt.max_change_mm:g})")
-    return (new if accepted else lin4), stats
+    if improved and not accepted:
+        # the refinement's own end point: the pipeline may verify it as a result in its own right
+        stats["end_matrix"] = current.tolist()
+    return (current if accepted else lin4), stats

@@ -11,6 +11,7 @@ from .matches import QUERY_SIDES
 from .verify import VerifyOptions
 
 MODALITY_PAIRS = ("auto", "same", "cross")
+UNVERIFIED_MIN_INLIER_FRACTION = 0.15
 FEATURES = ("auto", "sam", "mind")
 
 
@@ -28,6 +29,11 @@ class RegistrationOptions:
     min_score: float = 0.7  # similarity threshold of a stable match
     stable_passes: int = 5  # forward-backward passes of the cycle-consistency check
     min_inliers: int = 12  # fewer inliers than this: refuse
+    # fewer inliers than this fraction of the matches: refuse (random matches can agree by chance).
+    # Verified results (verify=True) are checked against the images, which is the stronger evidence,
+    # so the floor is low: MIND-SSC CT->MR-like fits with 10-15% inliers were correct and verified.
+    # Without verification the floor is UNVERIFIED_MIN_INLIER_FRACTION.
+    min_inlier_fraction: float = 0.05
     inlier_threshold_mm: float = 8.0  # RANSAC / IRLS inlier distance (two fine embedding voxels)
     ransac_iterations: int = 1000
     max_scale: float = 2.0  # affine scalings outside [1/2, 2] are refused as implausible
@@ -43,7 +49,10 @@ class RegistrationOptions:
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
     # --- inputs ---------------------------------------------------------------------------
     modality_pair: str = "auto"  # 'same' / 'cross': refuse when the volumes' modality flags disagree
-    require_physical_overlap: bool = True  # refuse images whose scanner coordinates do not overlap
+    require_physical_overlap: bool = True  # refuse images whose scanner coordinates are far apart
+    # ... further apart than this (gap between the scanner boxes): a small field of view moved with
+    # the patient or the table by up to ~the benchmark's 60-120 mm can lie just beside the other box
+    physical_gap_mm: float = 200.0
     min_body_volume_ml: float = 20.0  # less body than this in an image: "all background"
     # --- field of view, SAM-coarse, deformable ------------------------------------------
     fov_margin_mm: float = 20.0  # safety margin when cropping to the common field of view
@@ -63,6 +72,8 @@ class RegistrationOptions:
             raise InputError(f"features must be one of {FEATURES}, got {self.features!r}")
         if self.query_side not in QUERY_SIDES:
             raise InputError(f"query_side must be one of {QUERY_SIDES}, got {self.query_side!r}")
+        if not 0.0 <= self.min_inlier_fraction <= 1.0:
+            raise InputError(f"min_inlier_fraction must be in [0, 1], got {self.min_inlier_fraction}")
         if not 0.0 <= self.min_score <= 1.0:
             raise InputError(f"min_score must be in [0, 1], got {self.min_score}")
         for name in ("grid_spacing_mm", "inlier_threshold_mm", "max_scale", "coarse_spacing_mm"):
@@ -73,6 +84,12 @@ class RegistrationOptions:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.fov_margin_mm < 0 or self.mask_margin_mm < 0:
             raise InputError("fov_margin_mm and mask_margin_mm must not be negative")
+
+    @property
+    def inlier_fraction_floor(self) -> float:
+        """The inlier-fraction floor in force: the option, raised to 15% for unverified results."""
+        return self.min_inlier_fraction if self.verify else max(self.min_inlier_fraction,
+                                                                UNVERIFIED_MIN_INLIER_FRACTION)
 
     def to_dict(self) -> dict:
         d = asdict(self)

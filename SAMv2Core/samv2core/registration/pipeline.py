@@ -11,7 +11,9 @@
    fraction (a similarity when the matches only span a thin slab);
 4. ``refine_stage`` (``refine``): a short intensity optimisation of that transform (LNCC /
    MIND-SSC) started from it; then ``verified_linear`` checks the result against the images
-   (verify.py) and, with features 'auto', tries the other descriptors (stages 2-4 per candidate);
+   (verify.py) and for inverse consistency (the inverse map refined from the moving image's side
+   must stay within the refinement limit) and, with features 'auto', tries the other descriptors
+   (stages 2-4 per candidate);
 5. ``nonlinear_stage``: crop to the common field of view (margin) -> optional SAM-coarse
    control-grid field and optional deformable instance optimisation (SVF on embeddings + LNCC /
    MIND-SSC);
@@ -23,7 +25,7 @@ RegistrationError; nothing partial is returned.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -35,7 +37,7 @@ from ..fitting import MODES, LinearFit, robust_fit
 from ..grid import Grid
 from ..progress import Progress
 from ..session import EmbeddingSession
-from ..volume import Volume
+from ..volume import Modality, Volume
 from .coarse import fit_coarse_field
 from .deformable import make_deformable_image, refine_deformable, resolve_intensity_term, taper_window
 from .fov import FovCrop, crop_volume, overlap_crop
@@ -152,7 +154,8 @@ def _match_and_fit(embedded: EmbeddedPair, mode: str, opts: RegistrationOptions)
     t1 = time.perf_counter()
     fit = robust_fit(pairs.fixed, pairs.moving, mode, threshold_mm=opts.inlier_threshold_mm,
                      min_inliers=opts.min_inliers, iterations=opts.ransac_iterations, scores=pairs.scores,
-                     max_scale=opts.max_scale, affine_min_spread_mm=opts.affine_min_spread_mm, seed=opts.seed)
+                     max_scale=opts.max_scale, affine_min_spread_mm=opts.affine_min_spread_mm,
+                     min_inlier_fraction=opts.inlier_fraction_floor, seed=opts.seed)
     t2 = time.perf_counter()
     warnings = [fit.stats["warning"]] if "warning" in fit.stats else []
     return LinearStage(embedded, pairs, fit, {"matching_s": round(t1 - t0, 3), "linear_fit_s": round(t2 - t1, 3)},
@@ -195,8 +198,9 @@ def fit_linear(checked: CheckedPair, embedded: EmbeddedPair, mode: str, opts: Re
 
 
 def refine_stage(checked: CheckedPair, linear: LinearStage, mode: str, opts: RegistrationOptions,
-                 progress: Progress = None) -> RefineStage:
-    """The intensity refinement of the linear fit (when ``opts.refine``) and the common field of view."""
+                 progress: Progress = None, term: Optional[str] = None) -> RefineStage:
+    """The intensity refinement of the linear fit (when ``opts.refine``) and the common field of
+    view; ``term`` ('lncc' | 'mind') overrides the one the options imply."""
     fixed, moving = checked.fixed.volume, checked.moving.volume
     lin4 = linear.fit.homogeneous()
     fov = overlap_crop(fixed, moving, lin4, opts.fov_margin_mm)  # raises when nothing overlaps
@@ -206,7 +210,8 @@ def refine_stage(checked: CheckedPair, linear: LinearStage, mode: str, opts: Reg
     emb = linear.embedded
     mv_f, mv_m = emb.fixed.model_volume, emb.moving.model_volume
     # the term follows the deformable option when that names one, else LNCC / MIND by modality
-    term = opts.deformable.intensity if opts.deformable.intensity in ("lncc", "mind") else "auto"
+    if term is None:
+        term = opts.deformable.intensity if opts.deformable.intensity in ("lncc", "mind") else "auto"
     try:
         lo, hi = _valid_box(mv_f, emb.fixed_mask, fov)
         lin4, stats = refine_linear(
@@ -221,8 +226,9 @@ def refine_stage(checked: CheckedPair, linear: LinearStage, mode: str, opts: Reg
 
 def nonlinear_stage(checked: CheckedPair, linear: LinearStage, refined: RefineStage, coarse: bool,
                     deformable: bool, opts: RegistrationOptions, progress: Progress = None,
-                    timing: Optional[dict] = None) -> NonlinearStage:
-    """SAM-coarse and / or deformable refinement over the common field of view."""
+                    timing: Optional[dict] = None, term: Optional[str] = None) -> NonlinearStage:
+    """SAM-coarse and / or deformable refinement over the common field of view; ``term``: the
+    intensity term the linear result verified with, used when the deformable option says 'auto'."""
     report_progress = progress or _quiet
     timing = {} if timing is None else timing
     if not (coarse or deformable):
@@ -234,6 +240,8 @@ def nonlinear_stage(checked: CheckedPair, linear: LinearStage, refined: RefineSt
     t = time.perf_counter()
     valid_lo, valid_hi = _valid_box(mv_f, emb.fixed_mask, fov)
     dopt = opts.deformable
+    if term is not None and dopt.intensity == "auto":
+        dopt = replace(dopt, intensity=term)
     dom_lo, dom_hi = valid_lo - dopt.taper_mm, valid_hi + dopt.taper_mm
     field_grid = Grid.covering(dom_lo, dom_hi, dopt.field_spacing_mm)
     init = None
@@ -287,6 +295,7 @@ class Candidate:
     """One descriptor set's linear result on its way to verification."""
 
     features: str  # 'sam' | 'mind-ssc'
+    fit_refused: str = ""  # set when the refinement's end point replaced a fit it disagreed with
     linear: Optional[LinearStage] = None
     refined: Optional[RefineStage] = None
     verification: Optional[Verification] = None
@@ -300,6 +309,8 @@ class Candidate:
         r: dict = {"passed": self.passed}
         if self.error:
             r["reason"] = self.error
+        if self.fit_refused:
+            r["fit_refused"] = self.fit_refused
         if self.linear is not None:
             fit = self.linear.fit
             r["inliers"] = fit.n_inliers
@@ -331,25 +342,50 @@ def claims_cross_modality(embedder) -> bool:
     return bool(training.get("cross_modality_validated", False))
 
 
-def verification_term(checked: CheckedPair, opts: RegistrationOptions) -> str:
-    """'lncc' within one modality, 'mind' across (or the deformable option's explicit term)."""
+def verification_terms(checked: CheckedPair, opts: RegistrationOptions) -> list[str]:
+    """The similarity terms to refine and verify with, in order of trial: the deformable option's
+    term when it names one; else 'lncc' within one modality and 'mind' across; for two MR images
+    'lncc', then 'mind' when nothing verifies with it (two MR sequences of different contrast,
+    e.g. T2 and DWI, do not agree in local NCC; MIND-SSC is less precise on one contrast)."""
     if opts.deformable.intensity in ("lncc", "mind"):
-        return opts.deformable.intensity
-    return "lncc" if checked.modality_pair == "same" else "mind"
+        return [opts.deformable.intensity]
+    if checked.modality_pair == "cross":
+        return ["mind"]
+    both_mr = checked.fixed.volume.modality is Modality.MR and checked.moving.volume.modality is Modality.MR
+    return ["lncc", "mind"] if both_mr else ["lncc"]
 
 
 def _candidate(checked: CheckedPair, embedded: EmbeddedPair, mode: str, opts: RegistrationOptions,
-               probe: SimilarityProbe, progress: Progress) -> Candidate:
+               probe: SimilarityProbe, progress: Progress, fits: dict) -> Candidate:
+    """One descriptor set's fit (cached in ``fits`` across similarity terms), refined and verified
+    with ``probe.term``."""
     cand = Candidate(embedded.features)
     try:
-        cand.linear = _match_and_fit(embedded, mode, opts)
+        if embedded.features not in fits:
+            try:
+                fits[embedded.features] = _match_and_fit(embedded, mode, opts)
+            except RegistrationError as exc:
+                fits[embedded.features] = exc
+        if isinstance(fits[embedded.features], RegistrationError):
+            raise fits[embedded.features]
+        cand.linear = fits[embedded.features]
         t = time.perf_counter()
-        cand.refined = refine_stage(checked, cand.linear, mode, opts, progress)
+        cand.refined = refine_stage(checked, cand.linear, mode, opts, progress, probe.term)
         if cand.refined.stats is not None:
             cand.linear.seconds["refine_s"] = round(time.perf_counter() - t, 3)
     except RegistrationError as exc:
         cand.error = str(exc)
         return cand
+    stats = cand.refined.stats
+    if stats is not None and stats.get("end_matrix") is not None and stats["converged"]:
+        # the refinement moved further than its limit and settled: that refuses the FIT; the
+        # refinement's end point is a result in its own right, kept only if it verifies below
+        end = np.asarray(stats["end_matrix"])
+        cand.fit_refused = (f"the {_LABEL[embedded.features]} fit was refused: the intensity refinement moved it by "
+                            f"up to {stats['change_mm_max']:.1f} mm (limit {opts.refine_options.max_change_mm:g}); "
+                            "the refinement's end point was verified instead")
+        cand.refined = RefineStage(end, overlap_crop(checked.fixed.volume, checked.moving.volume, end,
+                                                     opts.fov_margin_mm), stats, [cand.fit_refused])
     t = time.perf_counter()
     cand.verification = verify_linear(probe, cand.refined.matrix, cand.refined.stats)
     cand.linear.seconds["verify_s"] = round(time.perf_counter() - t, 3)
@@ -357,7 +393,52 @@ def _candidate(checked: CheckedPair, embedded: EmbeddedPair, mode: str, opts: Re
     return cand
 
 
+def inverse_consistency(checked: CheckedPair, emb: EmbeddedPair, lin4: np.ndarray, mode: str,
+                        opts: RegistrationOptions, term: str) -> dict:
+    """Refine the INVERSE map from the moving image's side (its body points, the fixed image as
+    the target), one round from inv(lin4): a result that is where the images agree stays put; the
+    backward refinement moving it further than the refinement limit refuses it."""
+    limit = opts.refine_options.max_change_mm
+    inv = np.linalg.inv(lin4)
+    mv_f, mv_m = emb.fixed.model_volume, emb.moving.model_volume
+    try:
+        fov = overlap_crop(checked.moving.volume, checked.fixed.volume, inv, opts.fov_margin_mm)
+        lo, hi = _valid_box(mv_m, emb.moving_mask, fov)
+        _, stats = refine_linear(_crop_embedded(mv_m, emb.moving_mask, lo - 8.0, hi + 8.0, None),
+                                 _crop_embedded(mv_f, emb.fixed_mask, fov.moving_lo, fov.moving_hi, None), inv, mode,
+                                 lo, hi, term, replace(opts.refine_options, rounds=1, max_change_mm=np.inf))
+    except (ValueError, RegistrationError) as exc:  # too little of the moving body overlaps: no evidence either way
+        return {"passed": True, "skipped": str(exc)}
+    moved = stats["change_mm_max"] if stats["rounds"][0]["improved"] else 0.0
+    out = {"passed": moved <= limit, "backward_change_mm_max": moved, "limit_mm": limit,
+           "seconds": stats["seconds"]}
+    if not out["passed"]:
+        out["reason"] = (f"not inverse-consistent: refining the inverse map from the moving image's side moves it by "
+                         f"up to {moved:.1f} mm (limit {limit:g})")
+    return out
+
+
 _LABEL = {"sam": "SAM embeddings", "mind-ssc": "MIND-SSC descriptors"}
+
+
+def _inverse_consistent(passed: list, checked: CheckedPair, mode: str, opts: RegistrationOptions,
+                        probe: SimilarityProbe) -> list:
+    """The verified candidates left once the best of them is inverse-consistent: the best (by
+    similarity) is checked; one that fails is refused (its verification says why) and the next
+    best is checked. Without the refinement (``opts.refine`` off) there is no check."""
+    while passed and opts.refine:
+        k = choose(probe, [(c.features, c.refined.matrix) for c in passed])[0] if len(passed) > 1 else 0
+        best = passed[k]
+        t = time.perf_counter()
+        backward = inverse_consistency(checked, best.linear.embedded, best.refined.matrix, mode, opts, probe.term)
+        best.linear.seconds["inverse_consistency_s"] = round(time.perf_counter() - t, 3)
+        best.verification.details["inverse_consistency"] = backward
+        if backward["passed"]:
+            break
+        best.verification.passed, best.verification.reason = False, backward["reason"]
+        best.error = backward["reason"]
+        passed = [c for c in passed if c.passed]
+    return passed
 
 
 def verified_linear(checked: CheckedPair, embedder, mode: str, opts: RegistrationOptions,
@@ -370,31 +451,45 @@ def verified_linear(checked: CheckedPair, embedder, mode: str, opts: Registratio
     better verified one is kept."""
     report_progress = progress or _quiet
     timing = {} if timing is None else timing
-    probe = SimilarityProbe(checked.fixed.model_volume, checked.fixed.mask, checked.moving.model_volume,
-                            verification_term(checked, opts), opts.verify_options)
     both = (opts.features == "auto" and checked.modality_pair == "cross" and not claims_cross_modality(embedder))
     order = {"sam": ["sam"], "mind": ["mind-ssc"], "auto": ["sam", "mind-ssc"]}[opts.features]
-    candidates: list[Candidate] = []
-    for features in order:
-        if candidates and candidates[-1].passed and not both:
+    embeddings: dict = {}
+    fits: dict = {}
+
+    def embedded_for(features: str) -> EmbeddedPair:
+        if features not in embeddings:
+            t = time.perf_counter()
+            if features == "sam":
+                embeddings[features] = embed_pair(checked, embedder, "sam", report_progress)
+                timing["embedding_s"] = round(time.perf_counter() - t, 3)
+            else:
+                report_progress(0.6, "MIND-SSC descriptors")
+                embeddings[features], timing["mind_descriptors_s"] = mind_pair(checked, "mind-ssc")
+                timing.setdefault("embedding_s", timing["mind_descriptors_s"])
+        return embeddings[features]
+
+    earlier: dict = {}  # term -> the candidates' reports with that term, when none verified
+    refusals: list[str] = []
+    for term in verification_terms(checked, opts):
+        probe = SimilarityProbe(checked.fixed.model_volume, checked.fixed.mask, checked.moving.model_volume, term,
+                                opts.verify_options)
+        candidates: list[Candidate] = []
+        for features in order:
+            if candidates and candidates[-1].passed and not both:
+                break
+            embedded = embedded_for(features)
+            report_progress(0.62, f"stable matching and fit ({_LABEL[features]}, {term})")
+            t = time.perf_counter()
+            candidates.append(_candidate(checked, embedded, mode, opts, probe, report_progress, fits))
+            timing[f"linear_{features}_s"] = round(timing.get(f"linear_{features}_s", 0.0) + time.perf_counter() - t, 3)
+        passed = _inverse_consistent([c for c in candidates if c.passed], checked, mode, opts, probe)
+        if passed:
             break
-        t = time.perf_counter()
-        if features == "sam":
-            embedded = embed_pair(checked, embedder, "sam", report_progress)
-            timing["embedding_s"] = round(time.perf_counter() - t, 3)
-        else:
-            report_progress(0.6, "MIND-SSC descriptors")
-            embedded, timing["mind_descriptors_s"] = mind_pair(checked, "mind-ssc")
-            timing.setdefault("embedding_s", timing["mind_descriptors_s"])
-        report_progress(0.62, f"stable matching and fit ({_LABEL[features]})")
-        t = time.perf_counter()
-        candidates.append(_candidate(checked, embedded, mode, opts, probe, report_progress))
-        timing[f"linear_{features}_s"] = round(time.perf_counter() - t, 3)
-    passed = [c for c in candidates if c.passed]
+        earlier[term] = {c.features: c.report() for c in candidates}
+        refusals.append("; ".join(f"{_LABEL[c.features]} ({term}): {c.error}" for c in candidates))
     tried = {c.features: c.report() for c in candidates}
     if not passed:
-        why = "; ".join(f"{_LABEL[c.features]}: {c.error}" for c in candidates)
-        raise RegistrationError(f"the {mode} result could not be verified against the images ({why})")
+        raise RegistrationError(f"the {mode} result could not be verified against the images ({'; '.join(refusals)})")
     warnings = []
     comparison = None
     if len(passed) > 1:
@@ -410,8 +505,16 @@ def verified_linear(checked: CheckedPair, embedder, mode: str, opts: Registratio
         if failed:
             warnings.append(f"{_LABEL[failed[0].features]} result refused ({failed[0].error}); "
                             f"used {_LABEL[chosen.features]} instead")
+    if chosen.fit_refused:
+        why += f" ({chosen.fit_refused})"
+    if earlier:
+        why += (f" with {probe.term} (nothing verified with {', '.join(earlier)}: the images' local intensities "
+                "do not correspond, e.g. two MR contrasts)")
+        warnings.append(f"no result verified with {', '.join(earlier)}; refined and verified with {probe.term}")
     report = {"summary": why, "chosen": chosen.features, "term": probe.term, "candidates": tried,
               "cross_modality_model": claims_cross_modality(embedder)}
+    if earlier:
+        report["earlier_terms"] = earlier
     if comparison is not None:
         report["comparison"] = comparison
     return VerifiedLinear(chosen, candidates, report, warnings)
@@ -487,7 +590,8 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
         report["verification"] = verification.report
 
     # 5. nonlinear stages
-    nonlinear = nonlinear_stage(checked, linear, refined, coarse, deformable, opts, report_progress, timing)
+    nonlinear = nonlinear_stage(checked, linear, refined, coarse, deformable, opts, report_progress, timing,
+                                None if verification is None else verification.report["term"])
     report.update(nonlinear.report)
 
     linear_tf = linear_transform(lin4)
@@ -499,7 +603,10 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
     timing["total_s"] = round(time.perf_counter() - t_start, 3)
     report["timing"] = timing
     report["settings"] = opts.to_dict()
-    report["warnings"] = ((verification.warnings if verification is not None else []) + linear.warnings
+    report["scanner_gap_mm"] = checked.scanner_gap_mm
+    gap_warning = ([f"the images' scanner-coordinate boxes do not intersect ({checked.scanner_gap_mm:g} mm apart): "
+                    "the result rests on the anatomy alone"] if checked.scanner_gap_mm > 0 else [])
+    report["warnings"] = (gap_warning + (verification.warnings if verification is not None else []) + linear.warnings
                           + refined.warnings + nonlinear.warnings)
     report_progress(1.0, "registration done")
     return RegistrationResult(linear_tf, nonlinear.displacement, composite, report)

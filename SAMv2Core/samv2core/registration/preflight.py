@@ -42,6 +42,7 @@ class CheckedPair:
     fixed: CheckedImage
     moving: CheckedImage
     modality_pair: str  # 'same' | 'cross'
+    scanner_gap_mm: float = 0.0  # distance between the scanner-coordinate boxes (0: they intersect)
 
     def is_for(self, fixed: Volume, moving: Volume) -> bool:
         return self.fixed.volume is fixed and self.moving.volume is moving
@@ -87,9 +88,11 @@ def check_modalities(fixed: Volume, moving: Volume, opts: RegistrationOptions) -
     return pair
 
 
-def _boxes_intersect(a: Volume, b: Volume) -> bool:
+def scanner_gap_mm(a: Volume, b: Volume) -> float:
+    """Distance (mm) between the scanner-coordinate bounding boxes of two images; 0 when they intersect."""
     ca, cb = a.corners_lps(), b.corners_lps()
-    return bool(np.all(np.minimum(ca.max(0), cb.max(0)) > np.maximum(ca.min(0), cb.min(0))))
+    gap = np.maximum(np.maximum(ca.min(0), cb.min(0)) - np.minimum(ca.max(0), cb.max(0)), 0.0)
+    return float(np.linalg.norm(gap))
 
 
 def body_or_refuse(model_volume: Volume, role: str, opts: RegistrationOptions) -> np.ndarray:
@@ -107,7 +110,9 @@ def preflight(fixed: Volume, moving: Volume, options: RegistrationOptions | None
     """All checks that need no model; returns the CheckedPair the pipeline reuses.
 
     Raises RegistrationError (one line) for a 2D or unusable image, contradicting modality
-    flags, an all-background image or images whose scanner boxes do not intersect.
+    flags, an all-background image or images whose scanner boxes are further apart than
+    ``opts.physical_gap_mm`` (a small field of view moved with the patient or the table can
+    lie beside the other scan's box; the anatomy decides and the verification checks it).
     """
     opts = options or RegistrationOptions()
     check_volume(fixed, "fixed")
@@ -117,9 +122,11 @@ def preflight(fixed: Volume, moving: Volume, options: RegistrationOptions | None
     for volume, role in ((fixed, "fixed"), (moving, "moving")):
         mv = resample_to_model_grid(volume, MODEL_SPACING_MM)
         images.append(CheckedImage(volume, mv, body_or_refuse(mv, role, opts)))
-    if opts.require_physical_overlap and not _boxes_intersect(fixed, moving):
+    gap = scanner_gap_mm(fixed, moving)
+    if opts.require_physical_overlap and gap > opts.physical_gap_mm:
         raise RegistrationError(
-            "the fixed and moving images do not overlap physically (their scanner-coordinate boxes are disjoint); "
-            "if they come from different scanners or patients and should be matched anatomically anyway, "
-            "disable the check (require_physical_overlap=False, CLI --ignore-physical-overlap)")
-    return CheckedPair(images[0], images[1], pair)
+            f"the fixed and moving images do not overlap physically (their scanner-coordinate boxes are {gap:.0f} mm "
+            f"apart, more than {opts.physical_gap_mm:g} mm); if they come from different scanners or patients and "
+            "should be matched anatomically anyway, disable the check (require_physical_overlap=False, CLI "
+            "--ignore-physical-overlap)")
+    return CheckedPair(images[0], images[1], pair, round(gap, 1))

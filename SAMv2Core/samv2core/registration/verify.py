@@ -6,10 +6,15 @@ a success it must also be the best explanation of the IMAGES:
 
 * local optimum: the image similarity at the result beats the similarity at 12 perturbations
   of it (+-``shift_mm`` along x, y, z; +-``angle_deg`` about the three axes through the body);
+* distinct: it beats every one of ``alternatives`` seeded random placements 12-40 mm and 4-15
+  deg away (a wrong fit sits in a shallow local optimum that some nearby placement of the same
+  anatomy beats; a correct one stands out from all of them);
 * alternatives: it beats scanner coordinates (identity) when those overlap, and any other
   candidate fit (the other descriptors' result) is compared on the same points;
 * the intensity refinement agrees with the fit: a refinement that wants to move body points
-  further than its limit is evidence against the fit, not only against the refinement.
+  further than its limit is evidence against the fit, not only against the refinement: the fit
+  is refused, and the refinement's end point counts only if it settled there and passes every
+  check above as a result in its own right.
 
 Similarity: MIND-SSC (negative mean squared descriptor difference; Heinrich et al. 2013) across
 modalities, local NCC on 3x3x3 patches within one, both on 4 mm grids (pooled from the 2 mm
@@ -43,6 +48,9 @@ class VerifyOptions:
     angle_deg: float = 5.0
     min_points: int = 100  # fewer overlapping sample points: nothing to verify with
     identity_overlap: float = 0.3  # compare with scanner coordinates when this fraction of points overlaps there
+    alternatives: int = 24  # random placements further away the result must beat (0: skip)
+    alternative_shift_mm: tuple = (12.0, 40.0)
+    alternative_angle_deg: tuple = (4.0, 15.0)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -144,7 +152,8 @@ class SimilarityProbe:
                 sim = -((self.f_desc - md) ** 2).mean(1).numpy()
                 valid = np.all((mapped >= self.m_lo) & (mapped <= self.m_hi), axis=1)
                 return sim.astype(np.float64), valid
-            pts = (self.points[:, None, :] + self.patch[None]).reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+            # mapped patch centres plus the mapped patch offsets (a (N*27, 3) matmul is slow in numpy)
+            pts = ((self.points @ m[:3, :3].T + m[:3, 3])[:, None, :] + (self.patch @ m[:3, :3].T)[None]).reshape(-1, 3)
             mp = sample(self.m_img, self.m_grid, torch.as_tensor(pts, dtype=torch.float32)[None])
             mp = mp.reshape(len(self.points), -1)
             f = self.f_patch - self.f_patch.mean(1, keepdim=True)
@@ -165,6 +174,23 @@ class SimilarityProbe:
         return float(sa[both].mean()), float(sb[both].mean()), int(both.sum())
 
 
+def alternative_placements(centre: np.ndarray, count: int, shift_mm: tuple, angle_deg: tuple,
+                           seed: int = 0) -> list[np.ndarray]:
+    """``count`` seeded random rigid 4x4 maps of fixed space: a rotation in ``angle_deg`` about a
+    random axis through ``centre`` and a shift in ``shift_mm`` along a random direction."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        axis = rng.normal(size=3)
+        r = Rotation.from_rotvec(np.deg2rad(rng.uniform(*angle_deg)) * axis / np.linalg.norm(axis)).as_matrix()
+        d = rng.normal(size=3)
+        m = np.eye(4)
+        m[:3, :3] = r
+        m[:3, 3] = centre - r @ centre + d / np.linalg.norm(d) * rng.uniform(*shift_mm)
+        out.append(m)
+    return out
+
+
 def _max_move(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     """Largest distance between where maps ``a`` and ``b`` send ``points``."""
     if not len(points):
@@ -173,13 +199,20 @@ def _max_move(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
 
 
 def verify_linear(probe: SimilarityProbe, matrix4: np.ndarray, refine_stats: Optional[dict] = None) -> Verification:
-    """Verify a fixed->moving 4x4 map (the linear result after refinement) against the images."""
+    """Verify a fixed->moving 4x4 map (the linear result after refinement) against the images.
+
+    ``refine_stats``: the refinement's statistics. When it moved further than its limit without
+    settling, the map fails at once (no image optimum near the fit); when it settled beyond the
+    limit, ``matrix4`` must be its end point (the fit it disagreed with is refused) and is verified
+    like any result."""
     m = np.asarray(matrix4, float)
     opt, term = probe.opt, probe.term
     details: dict = {"options": opt.to_dict()}
-    if refine_stats is not None and not refine_stats.get("accepted", True) and "would move" in refine_stats.get("reason", ""):
-        return Verification(False, f"the intensity refinement disagrees with the fit ({refine_stats['reason']}): "
-                                   "the fit is not where the images agree", term, details=details)
+    if (refine_stats is not None and not refine_stats.get("accepted", True)
+            and "would move" in refine_stats.get("reason", "") and not refine_stats.get("converged", False)):
+        return Verification(False, f"the intensity refinement disagrees with the fit ({refine_stats['reason']}) and "
+                                   f"found no optimum near it in {len(refine_stats.get('rounds', [1]))} rounds: the fit "
+                                   "is not where the images agree", term, details=details)
     s0, v0 = probe.scores(m)
     valid = v0.copy()
     perturbed = []
@@ -205,6 +238,14 @@ def verify_linear(probe: SimilarityProbe, matrix4: np.ndarray, refine_stats: Opt
         out.reason = (f"the images agree better {what} of the result ({term} {best:.4f} vs {sim:.4f}): "
                       "it is not at an image-similarity optimum")
         return out
+    beaten, compared, margin = beaten_by_alternative(probe, m)
+    details["alternatives_compared"] = compared
+    if margin is not None:
+        details["alternatives_min_margin"] = round(margin, 5)
+    if beaten is not None:
+        out.passed = False
+        out.reason = beaten
+        return out
     sid, vid = probe.scores(np.eye(4))
     if vid.mean() >= opt.identity_overlap and _max_move(probe.points, m, np.eye(4)) > 2 * opt.shift_mm:
         a, b, nb = probe.compare(m, np.eye(4))
@@ -215,6 +256,34 @@ def verify_linear(probe: SimilarityProbe, matrix4: np.ndarray, refine_stats: Opt
             out.reason = (f"the images agree better in scanner coordinates than at the result ({term} {b:.4f} vs "
                           f"{a:.4f})")
     return out
+
+
+def beaten_by_alternative(probe: SimilarityProbe, m: np.ndarray) -> tuple[Optional[str], int, Optional[float]]:
+    """(reason, alternatives compared, smallest margin): reason is None when the result beats
+    every alternative placement (each compared on the points valid for both), else one line
+    naming the alternative that beat it by most."""
+    opt = probe.opt
+    worst, compared, margin = None, 0, None
+    s0, v0 = probe.scores(m)
+    for q in alternative_placements(probe.centre, opt.alternatives, opt.alternative_shift_mm,
+                                    opt.alternative_angle_deg, opt.seed):
+        alt = m @ q
+        s, v = probe.scores(alt)
+        both = v0 & v
+        n = int(both.sum())
+        if n < opt.min_points:  # the alternative leaves the moving image: nothing to compare
+            continue
+        a, b = float(s0[both].mean()), float(s[both].mean())
+        compared += 1
+        margin = a - b if margin is None else min(margin, a - b)
+        if b >= a and (worst is None or b - a > worst[0]):
+            worst = (b - a, alt, a, b)
+    if worst is None:
+        return None, compared, margin
+    _, alt, a, b = worst
+    moved = _max_move(probe.points, m, alt)
+    return (f"the images agree better at another placement up to {moved:.0f} mm away ({probe.term} {b:.4f} vs "
+            f"{a:.4f}): the result is not a distinct similarity optimum"), compared, margin
 
 
 def choose(probe: SimilarityProbe, candidates: list) -> tuple[int, dict]:
