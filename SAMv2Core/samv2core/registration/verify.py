@@ -9,12 +9,15 @@ a success it must also be the best explanation of the IMAGES:
 * distinct: it beats every one of ``alternatives`` seeded random placements 12-40 mm and 4-15
   deg away (a wrong fit sits in a shallow local optimum that some nearby placement of the same
   anatomy beats; a correct one stands out from all of them);
-* alternatives: it beats scanner coordinates (identity) when those overlap, and any other
-  candidate fit (the other descriptors' result) is compared on the same points;
+* scanner coordinates: it beats the identity map when that overlaps, and any other candidate
+  fit (the other descriptors' result) is compared on the same points (``choose``);
 * the intensity refinement agrees with the fit: a refinement that wants to move body points
   further than its limit is evidence against the fit, not only against the refinement: the fit
   is refused, and the refinement's end point counts only if it settled there and passes every
   check above as a result in its own right.
+
+Inverse consistency (the inverse map refined from the moving side stays within the limit) needs
+the refinement's image views and lives with it in pipeline.py (``inverse_consistency``).
 
 Similarity: MIND-SSC (negative mean squared descriptor difference; Heinrich et al. 2013) across
 modalities, local NCC on 3x3x3 patches within one, both on 4 mm grids (pooled from the 2 mm
