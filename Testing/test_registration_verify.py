@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import SimpleITK as sitk
 from samv2core.errors import RegistrationError
 from samv2core.registration import RegistrationOptions, register
 from samv2core.registration.cli import add_register_arguments, run_register
+from samv2core.registration.fov import crop_volume
 from samv2core.registration.pipeline import inverse_consistency, mind_pair
 from samv2core.registration.preflight import preflight
 from samv2core.registration.verify import SimilarityProbe, beaten_by_alternative, perturbations, verify_linear
@@ -235,3 +237,19 @@ def test_a_real_t2_to_dwi_pair_recovers_a_known_rigid_motion():
     keep = moving.contains_lps(true_pts, tolerance_voxels=-1.0)
     err = np.linalg.norm(res.transform_points(pts[keep]) - true_pts[keep], axis=1)
     assert keep.sum() > 50 and err.mean() < 3.0, (int(keep.sum()), err.mean(), rep["verification"]["summary"])
+
+
+def test_images_without_shared_anatomy_are_refused_by_the_checks_alone(lung):
+    """The top and the bottom 30% of one chest CT share no anatomy (no overlap, issue 12's bad
+    input): refused, one line, and still refused by the image checks alone when the match-count
+    floors are switched off (min_inliers 6, no inlier-fraction floor)."""
+    lo, hi = lung.corners_lps().min(0), lung.corners_lps().max(0)
+    cut = 0.3 * (hi[2] - lo[2])
+    top = crop_volume(lung, [lo[0], lo[1], hi[2] - cut], hi)
+    bottom = crop_volume(lung, lo, [hi[0], hi[1], lo[2] + cut])
+    for opts in (RegistrationOptions(), RegistrationOptions(min_inliers=6, min_inlier_fraction=0.0)):
+        with pytest.raises(RegistrationError, match="could not be verified") as err:
+            register(top, bottom, "rigid", options=opts)
+        assert "\n" not in str(err.value)
+    # without the floors a fit was made, and an image check refused it
+    assert re.search("optimum|inverse-consistent|disagrees with the fit|scanner coordinates", str(err.value)), err.value
