@@ -360,15 +360,17 @@ def _candidate(checked: CheckedPair, embedded: EmbeddedPair, mode: str, opts: Re
     """One descriptor set's fit (cached in ``fits`` across similarity terms), refined and verified
     with ``probe.term``."""
     cand = Candidate(embedded.features)
+    if embedded.features not in fits:  # the fit does not depend on the term: once per descriptor set
+        try:
+            fits[embedded.features] = _match_and_fit(embedded, mode, opts)
+        except RegistrationError as exc:
+            fits[embedded.features] = exc
+    fit = fits[embedded.features]
+    if isinstance(fit, RegistrationError):
+        cand.error = str(fit)
+        return cand
+    cand.linear = fit
     try:
-        if embedded.features not in fits:
-            try:
-                fits[embedded.features] = _match_and_fit(embedded, mode, opts)
-            except RegistrationError as exc:
-                fits[embedded.features] = exc
-        if isinstance(fits[embedded.features], RegistrationError):
-            raise fits[embedded.features]
-        cand.linear = fits[embedded.features]
         t = time.perf_counter()
         cand.refined = refine_stage(checked, cand.linear, mode, opts, progress, probe.term)
         if cand.refined.stats is not None:
