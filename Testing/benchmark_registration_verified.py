@@ -87,20 +87,12 @@ def _load(name: str) -> Volume:
     return Volume(v.array, v.spacing, v.origin, v.direction, modality, name, dict(v.meta))
 
 
-def _matrix(transform: sitk.AffineTransform) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(transform.GetMatrix()).reshape(3, 3)
-    c = np.asarray(transform.GetCenter())
-    m[:3, 3] = np.asarray(transform.GetTranslation()) + c - m[:3, :3] @ c
-    return m
-
-
 CONTRAST = {"CT->CT": "same", "CT->MR-like": "mr-like", "MR->MR": "gamma"}
 
 
 def make_pair(source: Volume, kind: str, seed: int) -> Pair:
     sim = simulate_offcentre_pair(source, seed, CONTRAST[kind])
-    truth = np.linalg.inv(_matrix(sim.transform))  # fixed (the real scan) -> moving (the follow-up)
+    truth = sim.truth_matrix()  # fixed (the real scan) -> moving (the follow-up)
     moving = Volume(sim.followup.array, sim.followup.spacing, sim.followup.origin, sim.followup.direction,
                     sim.followup.modality, f"{source.name}_{kind}_{seed}")
     return Pair(f"{source.name} {kind} s{seed}", kind, source, moving, truth, params=dict(sim.params))

@@ -20,7 +20,8 @@ from scipy.spatial.transform import Rotation
 from samv2core.errors import RegistrationError
 from samv2core.grid import Grid
 from samv2core.registration import RegistrationResult, write_registration
-from samv2core.registration.result import displacement_image, linear_transform
+from samv2core.affine import sitk_affine
+from samv2core.registration.result import displacement_image
 from samv2core.volume import Volume
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Qt-free MRML) not installed")
@@ -48,7 +49,7 @@ def case():
     # smooth on the scale of the 4 mm grid, as registration fields are
     d = np.stack([4 * np.sin(p[..., 2] / 30), 3 * np.cos(p[..., 0] / 35), 2.5 * np.sin(p[..., 1] / 30)], 0)[None]
     disp = displacement_image(torch.tensor(d, dtype=torch.float32), grid)
-    linear = linear_transform(m)
+    linear = sitk_affine(m)
     comp = sitk.CompositeTransform(3)
     comp.AddTransform(linear)
     comp.AddTransform(sitk.DisplacementFieldTransform(sitk.Image(disp)))

@@ -37,12 +37,7 @@ def lung():
 
 def _truth(sim) -> np.ndarray:
     """4x4 fixed (the real scan) -> moving (the simulated follow-up)."""
-    t = sim.transform
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(t.GetMatrix()).reshape(3, 3)
-    c = np.asarray(t.GetCenter())
-    m[:3, 3] = np.asarray(t.GetTranslation()) + c - m[:3, :3] @ c
-    return np.linalg.inv(m)
+    return sim.truth_matrix()
 
 
 def _eval_points(checked, truth4):

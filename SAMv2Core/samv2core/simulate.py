@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .affine import matrix_of, random_rigid, sitk_affine
 from .errors import InputError
 from .preprocess import body_mask
 from .volume import Modality, Volume
@@ -33,6 +34,10 @@ class SimulatedPair:
     followup: Volume
     transform: sitk.Transform  # maps follow-up LPS points to baseline LPS points (resampling direction)
     params: dict
+
+    def truth_matrix(self) -> np.ndarray:
+        """4x4 baseline LPS -> follow-up LPS (the inverse of ``transform``; linear simulations only)."""
+        return np.linalg.inv(matrix_of(self.transform))
 
     def map_points(self, baseline_lps) -> np.ndarray:
         """Ground truth: where baseline LPS points (N, 3) lie in the follow-up, LPS (N, 3)."""
@@ -268,28 +273,6 @@ def body_points(volume: Volume, count: int, seed: int = 0, erode_mm: float = 10.
     return volume.index_to_lps(pick[:, ::-1])
 
 
-def _rigid(rng: np.random.Generator, centre: np.ndarray, angle_deg: tuple, offset_mm: tuple) -> np.ndarray:
-    """4x4 rigid x -> R (x - c) + c + t: rotation of ``angle_deg`` (range) about a random axis,
-    translation of random direction and length in ``offset_mm`` (range)."""
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(rng.uniform(*angle_deg))
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    rot = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)  # Rodrigues
-    d = rng.normal(size=3)
-    m = np.eye(4)
-    m[:3, :3] = rot
-    m[:3, 3] = centre - rot @ centre + d / np.linalg.norm(d) * rng.uniform(*offset_mm)
-    return m
-
-
-def _affine_transform(m4: np.ndarray) -> sitk.AffineTransform:
-    t = sitk.AffineTransform(3)
-    t.SetMatrix(tuple(float(v) for v in m4[:3, :3].ravel()))
-    t.SetTranslation(tuple(float(v) for v in m4[:3, 3]))
-    return t
-
-
 def moved_box(volume: Volume, to_new: np.ndarray, lo_idx, hi_idx, spacing) -> sitk.Image:
     """The index box [lo_idx, hi_idx] (continuous x, y, z) of ``volume`` carried by the rigid map
     ``to_new`` (volume LPS -> new LPS) and resampled on its own grid there: axes = the volume's
@@ -303,7 +286,7 @@ def moved_box(volume: Volume, to_new: np.ndarray, lo_idx, hi_idx, spacing) -> si
     ref.SetSpacing(tuple(float(v) for v in spacing))
     ref.SetOrigin(tuple(float(v) for v in to_new[:3, :3] @ (m_src[:3, :3] @ lo_idx + m_src[:3, 3]) + to_new[:3, 3]))
     ref.SetDirection(tuple(float(v) for v in (to_new[:3, :3] @ volume.direction).ravel()))
-    return sitk.Resample(volume.to_sitk(), ref, _affine_transform(np.linalg.inv(to_new)), sitk.sitkLinear,
+    return sitk.Resample(volume.to_sitk(), ref, sitk_affine(np.linalg.inv(to_new)), sitk.sitkLinear,
                          float(volume.array.min()), sitk.sitkFloat32)
 
 
@@ -315,7 +298,7 @@ def rigidly_moved(volume: Volume, seed: int = 0, rotation_deg=(8.0, 12.0), offse
     truth mapping ``volume`` LPS points to the moved volume's LPS points. Used to perturb one of
     two scanner-aligned real scans (e.g. the same-patient prostate T2 and DWI)."""
     rng = np.random.default_rng([zlib.crc32(f"{volume.name} rigid".encode()), seed])
-    truth = _rigid(rng, volume.corners_lps().mean(0), rotation_deg, offset_mm)
+    truth = random_rigid(rng, volume.corners_lps().mean(0), rotation_deg, offset_mm)
     img = moved_box(volume, truth, np.zeros(3), np.asarray(volume.size_xyz, float) - 1, volume.spacing)
     return Volume.from_sitk(img, volume.modality, name=name or f"{volume.name}_moved{seed}"), truth
 
@@ -348,7 +331,7 @@ def simulate_offcentre_pair(volume: Volume, seed: int = 0, contrast: str = "same
         hi[a] = lo[a] + keep
     m_src = volume.index_to_lps_matrix
     centre = m_src[:3, :3] @ ((lo + hi) / 2) + m_src[:3, 3]
-    to_new = _rigid(rng, centre, rotation_deg, offset_mm)
+    to_new = random_rigid(rng, centre, rotation_deg, offset_mm)
     spacing = np.maximum(rng.uniform(*spacing_mm, 3), np.asarray(volume.spacing) / 2)
     img = moved_box(volume, to_new, lo, hi, spacing)
     arr = sitk.GetArrayFromImage(img)
@@ -367,4 +350,4 @@ def simulate_offcentre_pair(volume: Volume, seed: int = 0, contrast: str = "same
               "rotation_deg": round(float(np.degrees(np.arccos(np.clip((np.trace(to_new[:3, :3]) - 1) / 2, -1, 1)))), 2),
               "offset_mm": round(float(np.linalg.norm(to_new[:3, :3] @ centre + to_new[:3, 3] - centre)), 1),
               "spacing_mm": [round(float(v), 2) for v in spacing], "simulated": True}
-    return SimulatedPair(volume, out, _affine_transform(np.linalg.inv(to_new)), params)
+    return SimulatedPair(volume, out, sitk_affine(np.linalg.inv(to_new)), params)

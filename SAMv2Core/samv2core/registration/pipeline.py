@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from ..affine import sitk_affine
 from ..embed import Embeddings
 from ..errors import RegistrationError, SAMv2Error
 from ..fitting import MODES, LinearFit, robust_fit
@@ -47,7 +48,7 @@ from .matches import PointPairs, registration_matches
 from .mind_features import MindEmbedder
 from .options import RegistrationOptions
 from .preflight import CheckedPair, preflight
-from .result import RegistrationResult, displacement_image, linear_transform
+from .result import RegistrationResult, displacement_image
 from .svf import jacobian_determinant, jacobian_stats
 from .verify import SimilarityProbe, Verification, choose, verify_linear
 
@@ -596,7 +597,7 @@ def register(fixed: Volume, moving: Volume, mode: str = "affine", deformable: bo
                                 None if verification is None else verification.report["term"])
     report.update(nonlinear.report)
 
-    linear_tf = linear_transform(lin4)
+    linear_tf = sitk_affine(lin4)
     composite = sitk.CompositeTransform(3)
     composite.AddTransform(linear_tf)
     if nonlinear.displacement is not None:

@@ -8,6 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..affine import matrix_of
 from .grid import Grid
 
 
@@ -30,24 +31,12 @@ class RegistrationResult:
     @property
     def linear_matrix(self) -> np.ndarray:
         """4x4 homogeneous LPS matrix of the linear part (fixed -> moving)."""
-        m = np.eye(4)
-        m[:3, :3] = np.asarray(self.linear.GetMatrix()).reshape(3, 3)
-        centre = np.asarray(self.linear.GetCenter())
-        m[:3, 3] = np.asarray(self.linear.GetTranslation()) + centre - m[:3, :3] @ centre
-        return m
+        return matrix_of(self.linear)
 
     def transform_points(self, fixed_lps) -> np.ndarray:
         """Map fixed LPS points (N, 3) to the moving image (N, 3) with the complete transform."""
         pts = np.asarray(fixed_lps, dtype=np.float64).reshape(-1, 3)
         return np.array([self.composite.TransformPoint(tuple(p)) for p in pts])
-
-
-def linear_transform(matrix4: np.ndarray) -> sitk.AffineTransform:
-    """The ITK transform of a 4x4 homogeneous LPS matrix (fixed -> moving)."""
-    t = sitk.AffineTransform(3)
-    t.SetMatrix(tuple(float(v) for v in matrix4[:3, :3].ravel()))
-    t.SetTranslation(tuple(float(v) for v in matrix4[:3, 3]))
-    return t
 
 
 def displacement_image(field: torch.Tensor, grid: Grid) -> sitk.Image:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 
+from ..affine import random_rigid
 from ..volume import Volume
 from .deformable import intensity_tensor
 from .grid import Grid, sample
@@ -177,23 +178,6 @@ class SimilarityProbe:
         return float(sa[both].mean()), float(sb[both].mean()), int(both.sum())
 
 
-def alternative_placements(centre: np.ndarray, count: int, shift_mm: tuple, angle_deg: tuple,
-                           seed: int = 0) -> list[np.ndarray]:
-    """``count`` seeded random rigid 4x4 maps of fixed space: a rotation in ``angle_deg`` about a
-    random axis through ``centre`` and a shift in ``shift_mm`` along a random direction."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        axis = rng.normal(size=3)
-        r = Rotation.from_rotvec(np.deg2rad(rng.uniform(*angle_deg)) * axis / np.linalg.norm(axis)).as_matrix()
-        d = rng.normal(size=3)
-        m = np.eye(4)
-        m[:3, :3] = r
-        m[:3, 3] = centre - r @ centre + d / np.linalg.norm(d) * rng.uniform(*shift_mm)
-        out.append(m)
-    return out
-
-
 def _max_move(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     """Largest distance between where maps ``a`` and ``b`` send ``points``."""
     if not len(points):
@@ -268,8 +252,9 @@ def beaten_by_alternative(probe: SimilarityProbe, m: np.ndarray) -> tuple[Option
     opt = probe.opt
     worst, compared, margin = None, 0, None
     s0, v0 = probe.scores(m)
-    for q in alternative_placements(probe.centre, opt.alternatives, opt.alternative_shift_mm,
-                                    opt.alternative_angle_deg, opt.seed):
+    rng = np.random.default_rng(opt.seed)
+    for _ in range(opt.alternatives):
+        q = random_rigid(rng, probe.centre, opt.alternative_angle_deg, opt.alternative_shift_mm)
         alt = m @ q
         s, v = probe.scores(alt)
         both = v0 & v
