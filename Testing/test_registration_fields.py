@@ -3,7 +3,7 @@ field-of-view crop and the deformable instance optimisation on a real CT crop.
 
 The deformable tests use the intensity terms only (LNCC; MIND-SSC for an MR-like remap):
 the embedding term's value depends on the trained model and is measured in
-Testing/benchmark_registration.py, not here. Deformations are simulated from a real scan
+Testing/Benchmarks/benchmark_registration.py, not here. Deformations are simulated from a real scan
 with a known field (samv2core.simulate), so the ground truth is exact.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ because the follow-up is simulated from a real scan (bundled pyradiomics lung CT
 origin). This tests the pipeline's plumbing and conventions (query sampling, stable
 matching, robust fit, FOV crop, coarse and deformable stages, fixed -> moving direction)
 independently of model quality; the trained model's accuracy is measured in
-Testing/benchmark_registration.py.
+Testing/Benchmarks/benchmark_registration.py.
 """
 from __future__ import annotations
 

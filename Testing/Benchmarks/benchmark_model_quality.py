@@ -14,7 +14,7 @@ Prints one table with, for each method,
 Methods: (a) the untrained lite network (random init, seed 0), (b) the bundled model with NN
 matching, (c) the bundled model with fixed-point matching (also appearance-heads-only
 variants), (d) a training-free baseline: MIND-SSC descriptors (multi-scale) with the same
-matcher. No timing targets here; run: ``python Testing/benchmark_model_quality.py``.
+matcher. No timing targets here; run: ``python Testing/Benchmarks/benchmark_model_quality.py``.
 Use ``--json FILE`` to save the numbers (the model card quotes them).
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/, for repo_paths
+from bench_table import print_machine_load
 from repo_paths import REPO, SHARED
 
 
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
                     help="cross-modality variant: the simulated follow-ups get an MR-like contrast (CT -> MR-like)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print_machine_load()
 
     from samv2core.embed import Embedder
     from samv2core.errors import CheckpointError

@@ -1,7 +1,7 @@
 """Registration benchmark (issue 4): SAM-rigid / SAM-affine / +coarse / +deformable versus
 ANTs (antspyx) and elastix (itk-elastix), on the same pairs, in one run, one table.
 
-Run:  python Testing/benchmark_registration.py [--model PATH] [--quick] [--no-peers] [--json OUT]
+Run:  python Testing/Benchmarks/benchmark_registration.py [--model PATH] [--quick] [--no-peers] [--json OUT]
 
 Pairs
 * SIMULATED from a real CT: a follow-up made with a known motion (rigid, or affine with
@@ -59,7 +59,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from repo_paths import REPO, SHARED
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/, for repo_paths
+from bench_table import fitted_table, fmt, print_machine_load  # noqa: E402
+from repo_paths import REPO, SHARED  # noqa: E402
 sys.path.insert(0, str(REPO))
 
 from samv2core.preprocess import body_mask, resample_to_model_grid  # noqa: E402
@@ -576,10 +578,6 @@ def run_peer_subprocess(folder: Path, method: str, timeout: float = 900.0) -> di
 
 
 # --- main -------------------------------------------------------------------------------------------------
-def _fmt(v, nd=2):
-    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="SAM weights (.safetensors); default: the bundled model")
@@ -595,6 +593,7 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(*args.worker)
     torch.set_num_threads(args.torch_threads)
+    print_machine_load()
     if not SHARED.is_dir():
         print(f"benchmark needs the real data in {SHARED}", file=sys.stderr)
         return 1
@@ -636,14 +635,13 @@ def main(argv=None) -> int:
                 row.note = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
             rows.append(row)
             print(f"[{time.perf_counter() - t_all:6.0f} s] {case.name} | {method}: "
-                  f"err {_fmt(row.err_mean)} dice {_fmt(row.dice, 3)} time {_fmt(row.seconds, 1)} {row.note}",
+                  f"err {fmt(row.err_mean)} dice {fmt(row.dice, 3)} time {fmt(row.seconds, 1)} {row.note}",
                   file=sys.stderr, flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
     head = ["pair", "method", "time s", "reg s", "peak MB", "err mean", "err p90", "Dice", "fold %", "notes"]
-    table = [[r.case, r.method, _fmt(r.seconds, 1), _fmt(r.reg_seconds, 1), _fmt(r.peak_mb, 0), _fmt(r.err_mean),
-              _fmt(r.err_p90), _fmt(r.dice, 3), _fmt(r.fold, 3), r.note] for r in rows]
-    widths = [max(len(str(x[i])) for x in table + [head]) for i in range(len(head))]
+    table = [[r.case, r.method, fmt(r.seconds, 1), fmt(r.reg_seconds, 1), fmt(r.peak_mb, 0), fmt(r.err_mean),
+              fmt(r.err_p90), fmt(r.dice, 3), fmt(r.fold, 3), r.note] for r in rows]
     print(f"\nRegistration benchmark - SAM model: {sam.label}" + ("" if sam.trained else "  (UNTRAINED: SAM rows are NOT meaningful)"))
     print("Simulated pairs: follow-ups made from a real CT with a known transform (exact point error, mm). "
           "Inter-patient: Dice of TotalSegmentator labels (model outputs).")
@@ -652,10 +650,7 @@ def main(argv=None) -> int:
           "peer inputs resampled to >= 3 mm unless marked (native).")
     print("time = whole method (SAM: includes embedding both images, uncached); reg s = SAM stages after embedding; "
           "peak MB = peak RSS above baseline; fold % = det J <= 0 in the fixed body (complete map).")
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in table:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+    print("\n".join(fitted_table(head, table, markdown=False)))
     print(f"\ntotal benchmark time {time.perf_counter() - t_all:.0f} s; torch threads {torch.get_num_threads()}, "
           f"ITK threads {os.environ.get('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS')}")
     if args.json:

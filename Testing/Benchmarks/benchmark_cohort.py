@@ -6,7 +6,7 @@ SIMULATED follow-ups (known rigid motion, smooth deformation, noise), 3 points e
 with the bundled model and samv2 batch's default method. Absolute times depend on the machine's load; compare
 the rows of one run.
 
-    python Testing/benchmark_cohort.py [--cases 6]
+    python Testing/Benchmarks/benchmark_cohort.py [--cases 6]
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from bench_table import print_machine_load
 
 
 def make_cases(root: Path, n: int) -> Path:
@@ -46,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=6)
     args = ap.parse_args()
+    print_machine_load()
     from samv2core.batch import ROLES, MatchCaseJob
     from samv2core.cohort import read_cases, run_cohort
 

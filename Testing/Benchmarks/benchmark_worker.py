@@ -1,6 +1,6 @@
 """Click latency of the Slicer module's worker process (issue 11), in plain Python.
 
-Run:  python Testing/benchmark_worker.py [--model PATH] [--clicks N] [--threads T]
+Run:  python Testing/Benchmarks/benchmark_worker.py [--model PATH] [--clicks N] [--threads T]
 
 Drives the same worker the Slicer GUI uses (SAMv2SlicerLib.worker -> SAMv2SlicerLib.server,
 JSON lines on stdin/stdout, volumes as files) and measures, per volume pair:
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/, for repo_paths
+from bench_table import print_machine_load, spread
 from repo_paths import REPO, SHARED
 
 sys.path.insert(0, str(REPO / "SAMv2Slicer"))
@@ -57,12 +59,6 @@ def click_points(volume, n, seed=0):
     return volume.index_to_lps(pick[:, ::-1].astype(float))
 
 
-def stats(ms):
-    ms = sorted(ms)
-    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
-    return ms[0], statistics.median(ms), p90, ms[-1]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="weights file (default: the bundled model)")
@@ -74,6 +70,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    print_machine_load()
     from samv2core.session import EmbeddingSession
     from samv2core.simulate import simulate_followup
     from SAMv2SlicerLib import steps
@@ -129,7 +126,7 @@ def main(argv=None) -> int:
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for name, method, embed_s, n_prog, wms, ims in rows:
-        w, i = stats(wms), stats(ims)
+        w, i = spread(wms), spread(ims)
         print(f"{name} | {method} | {embed_s:.1f} | {n_prog} | {w[0]:.0f}/{w[1]:.0f}/{w[2]:.0f}/{w[3]:.0f} | "
               f"{sum(m > TARGET_MS for m in wms)}/{len(wms)} | {i[1]:.0f}/{i[3]:.0f} | {w[1] - i[1]:.0f} | "
               f"{w[1] / i[1]:.2f}")

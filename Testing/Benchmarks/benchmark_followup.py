@@ -1,6 +1,6 @@
 """Click-to-match on hard SIMULATED follow-ups (issue 10): NN, fixed-point, refined, and peers.
 
-Run:  nice python Testing/benchmark_followup.py [--quick] [--no-peers] [--only lung,aorta,...]
+Run:  nice python Testing/Benchmarks/benchmark_followup.py [--quick] [--no-peers] [--only lung,aorta,...]
       [--seeds 0,1,2] [--points 40] [--lesions 5] [--out results.json]
 
 Follow-ups are SIMULATED from the real CTs of ../shared/data with samv2core.simulate's hard
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/, for repo_paths
+from bench_table import rule
 from repo_paths import SHARED
 SCANS = {
     "lung": "ct/radiomics_lung1/image.nrrd",
@@ -187,7 +189,7 @@ def fmt_row(scan, method, s, first, click):
 
 
 HEADER = ("| scan           | method       |    n | median |    p90 | CPM@10 | false-c | over-c | silent |  worst | "
-          "first s | click ms |\n|" + "|".join("-" * w for w in (16, 14, 6, 8, 8, 8, 9, 8, 8, 8, 9, 10)) + "|")
+          "first s | click ms |\n" + rule((14, 12, 4, 6, 6, 6, 7, 6, 6, 6, 7, 8)))
 
 
 def main(argv=None) -> int:

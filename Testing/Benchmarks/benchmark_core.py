@@ -1,6 +1,6 @@
 """Core benchmark (issue 2): embedding time / peak memory, match latency, matching error.
 
-Run:  python Testing/benchmark_core.py [--model PATH] [--quick]
+Run:  python Testing/Benchmarks/benchmark_core.py [--model PATH] [--quick]
 
 Prints one table per part. Follow-ups are SIMULATED from real CTs (known rigid motion + smooth
 deformation + noise/contrast change), so the matching error is exact; no real follow-up pairs
@@ -13,10 +13,12 @@ import json
 import os
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/, for repo_paths
+from bench_table import header, print_machine_load, time_each
 from repo_paths import SHARED
 
 CT_FILES = {
@@ -72,9 +74,8 @@ def run_child(spec: dict) -> dict:
 def part_embedding(args) -> None:
     print("\n## Embedding time and peak memory (2 mm model grid, one process per run, untrained weights "
           "for the variant rows: speed/memory do not depend on the weights)")
-    print(f"| {'volume':<44} | {'variant':<7} | {'model grid z,y,x':<16} | {'slabs':>5} | {'seconds':>7} | "
-          f"{'peak RSS GB':>11} | {'RSS increase GB':>15} |")
-    print("|" + "|".join("-" * (w + 2) for w in (44, 7, 16, 5, 7, 11, 15)) + "|")
+    print("\n".join(header([("volume", "<44"), ("variant", "<7"), ("model grid z,y,x", "<16"), ("slabs", ">5"),
+                             ("seconds", ">7"), ("peak RSS GB", ">11"), ("RSS increase GB", ">15")])))
     rows = [(k, SHARED / p, {}) for k, p in CT_FILES.items()]
     body = SHARED / CT_FILES["chest-abdomen CT (totalseg_example, 3 mm)"]
     rows.insert(0, ("chest-abdomen CT cut to 96x160x160 @2 mm", body, {"shape_zyx": [96, 160, 160]}))
@@ -106,9 +107,8 @@ def part_matching(args) -> None:
     print("Follow-up = real CT + known rigid motion (<=4 deg, <=8 mm) + smooth deformation (peak 5 mm) + "
           "2% noise + 5% contrast change; error = distance to the exactly known true position.")
     embedder = Embedder(resolved.model, device="cpu")
-    header = f"| {'CT':<44} | {'method':<11} | {'points':>6} | {'median mm':>9} | {'mean mm':>7} | {'p90 mm':>6} | {'CPM@10mm':>8} | {'confident':>9} | {'ms/point':>8} |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    print("\n".join(header([("CT", "<44"), ("method", "<11"), ("points", ">6"), ("median mm", ">9"), ("mean mm", ">7"),
+                             ("p90 mm", ">6"), ("CPM@10mm", ">8"), ("confident", ">9"), ("ms/point", ">8")])))
     all_err = {"nn": [], "fixed_point": []}
     for name, rel in CT_FILES.items():
         path = SHARED / rel
@@ -130,12 +130,8 @@ def part_matching(args) -> None:
         te = embedder.embed(vol)
         qe = embedder.embed(pair.followup)
         for method in ("nn", "fixed_point"):
-            match_points(te, qe, pts[:1], method=method)  # warm-up
-            times, res = [], []
-            for p in pts:  # one click at a time, as a user does
-                t = time.perf_counter()
-                res.append(match_points(te, qe, p[None], method=method)[0])
-                times.append(time.perf_counter() - t)
+            # one click at a time, as a user does
+            res, times = time_each(lambda p: match_points(te, qe, p[None], method=method)[0], pts)
             err = np.linalg.norm(np.array([r.query_point.xyz for r in res]) - truth, axis=1)
             all_err[method].extend(err)
             print(f"| {name:<44} | {method:<11} | {len(err):>6} | {np.median(err):>9.2f} | {err.mean():>7.2f} | "
@@ -157,6 +153,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    print_machine_load()
     print(f"# samv2core benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
     if not SHARED.is_dir():

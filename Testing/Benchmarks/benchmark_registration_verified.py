@@ -1,6 +1,6 @@
 """Verified linear registration benchmark (issue 12): is a result ever accepted and wrong?
 
-Run:  python Testing/benchmark_registration_verified.py [--quick] [--no-peers] [--peers-only]
+Run:  python Testing/Benchmarks/benchmark_registration_verified.py [--quick] [--no-peers] [--peers-only]
       [--features auto|sam|mind] [--model WEIGHTS] [--only REGEX] [--seeds N ...] [--cache DIR]
       [--json OUT]
 
@@ -46,10 +46,10 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 
-from repo_paths import SHARED
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/, for repo_paths
+from bench_table import fitted_table, fmt, print_machine_load  # noqa: E402
 from benchmark_registration import run_ants  # noqa: E402  (one home for the peer runners)
+from repo_paths import SHARED  # noqa: E402
 from samv2core.preprocess import body_mask, resample_to_model_grid  # noqa: E402
 from samv2core.registration.sampling import grid_points_in_mask  # noqa: E402
 from samv2core.simulate import rigidly_moved, simulate_offcentre_pair  # noqa: E402
@@ -217,10 +217,6 @@ class SamMethod:
                 "verification": rep.get("verification", {}).get("summary", ""), "timing": rep["timing"]}
 
 
-def _fmt(v, nd=2):
-    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one seed per source (9 pairs + prostate)")
@@ -242,6 +238,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(int(THREADS))
+    print_machine_load()
     if not SHARED.is_dir():
         print(f"the benchmark needs the real data in {SHARED}", file=sys.stderr)
         return 1
@@ -266,8 +263,8 @@ def main(argv=None) -> int:
         rows.append(row)
         s, a = row.get("sam", {}), row.get("ants", {})
         print(f"[{time.perf_counter() - t_all:6.0f} s] {p.name}: SAM {'ok' if s.get('accepted') else 'refused'} "
-              f"err {_fmt(s.get('err_mean'))} {_fmt(s.get('seconds'), 1)} s {s.get('features', s.get('reason', ''))[:90]}"
-              f" | ANTs err {_fmt(a.get('err_mean'))} {_fmt(a.get('seconds'), 1)} s", file=sys.stderr, flush=True)
+              f"err {fmt(s.get('err_mean'))} {fmt(s.get('seconds'), 1)} s {s.get('features', s.get('reason', ''))[:90]}"
+              f" | ANTs err {fmt(a.get('err_mean'))} {fmt(a.get('seconds'), 1)} s", file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     if sam is None:
@@ -285,15 +282,11 @@ def print_table(rows: list, label: str, features: str) -> None:
     table = []
     for r in rows:
         s, a = r["sam"], r.get("ants", {})
-        table.append([r["pair"], _fmt(r.get("rotation_deg"), 1), _fmt(r.get("offset_mm"), 0),
-                      _fmt(r.get("fov_fraction_longest_axis")), _fmt(s["seconds"], 1), "yes" if s["accepted"] else "no",
-                      _fmt(s.get("err_mean")), (s.get("features") or s.get("reason", ""))[:70],
-                      _fmt(a.get("seconds"), 1), _fmt(a.get("err_mean"))])
-    widths = [max(len(str(x[i])) for x in table + [head]) for i in range(len(head))]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for t in table:
-        print("| " + " | ".join(str(x).ljust(w) for x, w in zip(t, widths)) + " |")
+        table.append([r["pair"], fmt(r.get("rotation_deg"), 1), fmt(r.get("offset_mm"), 0),
+                      fmt(r.get("fov_fraction_longest_axis")), fmt(s["seconds"], 1), "yes" if s["accepted"] else "no",
+                      fmt(s.get("err_mean")), (s.get("features") or s.get("reason", ""))[:70],
+                      fmt(a.get("seconds"), 1), fmt(a.get("err_mean"))])
+    print("\n".join(fitted_table(head, table)))
     acc = [r for r in rows if r["sam"]["accepted"]]
     silent = [r for r in acc if r["sam"]["err_mean"] > SILENT_MM]
     errs = [r["sam"]["err_mean"] for r in acc]
