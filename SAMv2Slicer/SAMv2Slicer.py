@@ -67,20 +67,20 @@ def registerSampleData():
     """Add the SAMv2 sample pair (bundled lung CT + simulated follow-up) to the Sample Data module."""
     import SampleData
 
-    from SAMv2SlicerLib import sampledata
+    from SAMv2SlicerLib import slicer_sample_data
 
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
     try:
-        baseline = sampledata.bundled_baseline()
+        baseline = slicer_sample_data.bundled_baseline()
     except Exception as exc:  # no bundled CT in this build: nothing to offer
         logging.info(f"SAMv2Slicer: no sample data registered ({exc})")
         return
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category=sampledata.SAMPLE_CATEGORY,
-        sampleName=sampledata.SAMPLE_NAME,
+        category=slicer_sample_data.SAMPLE_CATEGORY,
+        sampleName=slicer_sample_data.SAMPLE_NAME,
         uris=[baseline.as_uri()],
         fileNames=[baseline.name],
-        nodeNames=[sampledata.BASELINE_NODE_NAME],
+        nodeNames=[slicer_sample_data.BASELINE_NODE_NAME],
         thumbnailFileName=os.path.join(iconsPath, "SAMv2Slicer.png"),
         loadFileTypes=["VolumeFile"],
         # The follow-up is simulated on first use, so the Sample Data button loads through our own
@@ -96,17 +96,17 @@ def _sampleCacheDir():
 
 def loadSamplePair(source=None):
     """Load the sample baseline CT, its tumour segment and the simulated follow-up. Returns the nodes."""
-    from SAMv2SlicerLib import sampledata
+    from SAMv2SlicerLib import slicer_sample_data
 
     with slicer.util.tryWithErrorDisplay(_("Could not load the SAMv2 sample data."), waitCursor=True):
-        pair = sampledata.sample_pair(_sampleCacheDir())
-        baseline = slicer.util.loadVolume(str(pair.baseline), {"name": sampledata.BASELINE_NODE_NAME})
-        followup = slicer.util.loadVolume(str(pair.followup), {"name": sampledata.FOLLOWUP_NODE_NAME})
+        pair = slicer_sample_data.sample_pair(_sampleCacheDir())
+        baseline = slicer.util.loadVolume(str(pair.baseline), {"name": slicer_sample_data.BASELINE_NODE_NAME})
+        followup = slicer.util.loadVolume(str(pair.followup), {"name": slicer_sample_data.FOLLOWUP_NODE_NAME})
         loaded = [baseline, followup]
         for node in loaded:
             node.SetAttribute("SAMv2.Modality", "CT")
         if pair.tumor_label is not None:
-            tumour = slicer.util.loadSegmentation(str(pair.tumor_label), {"name": sampledata.TUMOR_NODE_NAME})
+            tumour = slicer.util.loadSegmentation(str(pair.tumor_label), {"name": slicer_sample_data.TUMOR_NODE_NAME})
             tumour.SetReferenceImageGeometryParameterFromVolumeNode(baseline)
             loaded.append(tumour)
         slicer.util.setSliceViewerLayers(background=baseline, fit=True)

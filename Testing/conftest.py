@@ -40,7 +40,7 @@ def lite_net():
 @pytest.fixture(scope="session")
 def lung_crop():
     """A real chest CT crop (bundled pyradiomics lung1 sample, PyPI origin): about 120 x 100 x 30 voxels."""
-    from samv2core.sample_data import load_sample
+    from samv2core.bundled_samples import load_sample
 
     v = load_sample("lung1_ct")
     img = v.to_sitk()[13:133, 20:120, 9:39]

@@ -35,7 +35,7 @@ def workspace(tmp_path_factory):
 
     from samv2core.model_io import ModelCard, save_model
     from samv2core.network import NetConfig, build_network
-    from samv2core.sample_data import load_sample
+    from samv2core.bundled_samples import load_sample
     from samv2core.simulate import simulate_followup
     from SAMv2SlicerLib import nodes
 

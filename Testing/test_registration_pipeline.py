@@ -74,7 +74,7 @@ def _sitk_map(transform):
 
 @pytest.fixture(scope="module")
 def lung():
-    from samv2core.sample_data import load_sample
+    from samv2core.bundled_samples import load_sample
 
     v = load_sample("lung1_ct")
     img = v.to_sitk()[::2, ::2, :]  # 1.1 mm in-plane is plenty here and halves the work
@@ -306,7 +306,7 @@ def test_mind_coarse_descriptor_on_the_downsampled_grid_matches_the_full_resolut
     """The fast coarse MIND-SSC (2x averaged image, same physical offsets) lands on the same
     grids as the full-resolution one and points the same way (real CT, bundled)."""
     from samv2core.registration.mind_features import mind_embeddings
-    from samv2core.sample_data import load_sample
+    from samv2core.bundled_samples import load_sample
 
     v = load_sample("lung1_ct")
     full, fast = mind_embeddings(v, coarse_downsample=1), mind_embeddings(v)

@@ -20,7 +20,7 @@ from samv2core.volume import Volume
 
 @pytest.fixture(scope="module")
 def lung():
-    from samv2core.sample_data import load_sample
+    from samv2core.bundled_samples import load_sample
 
     v = load_sample("lung1_ct")
     return Volume.from_sitk(v.to_sitk()[::2, ::2, :], "CT", name="lung")

@@ -23,7 +23,7 @@ from samv2core.registration.fov import crop_volume
 from samv2core.registration.pipeline import inverse_consistency, mind_pair
 from samv2core.registration.preflight import preflight
 from samv2core.registration.verify import SimilarityProbe, beaten_by_alternative, perturbations, verify_linear
-from samv2core.sample_data import load_sample
+from samv2core.bundled_samples import load_sample
 from samv2core.simulate import rigidly_moved, simulate_offcentre_pair
 from samv2core.volume import Volume, load_volume
 from repo_paths import SHARED

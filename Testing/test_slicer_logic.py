@@ -31,7 +31,7 @@ from samv2core import registration as reg  # noqa: E402
 from samv2core.volume import Volume  # noqa: E402
 from SAMv2SlicerLib import logic as L  # noqa: E402
 from SAMv2SlicerLib import nodes  # noqa: E402
-from SAMv2SlicerLib.progress import Cancelled  # noqa: E402
+from SAMv2SlicerLib.cancellation import Cancelled  # noqa: E402
 
 
 def shared_data() -> Path:

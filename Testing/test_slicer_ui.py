@@ -576,16 +576,16 @@ def test_torch_comes_from_the_pytorch_extension(monkeypatch):
 # --------------------------------------------------------------------------------------------
 def test_sample_pair_is_simulated_once_and_cached(tmp_path):
     from samv2core.volume import load_volume
-    from SAMv2SlicerLib import sampledata
+    from SAMv2SlicerLib import slicer_sample_data
 
-    pair = sampledata.sample_pair(tmp_path)
+    pair = slicer_sample_data.sample_pair(tmp_path)
     assert pair.simulated and pair.baseline.is_file() and pair.followup.is_file()
     assert pair.tumor_label is not None and pair.tumor_label.is_file()
     base, follow = load_volume(pair.baseline, "CT"), load_volume(pair.followup, "CT")
     assert follow.array.shape == base.array.shape
     assert not (follow.array == base.array).all()  # moved, deformed and noisy
     stamp = pair.followup.stat().st_mtime_ns
-    assert sampledata.sample_pair(tmp_path).followup.stat().st_mtime_ns == stamp  # reused, not recomputed
+    assert slicer_sample_data.sample_pair(tmp_path).followup.stat().st_mtime_ns == stamp  # reused, not recomputed
     icon = MODULE_DIR / "Resources" / "Icons" / "SAMv2Slicer.png"
     assert icon.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -126,7 +126,7 @@ def test_view_pair_correspondence_is_exact():
     from samv2train.augment import extract_patch
     from samv2train.config import AugmentSection
     from samv2train.data import load_entry
-    from samv2train.sampling import make_view_pair
+    from samv2train.view_pairs import make_view_pair
 
     tv = load_entry({"path": str(_need(SAMPLE / "lung1_ct.nrrd")), "modality": "CT"}, 2.0)
     aug = AugmentSection(noise_std=0.0, blur_sigma=[0.0, 0.0], contrast=[1.0, 1.0])

@@ -36,7 +36,7 @@ pytest.importorskip("playwright.sync_api", reason="browser test: playwright is n
 pytest.importorskip("trame_slicer", reason="browser test: the 'view' extra (trame-slicer) is not installed")
 
 from playwright.sync_api import sync_playwright
-from samv2core.sample_data import load_sample
+from samv2core.bundled_samples import load_sample
 from samv2core.simulate import simulate_followup
 
 

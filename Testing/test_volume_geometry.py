@@ -152,7 +152,7 @@ def test_load_dicom_series(shared_data):
 
 
 def test_mr_sample_with_flipped_direction_loads_as_mr():
-    from samv2core.sample_data import load_sample
+    from samv2core.bundled_samples import load_sample
 
     v = load_sample("brain1_mr")
     assert v.modality is Modality.MR

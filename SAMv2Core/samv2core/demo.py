@@ -21,7 +21,7 @@ from .markups import write_markups
 from .matching import match_points
 from .outputs import atomic_write, check_writable, write_text_atomic
 from .preprocess import body_mask
-from .sample_data import load_sample
+from .bundled_samples import load_sample
 from .simulate import simulate_hard_followup
 
 

@@ -61,10 +61,6 @@ def write_text_atomic(target: "str | os.PathLike", text: str) -> Path:
     return atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_bytes_atomic(target: "str | os.PathLike", data: bytes) -> Path:
-    return atomic_write(target, lambda tmp: tmp.write_bytes(data))
-
-
 def _remove(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():

@@ -5,7 +5,7 @@ Every action is split in three phases so that the GUI never freezes:
 * ``prepare_*`` (main thread): validate the selected nodes and copy them into core objects.
   Bad input raises a samv2core error here, before anything runs or changes.
 * ``Job.compute(progress)``: embeddings, matching, registration. Touches no MRML node;
-  ``progress`` may raise ``progress.Cancelled``. In Slicer the same computation runs in the
+  ``progress`` may raise ``cancellation.Cancelled``. In Slicer the same computation runs in the
   worker process instead (``Job.op`` / ``Job.inputs`` name it; see ``worker`` and ``server``):
   both run the functions of ``steps``.
 * ``Job.apply(payload)`` (main thread): add the output nodes. Runs in a scene transaction:
@@ -47,7 +47,7 @@ from .constants import (  # noqa: F401
     SOURCE_POINTS_ROLE,
     SOURCE_VOLUME_ROLE,
 )
-from .progress import Cancelled, ProgressCallback, run_sync
+from .cancellation import Cancelled, ProgressCallback, run_sync
 from .steps import sphere_mask, warp_mask  # noqa: F401  (re-exported: part of the logic's API)
 
 

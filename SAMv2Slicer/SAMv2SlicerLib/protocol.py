@@ -2,7 +2,7 @@
 
 One JSON object per line, UTF-8. The client writes requests to the worker's stdin::
 
-    {"id": 3, "op": "match", "args": {...}}      op: embed | match | propagate | register | set_model | ping
+    {"id": 3, "op": "match", "args": {...}}      op: embed | match | propagate | register | ping
     {"op": "cancel", "id": 3}                    stop request 3 (queued or running)
     {"op": "shutdown"}
 
@@ -13,6 +13,10 @@ and reads events from its stdout::
     {"id": 3, "event": "result", "result": {...}}
     {"id": 3, "event": "error", "kind": "InputError", "message": "...", "traceback": "..."}
     {"id": 3, "event": "cancelled"}
+
+Every request names its model in ``args["model"]`` (the worker loads it once). The module never
+sends ``set_model``: that op only loads the model ahead (Testing/Benchmarks/benchmark_worker.py
+times the start-up with it).
 
 Volumes and results never travel in the pipe: volumes are NRRD files (LPS geometry of the
 core Volume, i.e. the node's voxels with its geometry) in the session's private folder,

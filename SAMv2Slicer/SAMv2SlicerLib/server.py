@@ -26,7 +26,7 @@ from samv2core.errors import CheckpointError, SAMv2Error
 from samv2core.session import EmbeddingSession
 
 from . import protocol, steps
-from .progress import Cancelled
+from .cancellation import Cancelled
 
 _STOP = object()
 

@@ -18,7 +18,7 @@ from samv2core.registration import register as core_register
 from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume
 
-from .progress import ProgressCallback, no_progress, sub_progress
+from .cancellation import ProgressCallback, no_progress, sub_progress
 
 
 def embed_volumes(session: EmbeddingSession, volumes, progress: ProgressCallback = no_progress) -> list[str]:

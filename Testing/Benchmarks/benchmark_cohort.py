@@ -22,7 +22,7 @@ from bench_table import print_machine_load
 
 
 def make_cases(root: Path, n: int) -> Path:
-    from samv2core.sample_data import load_sample
+    from samv2core.bundled_samples import load_sample
     from samv2core.simulate import simulate_followup
     from samv2core.volume import Volume
 

@@ -40,7 +40,7 @@ TARGET_MS = 300.0
 
 
 def load_case(rel):
-    from samv2core.sample_data import load_sample
+    from samv2core.bundled_samples import load_sample
     from samv2core.volume import load_volume
 
     if rel is None:

@@ -43,7 +43,7 @@ from samv2core.volume import Volume, load_volume
 from .augment import View, augment_intensity, extract_mask, extract_patch, random_view
 from .config import TrainConfig
 from .data import TrainVolume, load_label_map, prepare_volume
-from .sampling import ViewPair
+from .view_pairs import ViewPair
 from .trainer import Trainer
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LossSection
-from .sampling import ViewPair, output_grid_centres, patch_to_output
+from .view_pairs import ViewPair, output_grid_centres, patch_to_output
 
 
 @dataclass

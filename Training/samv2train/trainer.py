@@ -40,7 +40,7 @@ from .losses import (
     prototype_supcon,
     random_global_negatives,
 )
-from .sampling import ViewPair, fixed_view_pair, make_view_pair, output_grid_centres
+from .view_pairs import ViewPair, fixed_view_pair, make_view_pair, output_grid_centres
 
 LOG_FIELDS = ["step", "wall_s", "lr", "loss", "fine", "coarse", "semantic", "alice", "pair", "fine_acc",
               "val_median_mm", "val_mean_mm", "val_cpm10"]

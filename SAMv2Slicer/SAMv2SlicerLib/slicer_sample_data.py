@@ -33,14 +33,14 @@ class SamplePair:
 
 def bundled_baseline() -> Path:
     """Path of the bundled baseline CT (samv2core InputError if the package has none)."""
-    from samv2core.sample_data import sample_path  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
+    from samv2core.bundled_samples import sample_path  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
 
     return sample_path(BASELINE_SAMPLE)
 
 
 def sample_pair(cache_dir: "str | os.PathLike", seed: int = SIMULATION_SEED) -> SamplePair:
     """Paths of the sample pair; the simulated follow-up is written to ``cache_dir`` on first use."""
-    from samv2core.sample_data import sample_path  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
+    from samv2core.bundled_samples import sample_path  # noqa: PLC0415 - Slicer loads this at start-up, before the module's pip dependencies
 
     baseline = bundled_baseline()
     try:
