@@ -5,7 +5,10 @@ import sys
 
 
 class SAMv2Error(Exception):
-    """Base class for all errors this package raises on purpose."""
+    """Base class for all errors this package raises on purpose.
+
+    The message's first line names the problem for a user; ``samv2`` prints it and exits 2.
+    """
 
 
 class InputError(SAMv2Error, ValueError):
@@ -17,7 +20,7 @@ class CheckpointError(SAMv2Error):
 
 
 class DeviceError(SAMv2Error):
-    """A requested compute device (e.g. CUDA) is not available."""
+    """A requested compute device (e.g. CUDA, or MPS) is not available or not usable."""
 
 
 class MatchingError(SAMv2Error):

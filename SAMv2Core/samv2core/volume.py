@@ -23,11 +23,25 @@ from .image_files import check_complete, itk_reason
 
 
 class Modality(str, enum.Enum):
+    """The imaging modality of a volume: it picks intensity normalisation (CT in Hounsfield
+    units, MR by percentiles) and the registration similarity term."""
+
     CT = "CT"
     MR = "MR"
 
     @classmethod
     def parse(cls, value: "str | Modality") -> "Modality":
+        """The modality named by ``value``.
+
+        Args:
+            value: a Modality, or 'CT', 'MR' or 'MRI' (any case, surrounding spaces ignored).
+
+        Returns:
+            The Modality.
+
+        Raises:
+            InputError: for any other name (including 'auto', which only loading resolves).
+        """
         if isinstance(value, Modality):
             return value
         key = str(value).strip().upper()
@@ -39,7 +53,24 @@ class Modality(str, enum.Enum):
 
 @dataclass(frozen=True, eq=False)
 class Volume:
-    """A scalar 3D image with full geometry. Immutable: the array is a read-only copy."""
+    """A scalar 3D image with its full ITK geometry. Immutable: the array is a read-only copy.
+
+    ``physical = origin + direction @ (spacing * (i, j, k))`` in LPS millimetres, for the voxel
+    at ``array[k, j, i]``.
+
+    Args:
+        array: voxel values, shape (z, y, x); stored as a read-only float32 copy.
+        spacing: voxel size along the index axes (i, j, k) = (x, y, z), mm, positive.
+        origin: LPS position of the centre of voxel (0, 0, 0), mm.
+        direction: 3x3 orthonormal matrix whose columns are the index axes (i, j, k) in LPS.
+        modality: CT or MR (a Modality or its name).
+        name: a label used in messages and output names.
+        meta: free-form extras (e.g. ``meta["source"]``, the path it was loaded from).
+
+    Raises:
+        InputError: for a non-3D or empty array, a non-positive spacing or a direction
+            matrix that is not orthonormal.
+    """
 
     array: np.ndarray  # (z, y, x) float32
     spacing: tuple[float, float, float]  # (x, y, z) mm
@@ -73,6 +104,7 @@ class Volume:
     # --- geometry -------------------------------------------------------------------
     @property
     def size_xyz(self) -> tuple[int, int, int]:
+        """Number of voxels along (i, j, k) = (x, y, z): ``array.shape`` reversed."""
         z, y, x = self.array.shape
         return (x, y, z)
 
@@ -85,30 +117,62 @@ class Volume:
         return m
 
     def index_to_lps(self, ijk) -> np.ndarray:
-        """Continuous index/indices (..., 3) in (i, j, k) order -> LPS mm (..., 3)."""
+        """Physical positions of (continuous) voxel indices.
+
+        Args:
+            ijk: indices in (i, j, k) = (x, y, z) order, shape (3,) or (..., 3).
+
+        Returns:
+            LPS mm, float64, the same shape as ``ijk``.
+        """
         ijk = np.asarray(ijk, dtype=np.float64)
         return ijk @ (self.direction @ np.diag(self.spacing)).T + np.asarray(self.origin)
 
     def lps_to_index(self, lps) -> np.ndarray:
-        """LPS mm (..., 3) -> continuous (i, j, k) index/indices (..., 3)."""
+        """Continuous voxel indices of physical positions (the inverse of :meth:`index_to_lps`).
+
+        Args:
+            lps: LPS mm, shape (3,) or (..., 3).
+
+        Returns:
+            Indices in (i, j, k) = (x, y, z) order, float64, the same shape as ``lps``.
+        """
         lps = np.asarray(lps, dtype=np.float64)
         inv = np.linalg.inv(self.direction @ np.diag(self.spacing))
         return (lps - np.asarray(self.origin)) @ inv.T
 
     def contains_lps(self, lps, tolerance_voxels: float = 0.5) -> np.ndarray:
-        """True where a point lies inside the image's voxel extent (half a voxel of slack)."""
+        """Which points lie inside the image's voxel extent.
+
+        Args:
+            lps: LPS mm, shape (3,) or (..., 3).
+            tolerance_voxels: slack beyond the outer voxel centres, in voxels (0.5 = the
+                voxels' outer faces; negative values demand a margin inside).
+
+        Returns:
+            bool, shape ``lps.shape[:-1]`` (a 0-d array for one point).
+        """
         ijk = self.lps_to_index(lps)
         size = np.asarray(self.size_xyz, dtype=np.float64)
         return np.all((ijk >= -tolerance_voxels) & (ijk <= size - 1 + tolerance_voxels), axis=-1)
 
     def corners_lps(self) -> np.ndarray:
-        """The 8 corner voxel centres in LPS, (8, 3)."""
+        """The centres of the 8 corner voxels.
+
+        Returns:
+            LPS mm, float64, shape (8, 3).
+        """
         size = np.asarray(self.size_xyz) - 1
         corners = np.array([[a, b, c] for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])], float)
         return self.index_to_lps(corners)
 
     # --- conversion -----------------------------------------------------------------
     def to_sitk(self) -> sitk.Image:
+        """This volume as a SimpleITK image.
+
+        Returns:
+            A float32 ``sitk.Image`` with the same voxels, spacing, origin and direction (LPS).
+        """
         img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
@@ -117,6 +181,20 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, image: sitk.Image, modality: "str | Modality" = "auto", name: str = "") -> "Volume":
+        """A Volume from a 3D scalar SimpleITK image (its geometry is taken as it is, in LPS).
+
+        Args:
+            image: a 3D image with one component per voxel.
+            modality: 'CT', 'MR' or 'auto' (guessed from the intensities: CT when the 1st
+                percentile is below -500).
+            name: the volume's label.
+
+        Returns:
+            The Volume; its array is (z, y, x) float32.
+
+        Raises:
+            InputError: for a non-3D or a vector (e.g. RGB) image, or an unknown modality.
+        """
         if image.GetDimension() != 3:
             raise InputError(f"{name or 'image'}: expected a 3D image, got {image.GetDimension()}D")
         if image.GetNumberOfComponentsPerPixel() != 1:
@@ -129,14 +207,32 @@ class Volume:
                    np.array(image.GetDirection()).reshape(3, 3), mod, name)
 
     def with_array(self, array: np.ndarray, name: str | None = None) -> "Volume":
-        """A new volume on the same grid with other voxel values."""
+        """A new volume on the same grid with other voxel values.
+
+        Args:
+            array: the new voxel values, shape (z, y, x) equal to ``self.array.shape``.
+            name: the new volume's label (default: this one's).
+
+        Returns:
+            A Volume with this one's geometry, modality and a copy of its meta.
+
+        Raises:
+            InputError: when the shape differs.
+        """
         if tuple(array.shape) != self.array.shape:
             raise InputError(f"array shape {array.shape} does not match the volume grid {self.array.shape}")
         return Volume(array, self.spacing, self.origin, self.direction, self.modality,
                       self.name if name is None else name, dict(self.meta))
 
     def validated(self) -> "Volume":
-        """Return self after checking voxel values are usable (finite, not constant)."""
+        """This volume, after checking its voxel values are usable.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            InputError: when a voxel is NaN or infinite, or all voxels are equal.
+        """
         validate_intensities(self.array, self.name)
         return self
 
@@ -191,10 +287,24 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, str | None]:
 
 
 def load_volume(path: "str | os.PathLike", modality: "str | Modality" = "auto") -> Volume:
-    """Load NIfTI / NRRD / MHA / any SimpleITK format, or a DICOM series folder, as a Volume.
+    """Load an image file (NIfTI, NRRD, MHA, any SimpleITK format) or a DICOM series folder.
 
-    ``modality`` is 'CT', 'MR' or 'auto' (DICOM tag, then an intensity heuristic).
-    Raises InputError with the problem named for a missing/unreadable/non-3D/constant file.
+    The geometry is kept exactly as stored (spacing, origin, full direction matrix), in LPS;
+    a 4D file with one time point is read as 3D. From a folder holding several DICOM series,
+    the one with the most slices is read.
+
+    Args:
+        path: the file, or the folder of one DICOM series.
+        modality: 'CT', 'MR' or 'auto' (the DICOM Modality tag, else guessed from the
+            intensities).
+
+    Returns:
+        The Volume, with ``meta["source"]`` set to ``path`` and ``name`` the file name
+        without its extensions.
+
+    Raises:
+        InputError: naming the problem, for a missing, incomplete or unreadable file, a
+            non-3D or vector image, a bad geometry, NaN voxels or a constant image.
     """
     p = Path(path)
     if not p.exists():
