@@ -14,8 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .device import select_device
-from .errors import InputError
+from .device import DevicePlan, plan_for, select_device, to_device
 from .grid import Grid
 from .network import COARSE_STRIDE, FINE_STRIDE, INPUT_MULTIPLE
 from .preprocess import normalize_intensity, resample_to_model_grid
@@ -73,29 +72,9 @@ class Embeddings:
 
     @cached_property
     def index(self) -> SearchIndex:
-        """The search index matching uses, built on first use and kept with the embeddings."""
-        return SearchIndex(self)
-
-
-def _resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        if device.type == "cpu" and torch.backends.mkldnn.is_available() and _cpu_has_fast_bf16():
-            return torch.bfloat16
-        return None
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise InputError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
-    return table[precision]
-
-
-def _cpu_has_fast_bf16() -> bool:
-    # bf16 convolutions only beat fp32 on CPUs with native bf16 (AVX512-BF16 / AMX).
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # pragma: no cover - older torch
-        return False
+        """The search index matching uses, built on first use and kept with the embeddings,
+        on the device that computed them (``meta['device']``, default CPU)."""
+        return SearchIndex(self, self.meta.get("device", "cpu"))
 
 
 class Embedder:
@@ -115,18 +94,20 @@ class Embedder:
         self.net = net
         self.card = card
         self.device = select_device(device)
+        self.plan: DevicePlan = plan_for(self.device, precision, cpu_budget_gb=memory_budget_gb)
         self.net.to(self.device).eval()
         # channels-last 3D lets oneDNN/cuDNN pick their fast kernels (about 2x on CPU with bf16)
-        self.channels_last = self.device.type in ("cpu", "cuda")
+        self.channels_last = self.plan.channels_last
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last_3d)
-        self.autocast_dtype = _resolve_precision(precision, self.device)
+        if self.plan.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True  # slabs repeat one shape: time the kernels once
+        self.autocast_dtype = self.plan.autocast_dtype
         card_spacing = getattr(card, "spacing_mm", None) if card is not None else None
         self.spacing_mm = float(spacing_mm or card_spacing or 2.0)
         self.model_id = model_id or (getattr(card, "sha256", None) or getattr(card, "name", None) or "unnamed-model")
         self.slab_voxels = slab_voxels
         self.slab_margin = slab_margin_voxels  # context on each side of a slab (64 mm at 2 mm)
-        self.memory_budget_gb = memory_budget_gb
         self.storage_dtype = storage_dtype
         self.multiple = tuple(getattr(net, "input_multiple", INPUT_MULTIPLE))
         self.fine_stride = tuple(getattr(net, "fine_stride", FINE_STRIDE))
@@ -195,19 +176,21 @@ class Embedder:
         rows = rows.reshape(-1, rows.shape[-1])
         report(1.0, "done")
         return Embeddings(rows, head_dims, coarse, fine_grid, coarse_grid, mv, self.model_id,
-                          {"slabs": len(starts), "input_shape": (z, y, x), "source": source_geometry(volume)})
+                          {"slabs": len(starts), "input_shape": (z, y, x), "source": source_geometry(volume),
+                           "device": str(self.device)})
 
     def _slab_depth(self, py: int, px: int) -> int:
         if self.slab_voxels:
             return max(self.multiple[0], (self.slab_voxels // self.multiple[0]) * self.multiple[0])
-        # Peak memory is dominated by the full-resolution first stage (a few live copies).
+        # Peak memory is dominated by the full-resolution first stage (a few live copies);
+        # on CUDA the budget follows the device's free memory (DevicePlan).
         bytes_per_slice = py * px * self._first_channels * 4 * 4
-        depth = int(self.memory_budget_gb * 1e9 // bytes_per_slice)
+        depth = int(self.plan.memory_budget_bytes // bytes_per_slice)
         return max(32, (depth // self.multiple[0]) * self.multiple[0])
 
     @torch.inference_mode()
     def _run(self, block: np.ndarray) -> dict:
-        x = torch.from_numpy(block)[None, None].to(self.device)
+        x = to_device(block, self.plan)[None, None]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         if self.autocast_dtype is not None:
@@ -216,8 +199,9 @@ class Embedder:
         else:
             out = self.net(x)
         # the network returns float32 unit vectors (normalised after any reduced-precision
-        # compute); store them compactly on the CPU
-        return {k: v[0].to("cpu", self.storage_dtype) for k, v in out.items()}
+        # compute); store them compactly on the CPU, converted on the device first so that
+        # only the compact copy crosses the bus
+        return {k: v[0].to(self.storage_dtype).to("cpu") for k, v in out.items()}
 
 
 def cell_grid(model_volume: Volume, stride_zyx, shape: Optional[tuple] = None) -> Grid:

@@ -1,6 +1,9 @@
 """The search index of one volume's embeddings: nearest-descriptor search, coarse to fine.
 
 Built once per Embeddings object (``Embeddings.index``) and shared by every match on it.
+The index lives on the device the embeddings were computed on: the search, the candidate
+refinement and the sub-voxel fit run there, and only the answers ((Q, 3) indices and (Q,)
+scores) come back to the host.
 """
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ class SearchIndex:
     SUB = 2  # subgrid stride of the exhaustive pass
     TOPK = 8  # candidates refined at full resolution
 
-    def __init__(self, emb):
+    def __init__(self, emb, device: "str | torch.device" = "cpu"):
         # no reference back to ``emb``: the index is kept on it (Embeddings.index)
         self.grid = emb.fine_grid
         self.shape = tuple(emb.fine_grid.shape)
-        self.rows = emb.rows  # (N, D), shared with the embeddings (no copy)
+        self.device = torch.device(device)
+        self.rows = emb.rows.to(self.device)  # (N, D); on the CPU shared with the embeddings (no copy)
         self.head_dims = [d for _, d in emb.head_dims]
         self.n_heads = len(self.head_dims)
         s = self.SUB
@@ -38,6 +42,10 @@ class SearchIndex:
         z, y, x = self.shape
         return (zyx[..., 0] * y + zyx[..., 1]) * x + zyx[..., 2]
 
+    def _gather(self, zyx: np.ndarray) -> torch.Tensor:
+        """float32 rows at integer (z, y, x) positions (any leading shape), on the device."""
+        return self.rows[torch.from_numpy(self._flat(zyx)).to(self.device)].float()
+
     def descriptors(self, idx_xyz: np.ndarray) -> torch.Tensor:
         """Trilinearly interpolated, per-head unit descriptors (Q, D) at fine indices.
 
@@ -46,7 +54,7 @@ class SearchIndex:
         hi = np.asarray(self.shape) - 1
         p = np.clip(p, 0, hi)
         if np.all(p == np.round(p)):  # voxel centres (fixed-point iterations): a plain gather
-            acc = self.rows[torch.from_numpy(self._flat(p.astype(np.int64)))].float()
+            acc = self._gather(p.astype(np.int64))
             heads = torch.split(acc, self.head_dims, dim=1)
             return torch.cat([F.normalize(h, dim=1) for h in heads], 1)
         base = np.minimum(np.floor(p).astype(np.int64), np.maximum(hi - 1, 0))
@@ -56,7 +64,7 @@ class SearchIndex:
             c = np.asarray(corner)
             w = np.prod(np.where(c == 1, frac, 1 - frac), axis=1)
             pos = np.minimum(base + c, hi)
-            acc = acc + torch.from_numpy(w).float()[:, None] * self.rows[torch.from_numpy(self._flat(pos))].float()
+            acc = acc + torch.from_numpy(w).float().to(self.device)[:, None] * self._gather(pos)
         heads = torch.split(acc, self.head_dims, dim=1)
         return torch.cat([F.normalize(h, dim=1) for h in heads], 1)
 
@@ -68,13 +76,13 @@ class SearchIndex:
         score_out = np.zeros(q)
         nsub = self.sub_rows_t.shape[1]
         step = max(1, chunk_elems // nsub)
-        desc = desc / self.n_heads  # dot products become mean per-head cosines
+        desc = desc.to(self.device) / self.n_heads  # dot products become mean per-head cosines
         d_low = desc.to(self.rows.dtype)
         for s in range(0, q, step):
             part = d_low[s: s + step]
             sim = part @ self.sub_rows_t  # low precision is enough to pick candidates
             k = min(self.TOPK, nsub)
-            cand = torch.topk(sim, k, dim=1, sorted=False).indices.numpy()  # (q, k) subgrid flat indices
+            cand = torch.topk(sim, k, dim=1, sorted=False).indices.cpu().numpy()  # (q, k) subgrid flat indices
             zyx = np.stack(np.unravel_index(cand, self.sub_shape), -1) * self.SUB  # (q, k, 3)
             best_zyx, best = self._refine(desc[s: s + step], zyx)
             ijk = best_zyx[:, ::-1].astype(np.float64)
@@ -91,11 +99,11 @@ class SearchIndex:
         q = cand_zyx.shape[0]
         pos = (cand_zyx[:, :, None, :] + self._WINDOW[None, None]).reshape(q, -1, 3)
         pos = np.clip(pos, 0, np.asarray(self.shape) - 1)
-        rows = self.rows[torch.from_numpy(self._flat(pos))].float()  # (q, m, D)
+        rows = self._gather(pos)  # (q, m, D)
         # float32 here: picking the peak in bf16 was measured to lose accuracy (benchmark_core)
         scores = torch.einsum("qmd,qd->qm", rows, desc.float())
         best, arg = scores.max(dim=1)
-        return pos[np.arange(q), arg.numpy()], best.numpy().astype(np.float64)
+        return pos[np.arange(q), arg.cpu().numpy()], best.cpu().numpy().astype(np.float64)
 
     def _parabolic(self, desc: torch.Tensor, zyx: np.ndarray, f0: np.ndarray) -> np.ndarray:
         """Sub-voxel offsets (q, 3) in (i, j, k) from a parabola through each axis' neighbours."""
@@ -108,8 +116,9 @@ class SearchIndex:
             ok = (zyx[:, axis] > 0) & (zyx[:, axis] < hi[axis])
             if not ok.any():
                 continue
-            fm = (self.rows[torch.from_numpy(self._flat(zyx[ok] - step))].float() * d[ok]).sum(1).numpy()
-            fp = (self.rows[torch.from_numpy(self._flat(zyx[ok] + step))].float() * d[ok]).sum(1).numpy()
+            sel = torch.from_numpy(ok).to(self.device)
+            fm = (self._gather(zyx[ok] - step) * d[sel]).sum(1).cpu().numpy()
+            fp = (self._gather(zyx[ok] + step) * d[sel]).sum(1).cpu().numpy()
             den = fm - 2 * f0[ok] + fp
             with np.errstate(divide="ignore", invalid="ignore"):
                 o = np.where(den < -1e-9, 0.5 * (fm - fp) / den, 0.0)

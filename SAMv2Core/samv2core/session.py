@@ -123,6 +123,8 @@ class EmbeddingSession:
 
         def make() -> Embeddings:
             emb = self.disk.load(key, volume, self.spacing_mm, self.model_id) if self.disk else None
+            if emb is not None:
+                emb.meta["device"] = str(self.device)  # the search index runs where the model does
             if emb is None:
                 emb = self.descriptors.embed(volume, progress)
                 if self.disk:
