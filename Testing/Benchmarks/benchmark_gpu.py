@@ -32,6 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # Testing/ (repo_paths)
+sys.path.insert(0, str(HERE))  # bench_table
+from bench_table import fitted_table, print_machine_load  # noqa: E402
 from repo_paths import REPO  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -55,7 +57,7 @@ def _ct(size_xyz: tuple[int, int, int]):
     """The bundled lung CT resampled onto a ``size_xyz`` grid over the same physical box."""
     import numpy as np
     import SimpleITK as sitk
-    from samv2core.sample_data import load_sample
+    from samv2core.bundled_samples import load_sample
     from samv2core.volume import Volume
 
     src = load_sample("lung1_ct")
@@ -247,18 +249,19 @@ def main(argv=None) -> int:
     if "embed" in rows:
         specs += [f"embed:{net}:{p}" for net in args.nets.split(",") for p in precisions]
     specs += [r for r in ("pair", "register", "train") if r in rows]
-    print(header(args.device))
-    print("| row | seconds | peak memory (GiB) | detail |")
-    print("|---|---:|---:|---|")
-    results = []
+    print(header(args.device), flush=True)
+    print_machine_load()
+    results, table = [], []
     for spec in specs:
+        print(f"benchmark_gpu: {spec} ...", file=sys.stderr, flush=True)
         r = run_child(args, spec)
         results.append(r)
         if "error" in r:
-            print(f"| {r['row']} | - | - | failed: {r['error']} |", flush=True)
+            table.append([r["row"], "-", "-", f"failed: {r['error']}"])
             continue
         detail = r["detail"] + (f"; further click {r['click_ms']:.0f} ms" if "click_ms" in r else "")
-        print(f"| {r['row']} | {r['seconds']:.2f} | {r['peak_bytes'] / 2**30:.2f} | {detail} |", flush=True)
+        table.append([r["row"], f"{r['seconds']:.2f}", f"{r['peak_bytes'] / 2**30:.2f}", detail])
+    print("\n".join(fitted_table(["row", "seconds", "peak memory (GiB)", "detail"], table)))
     if args.json:
         args.json.write_text(json.dumps({"header": header(args.device), "rows": results}, indent=1))
     return 0
