@@ -25,4 +25,4 @@ def test_benchmark_gpu_prints_a_table_on_cpu(tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["seconds"] > 0 and r["peak_bytes"] > 0
-    assert "64x64x32 CT" in rows[0]["detail"]
+    assert "64x64x32 CT at 0.7x0.7x1.0 mm" in rows[0]["detail"]

@@ -6,10 +6,10 @@
 Rows (each measured in a fresh child process, so peak memory and first-use costs are its own):
   embed     lite (bundled weights) and full (reference ResNet-18 width, random weights: the
             time does not depend on the weights) network over a CT built by resampling the
-            bundled lung CT onto a 512x512x300 grid, in fp32 / bf16 / fp16;
-  pair      time to the first refined answer for a new pair (model load, both embeddings, the
-            pair's precompute, one click) on a 512x512x60 CT and a simulated follow-up, and the
-            median time of a further click;
+            bundled lung CT onto a 512x512x300 grid at 0.7x0.7x1.0 mm, in fp32 / bf16 / fp16;
+  pair      time to the first refined answer for a new pair (imports, model load, both
+            embeddings, the pair's precompute, one click) on a 512x512x60 CT at 0.6x0.6x4 mm and
+            a simulated follow-up, and the median time of a further click;
   register  affine + deformable registration of that pair;
   train     training steps per second of the lite network with the batch and patch given.
 
@@ -53,23 +53,29 @@ def _peak_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: kB
 
 
-def _ct(size_xyz: tuple[int, int, int]):
-    """The bundled lung CT resampled onto a ``size_xyz`` grid over the same physical box."""
+def _ct(size_xyz: tuple[int, int, int], spacing_xyz: tuple[float, float, float]):
+    """The bundled lung CT resampled onto a ``size_xyz`` grid of ``spacing_xyz`` mm, centred on
+    it (air beyond its box). The network runs on a 2 mm grid, so its cost follows the physical
+    extent: the spacing makes the grid the size of a real scan, not just its voxel count."""
     import numpy as np
     import SimpleITK as sitk
     from samv2core.bundled_samples import load_sample
     from samv2core.volume import Volume
 
-    src = load_sample("lung1_ct")
-    img = src.to_sitk()
-    extent = np.asarray(img.GetSize(), float) * np.asarray(img.GetSpacing())
-    spacing = tuple(float(e / n) for e, n in zip(extent, size_xyz))
+    img = load_sample("lung1_ct").to_sitk()
+    centre = np.asarray(img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in img.GetSize()]))
+    direction = np.asarray(img.GetDirection()).reshape(3, 3)
+    half = (np.asarray(size_xyz, float) - 1) / 2 * np.asarray(spacing_xyz)
     ref = sitk.Image([int(n) for n in size_xyz], sitk.sitkFloat32)
-    ref.SetSpacing(spacing)
-    ref.SetOrigin(img.GetOrigin())
+    ref.SetSpacing(tuple(float(v) for v in spacing_xyz))
+    ref.SetOrigin(tuple(centre - direction @ half))
     ref.SetDirection(img.GetDirection())
     out = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
     return Volume.from_sitk(out, "CT", name=f"lung1_ct_{'x'.join(map(str, size_xyz))}")
+
+
+EMBED_SPACING = (0.7, 0.7, 1.0)  # 512x512x300 -> 358x358x300 mm, a chest-abdomen CT
+PAIR_SPACING = (0.6, 0.6, 4.0)  # 512x512x60 -> 307x307x240 mm, a chest CT
 
 
 def row_embed(device_name: str, net: str, precision: str, size_xyz) -> dict:
@@ -80,7 +86,7 @@ def row_embed(device_name: str, net: str, precision: str, size_xyz) -> dict:
     from samv2core.network import NetConfig, build_network
 
     device = select_device(device_name)
-    volume = _ct(size_xyz)
+    volume = _ct(size_xyz, EMBED_SPACING)
     model = resolve_model(None).model if net == "lite" else build_network(NetConfig.full())
     embedder = Embedder(model, device=device, precision=precision, model_id=f"bench-{net}")
     embedder.embed(volume)  # warm-up: kernels chosen, memory pools filled
@@ -92,12 +98,13 @@ def row_embed(device_name: str, net: str, precision: str, size_xyz) -> dict:
     _sync(device)
     seconds = time.perf_counter() - t0
     return {"row": f"embed {net} {precision}", "seconds": seconds, "peak_bytes": _peak_bytes(device),
-            "detail": f"{'x'.join(map(str, size_xyz))} CT, {emb.meta['slabs']} slab(s)"}
+            "detail": f"{'x'.join(map(str, size_xyz))} CT at {'x'.join(map(str, EMBED_SPACING))} mm, "
+                      f"{emb.meta['slabs']} slab(s)"}
 
 
 def _pair(size_xyz, seed: int = 0):
     from samv2core.simulate import body_points, simulate_hard_followup
-    base = _ct(size_xyz)
+    base = _ct(size_xyz, PAIR_SPACING)
     sim = simulate_hard_followup(base, seed=seed)
     points = body_points(base, 11, seed=seed)
     return base, sim, points
