@@ -485,7 +485,7 @@ def test_propagate_lesion_segment(session):
     s = session
     logic, scene = s["logic"], s["scene"]
     base = logic.volume(s["base"], "baseline")
-    from SAMv2SlicerLib.logic import sphere_mask
+    from samv2core.propagate import sphere_mask
 
     lesion = sphere_mask(base, s["lesions_lps"][1], 10.0)
     seg_in = nodes.new_segmentation_node(scene, lesion, "Baseline lesion", "tumour", s["base"])

@@ -287,3 +287,40 @@ def _rotation_angle_deg(m: np.ndarray) -> float:
         return float("nan")
     c = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
     return float(np.degrees(np.arccos(c)))
+
+
+# --- a local map pinned at one point (lesion propagation) -------------------------------------
+def anchored_affine(src, dst, usable=None, *, anchor: int = 0, min_points: int = 5,
+                    scale_range: tuple = (0.7, 1.4)) -> LinearFit:
+    """A local map that sends ``src[anchor]`` exactly onto ``dst[anchor]``.
+
+    The linear part is the Huber-robust affine (``huber_affine``) of the usable pairs when at
+    least ``min_points`` are usable (the anchor always is) and it has no reflection and all
+    singular values within ``scale_range``; otherwise the map is the anchor's translation.
+
+    Args:
+        src, dst: (N, 3) matched points, LPS mm; row ``anchor`` is the point that must map exactly.
+        usable: (N,) bool, the pairs that may be fitted (e.g. confident matches); default all.
+        anchor: index of the pinned pair.
+        min_points: fewest usable pairs for an affine linear part.
+        scale_range: (lowest, highest) singular value of a plausible local linear part.
+
+    Returns:
+        LinearFit with ``mode`` 'affine' or 'translation'; ``inliers`` marks the pairs used.
+    """
+    src = np.asarray(src, dtype=np.float64).reshape(-1, 3)
+    dst = np.asarray(dst, dtype=np.float64).reshape(-1, 3)
+    if src.shape != dst.shape or not 0 <= anchor < len(src):
+        raise ValueError(f"src and dst must be (N, 3) alike with an anchor row, got {src.shape}, {dst.shape}")
+    use = np.ones(len(src), bool) if usable is None else np.asarray(usable, bool).ravel().copy()
+    use[anchor] = True
+    mode, m = "translation", np.eye(3)
+    if use.sum() >= max(4, int(min_points)):
+        a, _, _ = huber_affine(src[use], dst[use])
+        sv = np.linalg.svd(a, compute_uv=False)
+        if np.linalg.det(a) > 0 and sv.min() >= scale_range[0] and sv.max() <= scale_range[1]:
+            mode, m = "affine", a
+    t = dst[anchor] - m @ src[anchor]
+    res = np.linalg.norm(src @ m.T + t - dst, axis=1)
+    inl = use if mode == "affine" else np.eye(len(src), dtype=bool)[anchor]
+    return LinearFit(mode, m, t, inl, res, float(res[inl].max()), {"fitted_model": mode})
