@@ -1,4 +1,4 @@
-"""The ``samv2`` command: embed, match, register, convert-checkpoint, demo."""
+"""The ``samv2`` command: embed, match, propagate, register, convert-checkpoint, demo."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +13,13 @@ from .batch import add_batch_arguments, run_batch
 from .checked_tensors import save_checked
 from .cli_options import add_model_arguments, embed_with_progress, session_from_args
 from .demo import run_demo
-from .errors import OneLineParser, SAMv2Error, run_cli
+from .errors import InputError, OneLineParser, SAMv2Error, run_cli
 from .figures import figures_available, pictures_from_matches, write_match_figures
+from .lesion_files import read_lesion_mask, write_lesion_outputs
 from .markups import parse_inline, read_points, write_csv, write_markups
 from .matching import MatchOptions, match_points
 from .model_io import card_path_for, convert_official_checkpoint
+from .propagate import propagate_lesion
 from .outputs import OutputSet, check_outputs
 from .registration.cli import add_register_arguments, run_register
 from .view.cli import add_view_arguments, run_view
@@ -122,6 +124,100 @@ def cmd_match(args) -> int:
     return 0
 
 
+# --- propagate --------------------------------------------------------------------------------
+def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``samv2 propagate``: the pair, the lesion (point + radius or a label), the outputs."""
+    p.add_argument("--baseline", required=True, help="image the lesion is drawn on")
+    p.add_argument("--followup", required=True, help="image to carry the lesion onto")
+    lesion = p.add_argument_group("the lesion: --point or --points with --radius-mm, or --label")
+    lesion.add_argument("--point", help="lesion centre x,y,z in the system named by --coords (required with it)")
+    lesion.add_argument("--points", help="Slicer .mrk.json (its own system; the first control point is the centre) "
+                                         "or CSV x,y,z[,label] in --coords")
+    lesion.add_argument("--coords", choices=["LPS", "RAS", "lps", "ras"],
+                        help="coordinate system of --point / a CSV, and of the JSON output (default LPS for a file)")
+    lesion.add_argument("--radius-mm", type=float, help="lesion radius in mm (with a point): a ball on the follow-up")
+    lesion.add_argument("--label", metavar="MAP", help="label map of the lesion on the baseline (NRRD, NIfTI, MHA)")
+    lesion.add_argument("--label-value", type=int, help="the lesion's value in --label (default: its only non-zero value)")
+    p.add_argument("--method", default="refined", choices=["refined", "fixed_point", "nn"],
+                   help="matching method of the lesion's points (default refined)")
+    p.add_argument("--min-score", type=float, default=MatchOptions().min_score,
+                   help=f"confidence threshold on the similarity score ({MatchOptions().min_score:g})")
+    p.add_argument("--modality", default="auto", help="baseline modality: CT, MR or auto")
+    p.add_argument("--followup-modality", help="follow-up modality if different (CT, MR or auto)")
+    p.add_argument("--name", help="segment name (default: the label map's or point's name)")
+    p.add_argument("--out-label", help="write the lesion on the follow-up grid as a label map (.nrrd, .nii.gz)")
+    p.add_argument("--out-seg", help="write the lesion as a Slicer segmentation (.seg.nrrd)")
+    p.add_argument("--out", help="write the JSON summary here instead of stdout")
+    p.add_argument("--out-label-value", type=int, default=1, help="label value in the outputs (1..255, default 1)")
+    add_model_arguments(p)
+
+
+def _lesion_point(args) -> tuple:
+    """(centre LPS (3,), its name, the output system) of ``--point`` / ``--points``."""
+    if args.point is not None:
+        if not args.coords:
+            raise InputError("--point needs --coords LPS or RAS (say which system the coordinates are in)")
+        return parse_inline(args.point, args.coords.upper()), "lesion", args.coords.upper()
+    points = read_points(args.points, (args.coords or "LPS").upper())
+    system = points.source_system if args.points.endswith(".json") else (args.coords or "LPS").upper()
+    return points.lps[0], points.labels[0] or "lesion", (args.coords or system).upper()
+
+
+def cmd_propagate(args) -> int:
+    given = [name for name, v in (("--point", args.point), ("--points", args.points), ("--label", args.label)) if v]
+    if len(given) != 1:
+        raise InputError("give the lesion as one of --point, --points (with --radius-mm) or --label"
+                         + (f", not {' and '.join(given)}" if given else ""))
+    if args.label and args.radius_mm is not None:
+        raise InputError("--radius-mm is for a point lesion; a --label lesion keeps its own shape")
+    if not args.label and args.label_value is not None:
+        raise InputError("--label-value needs --label")
+    if not args.label and args.radius_mm is None:
+        raise InputError(f"{given[0]} needs --radius-mm (the lesion radius in mm)")
+    if args.radius_mm is not None and not (np.isfinite(args.radius_mm) and args.radius_mm > 0):
+        raise InputError(f"--radius-mm must be a positive number of mm, got {args.radius_mm}")
+    if not (args.out_label or args.out_seg):
+        raise InputError("nothing to write: give --out-label and/or --out-seg")
+    if args.out_seg and not str(args.out_seg).lower().endswith(".seg.nrrd"):
+        raise InputError(f"--out-seg {args.out_seg}: a Slicer segmentation file must end in .seg.nrrd")
+    if not 1 <= args.out_label_value <= 255:
+        raise InputError(f"--out-label-value must be 1..255, got {args.out_label_value}")
+    check_outputs([args.out_label, args.out_seg, args.out],
+                  [args.baseline, args.followup, args.points, args.label, args.model])
+    system = (args.coords or "LPS").upper()
+    if args.label:
+        mask = read_lesion_mask(args.label, args.label_value)
+        centre, name, lesion_doc = None, mask.name, {"label_map": str(args.label),
+                                                 "label_value": mask.meta["label_value"]}
+    else:
+        mask = None
+        centre, name, system = _lesion_point(args)
+        lesion_doc = {"point_lps": [round(float(v), 3) for v in centre], "radius_mm": args.radius_mm}
+    base = load_volume(args.baseline, args.modality)
+    follow = load_volume(args.followup, args.followup_modality or args.modality)
+    session = session_from_args(args)
+    t0 = time.perf_counter()
+    e_base, e_follow = embed_with_progress(session, base), embed_with_progress(session, follow)
+    result = propagate_lesion(e_base, e_follow, follow, centre_lps=centre, radius_mm=args.radius_mm, mask=mask,
+                              method=args.method, options=MatchOptions(min_score=args.min_score))
+    extra = {"baseline": str(args.baseline), "followup": str(args.followup), "embedding_model": session.label,
+             "method": args.method, "lesion": lesion_doc, "seconds": round(time.perf_counter() - t0, 3),
+             "outputs": {k: str(v) for k, v in (("label_map", args.out_label), ("segmentation", args.out_seg)) if v}}
+    try:
+        with OutputSet() as files:  # label map, segmentation and JSON: all written or none
+            doc = write_lesion_outputs(files, result, follow, label_out=args.out_label, seg_out=args.out_seg,
+                                       json_out=args.out, segment_name=args.name or name,
+                                       label_value=args.out_label_value, system=system, extra=extra)
+    except OSError as exc:
+        raise SAMv2Error(f"could not write the outputs: {exc}") from None
+    if not args.out:
+        print(json.dumps(doc, indent=2))
+    if not result.confident:
+        print(f"warning: the lesion centre's match is not confident ({result.centre.reason}): check it",
+              file=sys.stderr)
+    return 0
+
+
 # --- convert ----------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
     check_outputs([args.dst, card_path_for(args.dst)], [args.src])
@@ -188,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "on Dask workers or job-array shards")
     add_batch_arguments(b)
     b.set_defaults(func=run_batch)
+
+    pr = sub.add_parser("propagate", help="carry a lesion (point + radius, or a label map) onto a follow-up: "
+                                          "label map, Slicer segmentation and JSON")
+    add_propagate_arguments(pr)
+    pr.set_defaults(func=cmd_propagate)
 
     r = sub.add_parser("register", help="register a moving image to a fixed image")
     add_register_arguments(r)

@@ -30,7 +30,8 @@ def read_lesion_mask(path: "str | Path", label_value: Optional[int] = None) -> V
         path: the label map file.
         label_value: the lesion's label; default the map's only non-zero value.
     Returns:
-        Volume on the label map's grid, 1 inside the lesion. InputError when the value is
+        Volume on the label map's grid, 1 inside the lesion (``meta['label_value']`` the value
+        used). InputError when the value is
         absent, not given for a map with several labels, or the map is not a label map.
     """
     labels = load_volume(path, "MR")
@@ -45,7 +46,9 @@ def read_lesion_mask(path: "str | Path", label_value: Optional[int] = None) -> V
     elif int(label_value) not in present:
         raise InputError(f"{path}: no voxel has label value {label_value} (values present: {present[:10]})")
     name = f"{labels.name} label {label_value}"
-    return labels.with_array((labels.array == label_value).astype(np.float32), name=name)
+    mask = labels.with_array((labels.array == label_value).astype(np.float32), name=name)
+    mask.meta["label_value"] = int(label_value)
+    return mask
 
 
 def segmentation_image(label_map: Volume, segment_name: str, label_value: int = 1,
