@@ -119,6 +119,11 @@ def ws(tmp_path_factory):
     (cases / "one").mkdir()
     _write(img, cases / "one" / "v.nrrd")  # an input inside the folder case "one" would replace
     (cases / "inside.csv").write_text("case,baseline,followup,points\none,one/v.nrrd,../q.nrrd,../points.csv\n")
+    lesion = np.zeros(crop.array.shape, np.float32)
+    lesion[6:10, 28:36, 28:36] = 2
+    _write(sitk.Cast(crop.with_array(lesion).to_sitk(), sitk.sitkUInt8), root / "lesion.nrrd")
+    lesion[6:8, 28:30, 28:30] = 5
+    _write(sitk.Cast(crop.with_array(lesion).to_sitk(), sitk.sitkUInt8), root / "lesions.nrrd")
     return {"root": root, "centre": centre, "crop": crop}
 
 
@@ -150,6 +155,7 @@ def _abs(ws, args: list) -> list:
 # --- samv2 CLI, in-process ----------------------------------------------------------------------
 LITE = ["--model", "@lite.safetensors", "--device", "cpu", "--precision", "fp32"]
 MATCH = ["match", "--template", "@v.nrrd", "--query", "@q.nrrd", "--method", "nn", *LITE]
+PROPAGATE = ["propagate", "--baseline", "@v.nrrd", "--followup", "@q.nrrd", "--method", "nn", *LITE]
 
 CLI_CASES = [
     # embed: unreadable / incomplete / impossible images
@@ -213,6 +219,30 @@ CLI_CASES = [
     ("match-template-cut", ["match", "--template", "@cut_v.nii.gz", "--query", "@q.nrrd", "--point", "0,0,0", *LITE],
      "incomplete"),
     ("match-query-2d", ["match", "--template", "@v.nrrd", "--query", "@2d.nrrd", "--point", "0,0,0", *LITE], "3D"),
+    # propagate: the lesion and the outputs are checked before the model runs
+    ("propagate-no-lesion", [*PROPAGATE, "--out-seg", "@o.seg.nrrd"], "give the lesion"),
+    ("propagate-point-and-label", [*PROPAGATE, "--point", "0,0,0", "--coords", "LPS", "--label", "@lesion.nrrd",
+                                   "--out-seg", "@o.seg.nrrd"], "not --point and --label"),
+    ("propagate-point-no-coords", [*PROPAGATE, "--point", "0,0,0", "--radius-mm", "5", "--out-seg", "@o.seg.nrrd"],
+     "--coords"),
+    ("propagate-point-no-radius", [*PROPAGATE, "--points", "@points.csv", "--out-seg", "@o.seg.nrrd"], "--radius-mm"),
+    ("propagate-negative-radius", [*PROPAGATE, "--points", "@points.csv", "--radius-mm", "-4",
+                                   "--out-seg", "@o.seg.nrrd"], "positive"),
+    ("propagate-radius-with-label", [*PROPAGATE, "--label", "@lesion.nrrd", "--radius-mm", "4",
+                                     "--out-seg", "@o.seg.nrrd"], "own shape"),
+    ("propagate-nothing-to-write", [*PROPAGATE, "--label", "@lesion.nrrd", "--out", "@o.json"], "nothing to write"),
+    ("propagate-seg-not-seg-nrrd", [*PROPAGATE, "--label", "@lesion.nrrd", "--out-seg", "@o.nii.gz"], ".seg.nrrd"),
+    ("propagate-out-is-label", [*PROPAGATE, "--label", "@lesion.nrrd", "--out-label", "@lesion.nrrd"],
+     "overwrite the input"),
+    ("propagate-label-value-absent", [*PROPAGATE, "--label", "@lesion.nrrd", "--label-value", "7",
+                                      "--out-seg", "@o.seg.nrrd"], "no voxel has label value 7"),
+    ("propagate-several-labels", [*PROPAGATE, "--label", "@lesions.nrrd", "--out-seg", "@o.seg.nrrd"],
+     "--label-value"),
+    ("propagate-label-is-ct", [*PROPAGATE, "--label", "@v.nrrd", "--out-seg", "@o.seg.nrrd"], "--label-value"),
+    ("propagate-label-empty", [*PROPAGATE, "--label", "@constant.nrrd", "--out-seg", "@o.seg.nrrd"], "constant"),
+    ("propagate-label-cut", [*PROPAGATE, "--label", "@cut_v.nrrd", "--out-seg", "@o.seg.nrrd"], "incomplete"),
+    ("propagate-point-outside", [*PROPAGATE, "--point", "9000,0,0", "--coords", "LPS", "--radius-mm", "5",
+                                 "--out-seg", "@o.seg.nrrd"], "outside"),
     # register: output folder checked before the registration runs
     ("register-out-is-file", ["register", "--fixed", "@v.nrrd", "--moving", "@q.nrrd", "--out", "@afile"],
      "is a file"),
