@@ -116,6 +116,7 @@ def ws(tmp_path_factory):
                                      "a_b,../v.nrrd,../q.nrrd,../points.csv\n")
     (cases / "good.csv").write_text("case,baseline,followup,points\none,../v.nrrd,../q.nrrd,../points.csv\n")
     (cases / "empty.csv").write_text("case,baseline,followup,points\n")
+    (cases / "bare.csv").write_text("case,baseline,followup,points,lesion\none,../v.nrrd,../q.nrrd,,\n")
     (cases / "one").mkdir()
     _write(img, cases / "one" / "v.nrrd")  # an input inside the folder case "one" would replace
     (cases / "inside.csv").write_text("case,baseline,followup,points\none,one/v.nrrd,../q.nrrd,../points.csv\n")
@@ -271,6 +272,10 @@ CLI_CASES = [
      "garbage"),
     ("batch-input-in-case-folder", ["batch", "@cohort/inside.csv", "-o", "@cohort", *LITE], "lies in the output"),
     ("batch-output-is-file", ["batch", "@cohort/good.csv", "-o", "@afile", *LITE], "is a file"),
+    ("batch-case-without-points-or-lesion", ["batch", "@cohort/bare.csv", "-o", "@cohort_out", *LITE],
+     "neither points nor a lesion"),
+    ("batch-bad-lesion-radius", ["batch", "@cohort/good.csv", "-o", "@cohort_out", "--lesion-radius-mm", "0", *LITE],
+     "--lesion-radius-mm"),
 ]
 
 

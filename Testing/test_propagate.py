@@ -160,3 +160,30 @@ def test_anchored_affine_pins_the_anchor_and_falls_back_to_its_translation():
     np.testing.assert_allclose(few.translation, dst[0] - src[0])
     flipped = anchored_affine(src, src * [-1, 1, 1])  # a reflection is no local map of anatomy
     assert flipped.mode == "translation"
+
+
+def test_batch_propagates_a_label_and_a_point_lesion_per_case(case, tmp_path, capsys):
+    from samv2core.cli import main
+    from samv2core.markups import write_markups
+
+    write_markups(tmp_path / "centre.mrk.json", case["centroid"][None], ["nodule"], "RAS")
+    cases = tmp_path / "cases.csv"
+    cases.write_text("case,baseline,followup,lesion\n"
+                     f"label,{sample_path('lung1_ct')},{case['root'] / 'follow.nrrd'},{sample_path('lung1_tumor_label')}\n"
+                     f"point,{sample_path('lung1_ct')},{case['root'] / 'follow.nrrd'},centre.mrk.json\n")
+    code = main(["batch", str(cases), "-o", str(tmp_path / "out"), "--workers", "0", "--method", "nn",
+                 "--lesion-radius-mm", "6", "--device", "cpu", "--precision", "fp32"])
+    assert code == 0, capsys.readouterr().err
+    for name, model in (("label", ("affine", "translation")), ("point", ("sphere",))):
+        folder = tmp_path / "out" / name
+        doc = json.loads((folder / "lesion.json").read_text())
+        assert doc["model"] in model and doc["case"] == name
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "lesion.nrrd")))
+        seg = sitk.ReadImage(str(folder / "lesion.seg.nrrd"))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), labels)
+        follow = case["pair"].followup
+        centroid = follow.index_to_lps(np.argwhere(labels > 0)[:, ::-1].mean(0))
+        assert np.linalg.norm(centroid - case["truth"]) < CENTROID_TOL_MM
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert {"lesion.nrrd", "lesion.seg.nrrd", "lesion.json"} <= set(manifest["outputs"])
+    assert json.loads((tmp_path / "out" / "point" / "lesion.json").read_text())["lesion"]["radius_mm"] == 6.0

@@ -92,9 +92,10 @@ def sanitise_case_name(raw: str, row: int) -> str:
     return name[:100] if name else f"case{row:03d}"
 
 
-def read_cases(csv_path: "str | Path", roles: dict) -> list:
+def read_cases(csv_path: "str | Path", roles: dict, optional: tuple = ()) -> list:
     """Cases of a CSV. ``roles`` maps each input role to its accepted column names, first
-    preferred, e.g. {"template": ("template", "baseline")}; every role is required. Paths are
+    preferred, e.g. {"template": ("template", "baseline")}; every role is required except those
+    in ``optional`` (their column may be absent or a cell empty: input ""). Paths are
     relative to the CSV's folder. InputError when the CSV cannot be used."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -110,6 +111,8 @@ def read_cases(csv_path: "str | Path", roles: dict) -> list:
     columns = {}
     for role, names in roles.items():
         found = next((n for n in names if n in header), None)
+        if found is None and role in optional:
+            continue
         if found is None:
             raise InputError(f"{csv_path}: missing column {' or '.join(names)} (columns: case, "
                              f"{', '.join(n[0] for n in roles.values())})")
@@ -118,9 +121,11 @@ def read_cases(csv_path: "str | Path", roles: dict) -> list:
     for n, row in enumerate(raw_rows, start=1):
         if not any(row.values()):
             continue
-        inputs = {}
+        inputs = {role: "" for role in optional}
         for role, col in columns.items():
             value = row.get(col, "")
+            if not value and role in optional:
+                continue
             if not value:
                 raise InputError(f"{csv_path}: row {n} has no {col}")
             inputs[role] = str((csv_path.parent / value).resolve())
