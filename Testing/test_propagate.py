@@ -17,7 +17,7 @@ from samv2core.fitting import anchored_affine
 from samv2core.lesion_files import read_lesion_mask, write_lesion_outputs
 from samv2core.outputs import OutputSet
 from samv2core.propagate import mask_volume_ml, propagate_lesion, segment_samples
-from samv2core.sample_data import load_sample, sample_path
+from samv2core.bundled_samples import load_sample, sample_path
 from samv2core.simulate import simulate_followup
 
 CENTROID_TOL_MM = 3.0  # the tumour's voxels are 2 x 2 x 5 mm
