@@ -1,6 +1,7 @@
-"""The browser view's computing side (samv2core.view.session) without a browser, on a real
-chest CT crop and a follow-up SIMULATED from it; the view package keeps trame/Slicer out of the
-core's import graph; `samv2 view` refuses bad options with a one-line error."""
+"""The browser view's computing side (samv2view.session) without a browser, on a real chest CT
+crop and a follow-up SIMULATED from it; the view package beside the core keeps trame/Slicer out
+of the core's import graph and the core never imports it; `samv2 view` refuses bad options with a
+one-line error."""
 from __future__ import annotations
 
 import subprocess
@@ -13,7 +14,7 @@ from samv2core.cli import main
 from samv2core.errors import InputError
 from samv2core.session import EmbeddingSession
 from samv2core.simulate import simulate_followup
-from samv2core.view.session import ViewSession
+from samv2view.session import ViewSession
 
 
 def test_session_matches_on_a_simulated_followup_and_names_bad_input(lung_crop, tmp_path):
@@ -38,10 +39,18 @@ def test_session_matches_on_a_simulated_followup_and_names_bad_input(lung_crop, 
 
 
 def test_view_package_keeps_trame_and_slicer_out_of_the_core_import_graph():
-    code = ("import sys, samv2core.cli, samv2core.view, samv2core.view.session, samv2core.view.cli; "
-            "print([m for m in ('trame', 'trame_slicer', 'slicer', 'vtk', 'matplotlib') if m in sys.modules])")
+    code = ("import sys, samv2core.cli; core = 'samv2view' in sys.modules; "
+            "import samv2view, samv2view.session, samv2view.cli; "
+            "print(core, [m for m in ('trame', 'trame_slicer', 'slicer', 'vtk', 'matplotlib') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "False []"
+
+
+def test_the_core_command_line_lists_view_and_hands_it_over():
+    out = subprocess.run([sys.executable, "-m", "samv2core.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "view" in out.stdout and "samv2view" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "samv2core.cli", "view", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: samv2 view") and "--template" in out.stdout
 
 
 def test_view_refuses_a_bad_port_with_one_line(capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -22,7 +23,6 @@ from .model_io import card_path_for, convert_official_checkpoint
 from .propagate import propagate_lesion
 from .outputs import OutputSet, check_outputs
 from .registration.cli import add_register_arguments, run_register
-from .view.cli import add_view_arguments, run_view
 from .volume import load_volume
 
 
@@ -232,6 +232,28 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+# Sub-commands served by packages installed beside the core (optional extras). The core imports
+# none of them (its import contract has no exceptions): main() imports the named module by name
+# when the sub-command runs and hands it the rest of the command line.
+BESIDE_THE_CORE = {
+    "view": ("samv2view.cli", "browser view: click on the baseline, see the match on the follow-up "
+                              "(package samv2view, the 'view' extra; samv2 view --help)"),
+}
+
+
+def _run_beside_the_core(name: str, argv: list) -> int:
+    module_name = BESIDE_THE_CORE[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise
+        print(f"samv2 {name}: error: the package {exc.name} is not installed: pip install 'samv2core[{name}]'",
+              file=sys.stderr)
+        return 2
+    return module.main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="samv2", description="Self-supervised anatomical embeddings (SAMv2) for "
                                 "landmark matching and registration. Points are LPS mm unless --coords RAS.")
@@ -276,9 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(d)
     d.set_defaults(func=cmd_demo)
 
-    v = sub.add_parser("view", help="browser view: click on the baseline, see the match on the follow-up")
-    add_view_arguments(v)
-    v.set_defaults(func=run_view)
+    for name, (_, text) in BESIDE_THE_CORE.items():  # listed here, run by main() before this parser
+        sub.add_parser(name, help=text, add_help=False)
 
     b = sub.add_parser("batch", help="run a cohort (CSV of cases): resumable, one failure never stops the others, "
                                      "on Dask workers or job-array shards")
@@ -310,8 +331,12 @@ def _join_negative_points(argv: list) -> list:
 
 
 def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in BESIDE_THE_CORE:
+        return _run_beside_the_core(argv[0], argv[1:])
+
     def start():  # Ctrl-C while the parser imports its sub-commands is reported like any other
-        args = build_parser().parse_args(_join_negative_points(sys.argv[1:] if argv is None else argv))
+        args = build_parser().parse_args(_join_negative_points(argv))
         return args.func(args)
 
     return run_cli("samv2", start)

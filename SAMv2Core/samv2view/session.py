@@ -12,12 +12,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InputError
-from ..matching import MatchResult, match_points
-from ..registration import register
-from ..registration.io import resample_moving
-from ..session import EmbeddingSession
-from ..volume import Volume, load_volume
+from samv2core.errors import InputError
+from samv2core.matching import MatchResult, match_points
+from samv2core.registration import register
+from samv2core.registration.io import resample_moving
+from samv2core.session import EmbeddingSession
+from samv2core.volume import Volume, load_volume
 
 Progress = Callable[[float, str], None]
 

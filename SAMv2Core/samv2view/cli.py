@@ -1,4 +1,5 @@
-"""``samv2 view``: arguments and runner (wired into samv2core.cli by one line).
+"""``samv2 view``: arguments, runner and entry point (``samv2core.cli`` hands the sub-command's
+arguments to :func:`main` by name; ``python -m samv2view`` runs it too).
 
     samv2 view --template baseline.nii.gz --query followup.nii.gz [--port N] [--host H]
 
@@ -11,8 +12,9 @@ import argparse
 import importlib.util
 import sys
 
-from ..cli_options import add_model_arguments, session_from_args
-from ..errors import SAMv2Error
+from samv2core.cli_options import add_model_arguments, session_from_args
+from samv2core.errors import OneLineParser, SAMv2Error, run_cli
+
 from .session import ViewSession
 
 VIEW_PACKAGES = ("trame", "trame_slicer", "slicer")
@@ -42,3 +44,15 @@ def run_view(args) -> int:
     session = ViewSession(embeddings, method=args.method)
     serve(session, args.template, args.query, host=args.host, port=args.port, register_mode=args.register_mode)
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="samv2 view", description="browser view: click on the baseline, see the match "
+                                                          "on the follow-up")
+    add_view_arguments(parser)
+    return parser
+
+
+def main(argv: list | None = None) -> int:
+    """``samv2 view`` with ``argv`` (the arguments after ``view``); returns the exit code."""
+    return run_cli("samv2 view", lambda: run_view(build_parser().parse_args(sys.argv[1:] if argv is None else argv)))

@@ -42,9 +42,10 @@ from trame_slicer.views import (
 from trame_vuetify.ui.vuetify3 import SinglePageLayout
 from vtkmodules.vtkCommonCore import vtkCommand
 
-from ..coords import lps_to_ras, ras_to_lps
-from ..errors import SAMv2Error
-from ..volume import Modality, Volume
+from samv2core.coords import lps_to_ras, ras_to_lps
+from samv2core.errors import SAMv2Error
+from samv2core.volume import Modality, Volume
+
 from .session import ViewSession
 
 BASELINE, FOLLOWUP = "Baseline", "Followup"
