@@ -5,7 +5,10 @@ a follow-up SIMULATED from it with a known motion. The test points the baseline 
 tumour centre through the page's own "go to" control, computes where that point is on the
 screen from the view's published XY->RAS geometry, clicks there, reads the matched point from
 the page and compares it with the known answer. Then Register, then a bad path (the error must
-appear in the page). Screenshots go to the test's tmp dir and Testing/artifacts/ (git-ignored).
+appear in the page). A second server asks for a token: the page and its websocket are refused
+without it, paths outside the allowed ones read like missing ones, a FIFO is refused at once, a
+second tab is refused while the first is open and starts afresh once it is closed.
+Screenshots go to the test's tmp dir and Testing/artifacts/ (git-ignored).
 """
 from __future__ import annotations
 
@@ -51,10 +54,10 @@ def scans(tmp_path_factory):
     return d, pair, tumour
 
 
-def _start_server(d: Path):
+def _start_server(d: Path, *extra: str):
     """`samv2 view` on a free loopback port (--port 0: the server picks one and prints it)."""
     cmd = [sys.executable, "-m", "samv2core.cli", "view", "--template", str(d / "baseline.nrrd"),
-           "--query", str(d / "followup_simulated.nrrd"), "--device", "cpu"]
+           "--query", str(d / "followup_simulated.nrrd"), "--device", "cpu", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: queue.Queue = queue.Queue()
@@ -69,7 +72,7 @@ def _start_server(d: Path):
                 break
             continue
         seen.append(line)
-        found = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", line)
+        found = re.search(r"serving on (http://127\.0\.0\.1:\d+/\S*)", line)
         if found:
             return proc, found.group(1)
     proc.kill()
@@ -94,6 +97,18 @@ def _screen_position(page, view_index: int, ras) -> tuple[float, float]:
     a = m[:3, :2]  # RAS = a @ (x, y) + m[:3, 3] on this slice; x, y: pixels from the lower left
     xy, *_ = np.linalg.lstsq(a, np.asarray(ras) - m[:3, 3], rcond=None)
     return box["x"] + xy[0], box["y"] + height - xy[1]
+
+
+def _view_is_blank(page, view_index: int) -> bool:
+    """True when a slice view's picture is one flat colour (no scan shown)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    picture = np.asarray(Image.open(BytesIO(page.query_selector_all(".v-main img")[view_index].screenshot()))
+                         .convert("L"), dtype=float)
+    h, w = picture.shape
+    return float(picture[h // 4: 3 * h // 4, w // 4: 3 * w // 4].std()) < 2.0
 
 
 def _shot(page, tmp_path: Path, name: str) -> None:
@@ -152,9 +167,79 @@ def test_click_on_baseline_finds_the_tumour_on_the_simulated_followup(scans, tmp
             page.fill("#template-path", str(d / "no_such_scan.nii.gz"))
             page.click("#open-button")
             page.wait_for_selector("#error", timeout=30000)
-            assert "no such file" in page.text_content("#error")
+            assert "no such scan among the ones this view may open" in page.text_content("#error")
             assert page.is_visible("#goto-button")  # the page is alive
             _shot(page, tmp_path, "view_error.png")
+            browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_token_allowed_files_and_one_tab_at_a_time(scans, tmp_path):
+    d, _, _ = scans
+    (d / "allowed").mkdir(exist_ok=True)
+    (d / "outside").mkdir(exist_ok=True)
+    shutil.copy(d / "followup_simulated.nrrd", d / "outside" / "secret.nrrd")
+    if not (d / "allowed" / "link.nrrd").exists():
+        os.symlink(d / "outside" / "secret.nrrd", d / "allowed" / "link.nrrd")
+        os.mkfifo(d / "allowed" / "pipe.nrrd")
+    token = "browser-test-token-0123456789"
+    proc, url = _start_server(d, "--data-dir", str(d / "allowed"), "--token", token)
+    assert url.endswith(f"?token={token}")
+    bare = url.split("?")[0]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            stranger = browser.new_context().new_page()
+            response = stranger.goto(bare)
+            assert response.status == 403 and "token" in stranger.text_content("#refused")
+            refused = stranger.evaluate("""url => new Promise(done => { const ws = new WebSocket(url);
+                ws.onopen = () => done('open'); ws.onerror = () => done('refused'); })""",
+                                        bare.replace("http", "ws") + "ws")
+            assert refused == "refused"
+
+            context = browser.new_context(viewport={"width": 1200, "height": 760})
+            page = context.new_page()
+            page.goto(url)
+            page.wait_for_function("document.querySelector('#status')?.textContent.includes('ready')", timeout=90000)
+            messages = []
+            for path in (d / "outside" / "secret.nrrd", d / "outside" / "missing.nrrd", d / "allowed" / "link.nrrd",
+                         d / "allowed" / ".." / "outside" / "secret.nrrd"):
+                page.fill("#query-path", str(path))
+                page.click("#open-button")
+                page.wait_for_function("p => document.querySelector('#error')?.textContent.includes(p)",
+                                       arg=str(path), timeout=30000)
+                messages.append(page.text_content("#error").replace(str(path), "<path>"))
+                page.click("#error .v-alert__close button")
+                page.wait_for_selector("#error", state="detached", timeout=10000)
+            assert len(set(messages)) == 1 and "no such scan among" in messages[0], messages
+            page.fill("#query-path", str(d / "allowed" / "pipe.nrrd"))
+            page.click("#open-button")
+            page.wait_for_selector("#error", timeout=10000)  # refused at once: a FIFO is never opened
+            assert "not a regular file" in page.text_content("#error")
+            page.fill("#template-path", "typed by the first tab")
+            time.sleep(0.5)  # let the typed text reach the server
+
+            second = context.new_page()  # same browser, so it carries the token's cookie
+            response = second.goto(bare)
+            assert response.status == 409 and "another browser tab" in second.text_content("#refused")
+            assert "typed by the first tab" not in second.content()
+            page.close()
+            response = second.goto(bare)
+            assert response.status == 200
+            second.wait_for_function("document.querySelector('#status')?.textContent.includes('ready')",
+                                     timeout=90000)
+            assert second.input_value("#template-path") == str(d / "baseline.nrrd")  # a fresh session
+            assert not second.query_selector("#error")
+            deadline = time.time() + 20  # the command line's scans are shown again, not an empty scene
+            while _view_is_blank(second, 0) and time.time() < deadline:
+                time.sleep(0.5)
+            _shot(second, tmp_path, "view_second_tab.png")
+            assert not _view_is_blank(second, 0), "the second tab's baseline view shows nothing"
             browser.close()
     finally:
         proc.terminate()

@@ -14,21 +14,27 @@ from samv2core.cli import main
 from samv2core.errors import InputError
 from samv2core.session import EmbeddingSession
 from samv2core.simulate import simulate_followup
+from samv2view.files import AllowedFiles
 from samv2view.session import ViewSession
 
 
 def test_session_matches_on_a_simulated_followup_and_names_bad_input(lung_crop, tmp_path):
     pair = simulate_followup(lung_crop, seed=1, deformation_mm=3.0)
+    (tmp_path / "scans").mkdir()
     sitk.WriteImage(lung_crop.to_sitk(), str(tmp_path / "baseline.nrrd"))
     sitk.WriteImage(pair.followup.to_sitk(), str(tmp_path / "followup.nrrd"))
-    session = ViewSession(EmbeddingSession.open(device="cpu"))
+    files = AllowedFiles.from_command_line([str(tmp_path / "baseline.nrrd")], [str(tmp_path / "scans")])
+    session = ViewSession(EmbeddingSession.open(device="cpu"), files=files)
     centre = lung_crop.corners_lps().mean(0)
     with pytest.raises(InputError, match="open a baseline and a follow-up"):
         session.match(centre)
-    with pytest.raises(InputError, match="no such file"):
-        session.open(tmp_path / "baseline.nrrd", tmp_path / "missing.nii.gz")
+    with pytest.raises(InputError, match="no such scan among the ones this view may open"):
+        session.open(tmp_path / "baseline.nrrd", tmp_path / "scans" / "missing.nii.gz")
+    with pytest.raises(InputError, match="no such scan among the ones this view may open"):
+        session.open(tmp_path / "baseline.nrrd", tmp_path / "followup.nrrd")  # exists, not allowed
     assert session.template is None  # nothing changes unless both scans could be read
-    session.open(tmp_path / "baseline.nrrd", f"  {tmp_path / 'followup.nrrd'}  ")  # a pasted path, spaces around
+    (tmp_path / "followup.nrrd").rename(tmp_path / "scans" / "followup.nrrd")
+    session.open(tmp_path / "baseline.nrrd", "  followup.nrrd  ")  # a pasted name in --data-dir, spaces around
     steps = []
     result = session.match(centre, progress=lambda f, m: steps.append(f))
     truth = pair.map_points(centre[None])[0]
@@ -53,7 +59,14 @@ def test_the_core_command_line_lists_view_and_hands_it_over():
     assert out.returncode == 0 and out.stdout.startswith("usage: samv2 view") and "--template" in out.stdout
 
 
-def test_view_refuses_a_bad_port_with_one_line(capsys):
-    assert main(["view", "--port", "70000"]) == 2
+@pytest.mark.parametrize("args, named", [
+    (["--port", "70000"], "--port"),
+    (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such folder"),
+    (["--token", "short"], "--token must be"),
+    (["--host", "0.0.0.0", "--token", "a" * 20, "--insecure-no-token"], "contradict"),
+])
+def test_view_refuses_bad_options_with_one_line(capsys, args, named):
+    pytest.importorskip("trame_slicer", reason="the 'view' extra is checked first")
+    assert main(["view", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--port" in err[0]
+    assert len(err) == 1 and named in err[0] and err[0].startswith("samv2 view: error:")

@@ -6,7 +6,10 @@ the follow-up in a worker thread, the match is drawn there (green +, or a red x 
 CONFIDENT), its score and position are shown in the page, and the follow-up view jumps to it.
 The follow-up view follows the baseline's slice position and zoom (offset by the last match).
 "Register" registers the follow-up onto the baseline and shows it fused (green) on the baseline.
-Every failure is shown in the page; the server keeps running.
+Every failure is shown in the page; the server keeps running. Who may connect, and how many tabs
+at once, is decided by :mod:`samv2view.guard`; which files may be opened by the session's
+:class:`~samv2view.files.AllowedFiles`. When the last tab goes (one session per tab) the page's
+state and scene are reset and the command line's scans reopened for the next tab.
 
 This module is the only one that imports trame, trame-slicer and slicer-core.
 """
@@ -16,6 +19,7 @@ import asyncio
 import json
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,6 +50,8 @@ from samv2core.coords import lps_to_ras, ras_to_lps
 from samv2core.errors import SAMv2Error
 from samv2core.volume import Modality, Volume
 
+from .access import Exposure
+from .guard import Gate
 from .session import ViewSession
 
 BASELINE, FOLLOWUP = "Baseline", "Followup"
@@ -70,6 +76,8 @@ class SAMv2ViewApp(TrameApp):
         self._match_offset_ras = np.zeros(3)
         self._volume_nodes: dict[str, object] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._initial_paths = (str(template_path or ""), str(query_path or ""))
+        self._generation = 0  # bumped when a tab goes: late results of its work are dropped
 
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
@@ -90,18 +98,36 @@ class SAMv2ViewApp(TrameApp):
         self._points.AddObserver(vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._on_point_placed)
         self.baseline_view.get_view_node().AddObserver(vtkCommand.ModifiedEvent, self._on_baseline_slice_changed)
 
-        state = self.state
-        state.trame__title = "SAMv2 view"
-        state.update({"template_path": str(template_path or ""), "query_path": str(query_path or ""),
-                      "busy": False, "progress": 0, "status": "open a baseline and a follow-up scan",
-                      "error": "", "match": None, "match_lps": "", "n_points": 0, "registered": False,
-                      "goto_lps": "", "baseline_geometry": "", "followup_geometry": "",
-                      "template_name": "", "query_name": ""})
+        self.state.trame__title = "SAMv2 view"
+        self.state.update(self._initial_state())
         self.ctrl.open_files = self.open_files
         self.ctrl.register = self.register
         self.ctrl.goto = self.goto
         self.ctrl.on_server_ready.add(self._on_ready)
         self._build_ui()
+
+    def _initial_state(self) -> dict:
+        return {"template_path": self._initial_paths[0], "query_path": self._initial_paths[1],
+                "busy": False, "progress": 0, "status": "open a baseline and a follow-up scan",
+                "error": "", "match": None, "match_lps": "", "n_points": 0, "registered": False,
+                "goto_lps": "", "baseline_geometry": "", "followup_geometry": "",
+                "template_name": "", "query_name": ""}
+
+    def reset_for_next_client(self) -> None:
+        """The tab went: forget its paths, errors, points and scans; reopen the command line's scans."""
+        self._generation += 1
+        for node in self._volume_nodes.values():
+            self.slicer.scene.RemoveNode(node)
+        self._volume_nodes = {}
+        self._points.RemoveAllControlPoints()
+        self._matches.RemoveAllControlPoints()
+        self._match_offset_ras = np.zeros(3)
+        for view in (self.baseline_view, self.followup_view):
+            self._show(view, None)
+        self.session.close()
+        self._set(**self._initial_state())
+        if all(self._initial_paths):
+            create_task(self.open_files())
 
     # --- scene helpers ---------------------------------------------------------------------
     def _point_list(self, name: str, view_id: str, color) -> vtkMRMLMarkupsFiducialNode:
@@ -165,12 +191,15 @@ class SAMv2ViewApp(TrameApp):
     async def open_files(self):
         """Load the two paths in the text fields, show them, and start embedding in the background."""
         self._set(error="", busy=True, progress=0, status="loading the scans")
+        generation = self._generation
         try:
             paths = [str(self.state[key] or "").strip() for key in ("template_path", "query_path")]
             for path, what in zip(paths, ("baseline", "follow-up")):
                 if not path:
                     raise SAMv2Error(f"no {what} path given")
             template, query = await asyncio.to_thread(self.session.open, *paths)
+            if generation != self._generation:
+                return
             nodes = {"template": self._load_node(Path(template.meta["source"]), template),
                      "query": self._load_node(Path(query.meta["source"]), query)}
             for node in self._volume_nodes.values():
@@ -189,9 +218,11 @@ class SAMv2ViewApp(TrameApp):
                       status="embedding the scans (a click on the baseline waits for it)")
             self._publish_geometry()
             await asyncio.to_thread(self.session.embed_both, self._progress_from_thread())
-            self._set(busy=False, progress=100, status="ready: click on the baseline to place a point")
+            if generation == self._generation:
+                self._set(busy=False, progress=100, status="ready: click on the baseline to place a point")
         except Exception as exc:  # noqa: BLE001 - every failure is shown in the page
-            self._fail(exc)
+            if generation == self._generation:
+                self._fail(exc)
 
     def _on_point_placed(self, caller, _event):
         n = caller.GetNumberOfControlPoints()
@@ -204,10 +235,14 @@ class SAMv2ViewApp(TrameApp):
 
     async def _match(self, ras: np.ndarray, label: str) -> None:
         self._set(error="", busy=True, progress=0, status=f"matching {label}")
+        generation = self._generation
         try:
             result = await asyncio.to_thread(self.session.match, ras_to_lps(ras), self._progress_from_thread())
         except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
+            if generation == self._generation:
+                self._fail(exc)
+            return
+        if generation != self._generation:
             return
         q_lps = np.asarray(result.query_point.to("LPS").xyz, float)
         q_ras = lps_to_ras(q_lps)
@@ -253,9 +288,12 @@ class SAMv2ViewApp(TrameApp):
     async def register(self):
         """Register the follow-up onto the baseline and show it fused (green) on the baseline view."""
         self._set(error="", busy=True, progress=0, status="registering the follow-up onto the baseline")
+        generation = self._generation
         try:
             result, resampled = await asyncio.to_thread(self.session.register, self.register_mode,
                                                         self._progress_from_thread())
+            if generation != self._generation:
+                return
             path = Path(self._tmp.name) / "followup_registered.nrrd"
             sitk.WriteImage(resampled.to_sitk(), str(path), True)
             old = self._volume_nodes.pop("registered", None)
@@ -271,7 +309,8 @@ class SAMv2ViewApp(TrameApp):
                       status=f"registered ({self.register_mode}, {lin.get('inliers', '?')} inlier matches): "
                              "baseline magenta, registered follow-up green, grey where they agree")
         except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
+            if generation == self._generation:
+                self._fail(exc)
 
     # --- page ------------------------------------------------------------------------------
     def _build_ui(self) -> None:
@@ -321,19 +360,27 @@ class SAMv2ViewApp(TrameApp):
                     self.layout_manager.initialize_layout_grid(layout)
 
 
-def serve(session: ViewSession, template_path: str, query_path: str, host: str = "127.0.0.1", port: int = 0,
-          register_mode: str = "rigid") -> None:
-    """Build the page and serve it until interrupted (blocking). Port 0 picks a free port."""
+def serve(session: ViewSession, template_path: str, query_path: str, exposure: Exposure, port: int = 0,
+          register_mode: str = "rigid", shared_session: bool = False) -> None:
+    """Build the page and serve it until interrupted (blocking). Port 0 picks a free port.
+
+    Every request passes the :class:`~samv2view.guard.Gate` (token, origin, one tab at a time)."""
     if port == 0:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
+        family = socket.AF_INET6 if ":" in exposure.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((exposure.host, 0))
             port = s.getsockname()[1]
     if not os.environ.get("DISPLAY"):  # headless: VTK renders with EGL (Mesa) instead of trying an X server first
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    sys.argv = sys.argv[:1]  # trame parses sys.argv for its own options: ours are parsed already
     app = SAMv2ViewApp(session, template_path, query_path, register_mode=register_mode)
+    gate = Gate(exposure, port, shared_session, app.reset_for_next_client)
+    app.ctrl.on_server_bind.add(lambda wslink_server: wslink_server.app.middlewares.append(gate.middleware))
 
     def announce(**_):
-        print(f"samv2 view: serving on http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
+        if exposure.warning:
+            print(exposure.warning, flush=True)
+        print(f"samv2 view: serving on {exposure.url(port)} (Ctrl+C to stop)", flush=True)
 
     app.ctrl.on_server_ready.add(announce)
-    app.server.start(host=host, port=port, open_browser=False, show_connection_info=False, timeout=0)
+    app.server.start(host=exposure.host, port=port, open_browser=False, show_connection_info=False, timeout=0)

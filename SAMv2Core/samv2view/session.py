@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -18,6 +17,8 @@ from samv2core.registration import register
 from samv2core.registration.io import resample_moving
 from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume, load_volume
+
+from .files import AllowedFiles
 
 Progress = Callable[[float, str], None]
 
@@ -31,22 +32,30 @@ class ViewSession:
     """The template (baseline) and query (follow-up) scans and the embedding session serving them.
 
     ``embeddings`` is the core's :class:`~samv2core.session.EmbeddingSession` (the same one the CLI
-    opens; it keeps each scan's embeddings). Calls are serialised by a lock: the app runs them in
-    a worker thread while the page stays responsive.
+    opens; it keeps each scan's embeddings). ``files`` says which paths may be opened (nothing by
+    default). Calls are serialised by a lock: the app runs them in a worker thread while the page
+    stays responsive.
     """
 
     embeddings: EmbeddingSession
     method: str = "refined"
+    files: AllowedFiles = field(default_factory=AllowedFiles)
     template: Volume | None = None
     query: Volume | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def open(self, template_path, query_path, modality: str = "auto") -> tuple[Volume, Volume]:
-        """Read both scans (files or DICOM folders); the session changes only when both could be read."""
-        template = load_volume(Path(str(template_path).strip()).expanduser(), modality)
-        query = load_volume(Path(str(query_path).strip()).expanduser(), modality)
+        """Read both scans (files or DICOM folders that ``files`` allows); the session changes only
+        when both could be read."""
+        template_file, query_file = self.files.resolve(template_path), self.files.resolve(query_path)
+        template, query = load_volume(template_file, modality), load_volume(query_file, modality)
         self.template, self.query = template, query
         return template, query
+
+    def close(self) -> None:
+        """Forget the scans (the embedding session keeps its cache): the next page starts afresh."""
+        with self._lock:
+            self.template = self.query = None
 
     def _pair(self) -> tuple[Volume, Volume]:
         if self.template is None or self.query is None:
