@@ -379,7 +379,7 @@ def serve(session: ViewSession, template_path: str, query_path: str, exposure: E
 
     def announce(**_):
         if exposure.warning:
-            print(exposure.warning, flush=True)
+            print(exposure.warning, file=sys.stderr, flush=True)
         print(f"samv2 view: serving on {exposure.url(port)} (Ctrl+C to stop)", flush=True)
 
     app.ctrl.on_server_ready.add(announce)
