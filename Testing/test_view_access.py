@@ -169,3 +169,47 @@ def test_the_gate_serves_one_tab_at_a_time_and_resets_when_it_goes(monkeypatch):
     assert resets == [False]
     asyncio.run(scenario(shared=True))
     assert resets == [False]  # a shared session is never reset
+
+
+def test_a_header_may_send_the_reader_only_beside_it_or_into_the_allowed_folders(tree):
+    import SimpleITK as sitk
+
+    data = tree / "data"
+    image = sitk.Image(4, 4, 4, sitk.sitkInt16)
+    for name in ("pair.mhd", "pair.nhdr", "pair.hdr"):
+        sitk.WriteImage(image, str(data / name))
+    files = AllowedFiles.from_command_line([], [str(data)])
+    for name in ("pair.mhd", "pair.nhdr", "pair.hdr"):  # as ITK writes them: the voxels beside the header
+        assert files.resolve(data / name) == (data / name).resolve()
+        assert sitk.ReadImage(str(files.resolve(data / name))).GetSize() == (4, 4, 4)
+
+    def rewrite(name: str, field: bytes, value: bytes) -> None:
+        text = (data / name).read_bytes()
+        start = text.index(field)
+        end = text.index(b"\n", start)
+        (data / name).write_bytes(text[:start] + field + value + text[end:])
+
+    rewrite("pair.mhd", b"ElementDataFile = ", str(tree / "outside" / "secret.nrrd").encode())
+    with pytest.raises(InputError, match="its voxels are in .*never opened"):
+        files.resolve(data / "pair.mhd")
+    rewrite("pair.mhd", b"ElementDataFile = ", b"../outside/secret.nrrd")
+    with pytest.raises(InputError, match="its voxels are in"):
+        files.resolve(data / "pair.mhd")
+    rewrite("pair.mhd", b"ElementDataFile = ", b"pipe.nrrd")  # a FIFO beside it would block the reader
+    with pytest.raises(InputError, match="its voxels are in 'pipe.nrrd'"):
+        files.resolve(data / "pair.mhd")
+    rewrite("pair.mhd", b"ElementDataFile = ", b"LIST")
+    with pytest.raises(InputError, match="list or pattern"):
+        files.resolve(data / "pair.mhd")
+    rewrite("pair.nhdr", b"data file: ", b"sub/deep.nrrd")  # inside the allowed folder: fine
+    assert files.resolve(data / "pair.nhdr") == (data / "pair.nhdr").resolve()
+    rewrite("pair.nhdr", b"data file: ", str(tree / "outside" / "secret.nrrd").encode())
+    with pytest.raises(InputError, match="its voxels are in"):
+        files.resolve(data / "pair.nhdr")
+    (data / "pair.img").unlink()
+    os.symlink(tree / "outside" / "secret.nrrd", data / "pair.img")
+    with pytest.raises(InputError, match="'pair.img'"):
+        files.resolve(data / "pair.hdr")
+    given = AllowedFiles.from_command_line([str(data / "pair.nhdr")], [])  # given on the command line
+    with pytest.raises(InputError, match="its voxels are in"):
+        given.resolve(data / "pair.nhdr")

@@ -5,17 +5,29 @@ A path typed in the page is resolved (symbolic links and ``..`` followed) before
 so a link inside an allowed folder that points outside it is refused. A missing path and a
 forbidden one get the same message, so the page tells nothing about what exists outside the
 allowed folders. Only regular files (or a DICOM series folder of regular files) are handed to
-the loader: a FIFO, device or socket is refused from its ``stat``, never opened.
+the loader: a FIFO, device or socket is refused from its ``stat``, never opened. A header that
+names its voxels' file elsewhere (NRRD ``data file:``, MetaImage ``ElementDataFile``, Analyze's
+``.img`` beside its ``.hdr``) is allowed only when that file is a regular one in the header's own
+folder or allowed itself.
 """
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from samv2core.errors import InputError
+
+HEADER_BYTES = 65536
+DATA_FILE_FIELDS = {  # the header field naming a detached voxel file, per format
+    ".nrrd": re.compile(rb"^data ?file:[ \t]*(.*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE),
+    ".nhdr": re.compile(rb"^data ?file:[ \t]*(.*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE),
+    ".mha": re.compile(rb"^ElementDataFile[ \t]*=[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE),
+    ".mhd": re.compile(rb"^ElementDataFile[ \t]*=[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE),
+}
 
 
 def _real(path: "str | os.PathLike") -> Path:
@@ -66,6 +78,7 @@ class AllowedFiles:
             except (OSError, ValueError):  # missing, unreadable, too long, NUL in the name
                 continue
             if stat.S_ISREG(mode):
+                self._check_detached_data(text, real)
                 return real
             if stat.S_ISDIR(mode):
                 self._check_series_folder(text, real)
@@ -90,3 +103,31 @@ class AllowedFiles:
             if not (stat.S_ISREG(mode) and (folder in real.parents or self._allowed(real))):
                 raise InputError(f"{text}: the folder holds {entry.name!r}, which is not a regular file "
                                  "inside the allowed folders (it is never opened)")
+
+    def _check_detached_data(self, text: str, header: Path) -> None:
+        """The file a header sends the reader to must be regular and allowed (or beside the header)."""
+        suffix = header.suffix.lower()
+        named = []
+        if suffix in DATA_FILE_FIELDS:
+            with open(header, "rb") as stream:  # a regular file: reading its head cannot block
+                head = stream.read(HEADER_BYTES)
+            if suffix in (".nrrd", ".nhdr"):
+                head = head.split(b"\n\n", 1)[0]  # the header ends at the first empty line
+            found = DATA_FILE_FIELDS[suffix].search(head)
+            value = found.group(1).decode("utf-8", "replace") if found else ""
+            if value and value.upper() != "LOCAL":
+                if value.upper().startswith("LIST") or "%" in value or len(value.split()) > 1:
+                    raise InputError(f"{text}: its voxels are split over a list or pattern of files, "
+                                     "which the view does not open")
+                named.append(value)
+        elif suffix == ".hdr":  # Analyze / NIfTI pair: the reader opens the .img beside it
+            named += [n for n in (header.stem + ".img", header.stem + ".img.gz") if (header.parent / n).exists()]
+        for name in named:
+            real = _real(header.parent / name)
+            try:
+                regular = stat.S_ISREG(os.stat(real).st_mode)
+            except (OSError, ValueError):
+                regular = False
+            if not (regular and (real.parent == header.parent or self._allowed(real))):
+                raise InputError(f"{text}: its voxels are in {name!r}, which is not a regular file beside it "
+                                 "or in the allowed folders (it is never opened)")
