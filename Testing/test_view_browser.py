@@ -55,11 +55,13 @@ def scans(tmp_path_factory):
 
 
 def _start_server(d: Path, *extra: str):
-    """`samv2 view` on a free loopback port (--port 0: the server picks one and prints it)."""
-    cmd = [sys.executable, "-m", "samv2core.cli", "view", "--template", str(d / "baseline.nrrd"),
-           "--query", str(d / "followup_simulated.nrrd"), "--device", "cpu", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    """`samv2 view` on a free loopback port (--port 0: the server picks one and prints it), run from
+    the scans' folder with relative paths, as a user would type them."""
+    cmd = [sys.executable, "-m", "samv2core.cli", "view", "--template", "baseline.nrrd",
+           "--query", "followup_simulated.nrrd", "--device", "cpu", *extra]
+    core = str(Path(__file__).resolve().parents[1] / "SAMv2Core")  # this checkout's samv2core and samv2view
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([core, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=d)
     lines: queue.Queue = queue.Queue()
     seen: list[str] = []
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()

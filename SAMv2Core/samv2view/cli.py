@@ -55,13 +55,15 @@ def run_view(args) -> int:
     if not 0 <= args.port <= 65535:
         raise SAMv2Error(f"--port must be between 0 and 65535, got {args.port}")
     exposure = decide_exposure(args.host, args.token, args.insecure_no_token)
-    files = AllowedFiles.from_command_line([args.template, args.query], args.data_dir)
+    # the page shows and reopens them: absolute, as a relative path typed there means one in --data-dir
+    template, query = (os.path.abspath(p) if str(p).strip() else "" for p in (args.template, args.query))
+    files = AllowedFiles.from_command_line([template, query], args.data_dir)
     from .app import serve  # noqa: PLC0415 - needs the optional 'view' extra (trame)
 
     embeddings = session_from_args(args)
     print(f"samv2 view: model {embeddings.label}, device {embeddings.device}", file=sys.stderr)
     session = ViewSession(embeddings, method=args.method, files=files)
-    serve(session, args.template, args.query, exposure, port=args.port, register_mode=args.register_mode,
+    serve(session, template, query, exposure, port=args.port, register_mode=args.register_mode,
           shared_session=args.shared_session)
     return 0
 
