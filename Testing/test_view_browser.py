@@ -4,8 +4,9 @@ The server runs as `samv2 view` on a free loopback port with the bundled lung CT
 a follow-up SIMULATED from it with a known motion. The test points the baseline view at the
 tumour centre through the page's own "go to" control, computes where that point is on the
 screen from the view's published XY->RAS geometry, clicks there, reads the matched point from
-the page and compares it with the known answer. Then Register, then a bad path (the error must
-appear in the page). A second server asks for a token: the page and its websocket are refused
+the page and compares it with the known answer. With a lesion radius set, a click carries a ball
+of that radius onto the follow-up (drawn in red, its volume shown). Then Register, then a bad
+path (the error must appear in the page). A second server asks for a token: the page and its websocket are refused
 without it, paths outside the allowed ones read like missing ones, a FIFO is refused at once, a
 second tab is refused while the first is open and starts afresh once it is closed.
 Screenshots go to the test's tmp dir and Testing/artifacts/ (git-ignored).
@@ -113,6 +114,17 @@ def _view_is_blank(page, view_index: int) -> bool:
     return float(picture[h // 4: 3 * h // 4, w // 4: 3 * w // 4].std()) < 2.0
 
 
+def _red_pixels(page, view_index: int) -> int:
+    """How many pixels of a view are clearly red (a lesion drawn over a grey scan)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(BytesIO(page.query_selector_all(".v-main img")[view_index].screenshot()))
+                     .convert("RGB"), dtype=int)
+    return int(((rgb[..., 0] - np.maximum(rgb[..., 1], rgb[..., 2])) > 60).sum())
+
+
 def _shot(page, tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     page.screenshot(path=str(path))
@@ -158,6 +170,22 @@ def test_click_on_baseline_finds_the_tumour_on_the_simulated_followup(scans, tmp
             assert page.is_visible("#match-not-confident"), page.text_content("#match")
             time.sleep(1.0)  # let the views refresh before the picture
             _shot(page, tmp_path, "view_match.png")
+
+            # with a lesion radius, a click carries a ball of that radius onto the follow-up (the core's propagation)
+            page.fill("#lesion-radius", "10")
+            time.sleep(0.5)
+            x, y = _screen_position(page, 0, ras)
+            page.mouse.click(x, y)
+            page.wait_for_function("document.querySelector('#lesion')?.textContent.includes('P3')", timeout=60000)
+            got = np.array([float(v) for v in page.text_content("#match-lps").split(",")])
+            assert np.linalg.norm(got - truth) < 5.0, f"lesion centre {got}, known answer {truth}"
+            ball_ml = 4.0 / 3.0 * np.pi * 10.0 ** 3 / 1000.0
+            assert abs(float(page.text_content("#lesion-followup-ml")) - ball_ml) < 0.25 * ball_ml
+            deadline = time.time() + 15
+            while _red_pixels(page, 1) < 50 and time.time() < deadline:  # the region is drawn in red
+                time.sleep(0.5)
+            _shot(page, tmp_path, "view_lesion.png")
+            assert _red_pixels(page, 1) >= 50, "no lesion drawn on the follow-up view"
 
             page.click("#register-button")
             page.wait_for_function("document.querySelector('#status')?.textContent.includes('registered') "

@@ -70,3 +70,27 @@ def test_view_refuses_bad_options_with_one_line(capsys, args, named):
     assert main(["view", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0] and err[0].startswith("samv2 view: error:")
+
+
+def test_session_propagates_a_lesion_ball_onto_a_simulated_followup(lung_crop, tmp_path):
+    pair = simulate_followup(lung_crop, seed=2, deformation_mm=3.0)
+    sitk.WriteImage(lung_crop.to_sitk(), str(tmp_path / "baseline.nrrd"))
+    sitk.WriteImage(pair.followup.to_sitk(), str(tmp_path / "followup.nrrd"))
+    files = AllowedFiles.from_command_line([], [str(tmp_path)])
+    session = ViewSession(EmbeddingSession.open(device="cpu"), files=files)
+    session.open("baseline.nrrd", "followup.nrrd")
+    centre = lung_crop.corners_lps().mean(0)
+    lesion, label_map = session.propagate(centre, 8.0)
+    truth = pair.map_points(centre[None])[0]
+    assert np.linalg.norm(lesion.centre.query_point.to("LPS").as_array() - truth) < 5.0
+    assert label_map.array.shape == pair.followup.array.shape
+    assert np.allclose(label_map.origin, pair.followup.origin) and np.allclose(label_map.spacing, pair.followup.spacing)
+    ball_ml = 4.0 / 3.0 * np.pi * 8.0 ** 3 / 1000.0
+    inside_ml = float((label_map.array > 0.5).sum()) * float(np.prod(label_map.spacing)) / 1000.0
+    assert abs(inside_ml - ball_ml) < 0.25 * ball_ml and abs(lesion.followup_volume_ml - inside_ml) < 1e-6
+    marked = pair.followup.index_to_lps(np.argwhere(label_map.array > 0.5)[:, ::-1]).mean(0)
+    assert np.linalg.norm(marked - lesion.centre.query_point.to("LPS").as_array()) < 1.5  # the ball is where it matched
+    with pytest.raises(InputError, match="radius"):
+        session.propagate(centre, -1.0)
+    with pytest.raises(InputError, match="outside the baseline"):
+        session.propagate(centre + [0.0, 0.0, 500.0], 8.0)

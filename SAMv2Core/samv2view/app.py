@@ -5,6 +5,8 @@ Clicking on the baseline places a point (Slicer's markups placement); the point 
 the follow-up in a worker thread, the match is drawn there (green +, or a red x marked NOT
 CONFIDENT), its score and position are shown in the page, and the follow-up view jumps to it.
 The follow-up view follows the baseline's slice position and zoom (offset by the last match).
+With a lesion radius (mm) set, the click also carries a lesion (a ball of that radius) onto the
+follow-up with the core's lesion propagation, drawn in red there, its volume shown in the page.
 "Register" registers the follow-up onto the baseline and shows it fused (green) on the baseline.
 Every failure is shown in the page; the server keeps running. Who may connect, and how many tabs
 at once, is decided by :mod:`samv2view.guard`; which files may be opened by the session's
@@ -110,7 +112,8 @@ class SAMv2ViewApp(TrameApp):
         return {"template_path": self._initial_paths[0], "query_path": self._initial_paths[1],
                 "busy": False, "progress": 0, "status": "open a baseline and a follow-up scan",
                 "error": "", "match": None, "match_lps": "", "n_points": 0, "registered": False,
-                "goto_lps": "", "baseline_geometry": "", "followup_geometry": "",
+                "goto_lps": "", "baseline_geometry": "", "followup_geometry": "", "lesion_radius_mm": "",
+                "lesion": None,
                 "template_name": "", "query_name": ""}
 
     def reset_for_next_client(self) -> None:
@@ -233,17 +236,36 @@ class SAMv2ViewApp(TrameApp):
         caller.SetNthControlPointLabel(n - 1, label)
         create_task(self._match(ras, label))
 
+    def _lesion_radius_mm(self) -> float:
+        """The radius typed in the page: 0 (empty) for a point only."""
+        text = str(self.state.lesion_radius_mm or "").strip()
+        try:
+            radius = float(text) if text else 0.0
+        except ValueError:
+            radius = -1.0
+        if not (np.isfinite(radius) and radius >= 0):
+            raise SAMv2Error(f"the lesion radius must be a number of mm (empty or 0: a point only), got {text!r}")
+        return radius
+
     async def _match(self, ras: np.ndarray, label: str) -> None:
         self._set(error="", busy=True, progress=0, status=f"matching {label}")
         generation = self._generation
         try:
-            result = await asyncio.to_thread(self.session.match, ras_to_lps(ras), self._progress_from_thread())
+            radius = self._lesion_radius_mm()
+            if radius > 0:
+                lesion, label_map = await asyncio.to_thread(self.session.propagate, ras_to_lps(ras), radius,
+                                                            self._progress_from_thread())
+                result = lesion.centre
+            else:
+                lesion = label_map = None
+                result = await asyncio.to_thread(self.session.match, ras_to_lps(ras), self._progress_from_thread())
         except Exception as exc:  # noqa: BLE001
             if generation == self._generation:
                 self._fail(exc)
             return
         if generation != self._generation:
             return
+        self._show_lesion(label, lesion, label_map)
         q_lps = np.asarray(result.query_point.to("LPS").xyz, float)
         q_ras = lps_to_ras(q_lps)
         idx = self._matches.AddControlPointWorld(*q_ras, label if result.confident else f"{label} NOT CONFIDENT")
@@ -257,6 +279,31 @@ class SAMv2ViewApp(TrameApp):
                          "reason": result.reason or "", "lps": [round(float(v), 2) for v in q_lps],
                          "template_lps": [round(float(v), 2) for v in ras_to_lps(ras)]},
                   match_lps=", ".join(f"{v:.2f}" for v in q_lps))
+
+    def _show_lesion(self, label: str, lesion, label_map) -> None:
+        """Draw a propagated lesion's region in red over the follow-up (or remove the last one)."""
+        old = self._volume_nodes.pop("lesion", None)
+        if old is not None:
+            self.slicer.scene.RemoveNode(old)
+        query_node = self._volume_nodes.get("query")
+        if lesion is None or label_map is None:
+            self._show(self.followup_view, query_node)
+            self._set(lesion=None)
+            return
+        path = Path(self._tmp.name) / "lesion.nrrd"
+        sitk.WriteImage(label_map.to_sitk(), str(path), True)
+        node = self._load_node(path, label_map)
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeRed")
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(1.0, 0.5)
+        display.SetApplyThreshold(1)  # outside the lesion (0) the foreground is transparent
+        display.SetLowerThreshold(0.5)
+        self._volume_nodes["lesion"] = node
+        self._show(self.followup_view, query_node, node, 0.5)
+        self._set(lesion={"label": label, "radius_mm": round(float(lesion.details.get("radius_mm", 0.0)), 2),
+                          "followup_ml": round(lesion.followup_volume_ml, 2),
+                          "baseline_ml": round(lesion.baseline_volume_ml, 2), "confident": lesion.confident})
 
     def _on_baseline_slice_changed(self, node, _event) -> None:
         """Link: the follow-up shows the same zoom and the slice through (baseline position + last match offset)."""
@@ -345,10 +392,20 @@ class SAMv2ViewApp(TrameApp):
                         html.Span(") mm, placed at LPS (")
                         html.Span("{{ match.template_lps.join(', ') }}", id="match-template-lps")
                         html.Span(")")
-                    with html.Div(style="display: flex; gap: 6px; align-items: center; max-width: 36em;"):
+                    with html.Div(style="display: flex; gap: 6px; align-items: center; max-width: 52em;"):
                         v3.VTextField(v_model=("goto_lps",), label="go to baseline point (LPS x, y, z mm)",
                                       density="compact", hide_details=True, id="goto-lps")
                         v3.VBtn("Go", click=self.ctrl.goto, id="goto-button", size="small")
+                        v3.VTextField(v_model=("lesion_radius_mm",), label="lesion radius mm (empty: point only)",
+                                      density="compact", hide_details=True, id="lesion-radius",
+                                      style="max-width: 16em")
+                    with html.Div(v_if="lesion", id="lesion", style="font-size: 0.95em;"):
+                        html.Span("lesion {{ lesion.label }}: a {{ lesion.radius_mm }} mm ball, "
+                                  "{{ lesion.baseline_ml }} mL on the baseline, ")
+                        html.Span("{{ lesion.followup_ml }}", id="lesion-followup-ml")
+                        html.Span(" mL on the follow-up (red)")
+                        v3.VChip("NOT CONFIDENT", v_if="!lesion.confident", color="red", size="small",
+                                 variant="flat", classes="ml-1")
                     html.Div("{{ baseline_geometry }}", id="baseline-geometry", style="display: none;")
                     html.Div("{{ followup_geometry }}", id="followup-geometry", style="display: none;")
                 with html.Div(style="flex: 0 0 auto; display: flex; font-weight: bold; font-size: 0.9em;"):

@@ -13,6 +13,7 @@ import numpy as np
 
 from samv2core.errors import InputError
 from samv2core.matching import MatchResult, match_points
+from samv2core.propagate import LesionPropagation, propagate_lesion
 from samv2core.registration import register
 from samv2core.registration.io import resample_moving
 from samv2core.session import EmbeddingSession
@@ -70,12 +71,16 @@ class ViewSession:
             self.embeddings.embed(query, progress=lambda f, m: progress(0.5 + 0.5 * f, f"follow-up: {m}"))
         progress(1.0, "embeddings ready")
 
+    def _inside_template(self, point_lps) -> np.ndarray:
+        p = np.asarray(point_lps, dtype=np.float64).reshape(1, 3)
+        if not self._pair()[0].contains_lps(p)[0]:
+            raise InputError(f"the point {np.round(p[0], 1).tolist()} (LPS) lies outside the baseline scan")
+        return p
+
     def match(self, point_lps, progress: Progress = _quiet) -> MatchResult:
         """Find one template point (LPS mm) on the query scan."""
         template, query = self._pair()
-        p = np.asarray(point_lps, dtype=np.float64).reshape(1, 3)
-        if not template.contains_lps(p)[0]:
-            raise InputError(f"the point {np.round(p[0], 1).tolist()} (LPS) lies outside the baseline scan")
+        p = self._inside_template(point_lps)
         with self._lock:
             te = self.embeddings.embed(template, progress=lambda f, m: progress(0.45 * f, f"baseline: {m}"))
             qe = self.embeddings.embed(query, progress=lambda f, m: progress(0.45 + 0.45 * f, f"follow-up: {m}"))
@@ -83,6 +88,21 @@ class ViewSession:
             result = match_points(te, qe, p, method=self.method)[0]
         progress(1.0, "matched")
         return result
+
+    def propagate(self, point_lps, radius_mm: float,
+                  progress: Progress = _quiet) -> tuple[LesionPropagation, Volume]:
+        """Carry a lesion, a ball of ``radius_mm`` (mm) around a template point (LPS mm), onto the
+        query with the core's :func:`~samv2core.propagate.propagate_lesion`; returns the
+        propagation and its 0/1 label map on the query's lattice."""
+        template, query = self._pair()
+        p = self._inside_template(point_lps)
+        with self._lock:
+            te = self.embeddings.embed(template, progress=lambda f, m: progress(0.45 * f, f"baseline: {m}"))
+            qe = self.embeddings.embed(query, progress=lambda f, m: progress(0.45 + 0.45 * f, f"follow-up: {m}"))
+            progress(0.95, "propagating the lesion")
+            result = propagate_lesion(te, qe, query, centre_lps=p[0], radius_mm=radius_mm, method=self.method)
+        progress(1.0, "propagated")
+        return result, result.label_map(query)
 
     def register(self, mode: str = "rigid", progress: Progress = _quiet):
         """Register the query (moving) onto the template (fixed); returns (result, moving resampled on fixed)."""
