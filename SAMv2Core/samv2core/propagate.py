@@ -7,7 +7,7 @@ matched centroid is fitted by ``fitting.anchored_affine``, and the mask is resam
 The region always lies on the follow-up's own voxel lattice (a crop of it). All coordinates are
 LPS millimetres; arrays are (z, y, x) as in ``Volume``.
 
-Used by the Slicer module, ``samv2 propagate`` and ``samv2 batch``; the browser view is to call it too.
+Used by the Slicer module, ``samv2 propagate``, ``samv2 batch`` and the browser view (``samv2view``).
 """
 from __future__ import annotations
 
