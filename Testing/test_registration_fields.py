@@ -15,7 +15,8 @@ import torch
 from samv2core.errors import RegistrationError
 from samv2core.grid import Grid
 from samv2core.preprocess import body_mask, resample_to_model_grid
-from samv2core.registration.deformable import DeformableOptions, make_deformable_image, refine_deformable
+from samv2core.registration.deformable import DeformableOptions, refine_deformable
+from samv2core.registration.views import make_deformable_image
 from samv2core.registration.fov import crop_volume, overlap_crop
 from samv2core.registration.grid import sample
 from samv2core.registration.mind import PAIRS, mind_ssc

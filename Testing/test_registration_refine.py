@@ -1,4 +1,4 @@
-"""Intensity refinement of the linear transform (registration.linear_refine) on a real CT.
+"""Intensity refinement of the linear transform (registration.linear_intensity_refine) on a real CT.
 
 The follow-up is simulated from the bundled pyradiomics lung CT (PyPI origin) with a known
 rigid motion, so the exact fixed -> moving map is known; the refinement starts from that map
@@ -11,8 +11,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from samv2core.preprocess import body_mask, resample_to_model_grid
-from samv2core.registration.deformable import make_deformable_image
-from samv2core.registration.linear_refine import LinearRefineOptions, refine_linear
+from samv2core.registration.linear_intensity_refine import LinearRefineOptions, refine_linear
+from samv2core.registration.views import make_deformable_image
 from samv2core.registration.sampling import grid_points_in_mask
 from samv2core.simulate import simulate_followup
 from samv2core.volume import Volume

@@ -9,7 +9,7 @@ displacement .nii.gz, composite .h5), the resampled moving image and a JSON repo
 """
 from .deformable import DeformableOptions
 from .io import write_registration
-from .linear_refine import LinearRefineOptions
+from .linear_intensity_refine import LinearRefineOptions
 from .options import RegistrationOptions
 from .pipeline import register
 from .result import RegistrationResult

@@ -18,11 +18,12 @@ from ..figures import figures_available, registration_figure
 from ..outputs import check_outputs
 from ..progress import progress_bar
 from ..volume import load_volume
-from .deformable import INTENSITY_TERMS, DeformableOptions
+from .deformable import DeformableOptions
 from .io import OUTPUT_FILES, resample_moving, write_registration
 from .options import FEATURES, MODALITY_PAIRS, RegistrationOptions
 from .pipeline import register
 from .preflight import preflight
+from .views import INTENSITY_TERMS
 
 
 def add_register_arguments(parser: argparse.ArgumentParser) -> None:

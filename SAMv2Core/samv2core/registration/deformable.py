@@ -28,18 +28,15 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ..device import select_device, torch_threads
-from ..errors import InputError
 from ..grid import Grid
+from ..intensity import ncc_loss
 from ..progress import Progress
 from .grid import DisplacementField, crop_to_box, sample
 from .mind import mind_ssc
-from .similarity import diffusion, patch_ncc
-from .svf import integrate_svf
-
-INTENSITY_TERMS = ("auto", "lncc", "mind", "none")
+from .svf import diffusion, integrate_svf
+from .views import DeformableImage, candidate_points, resolve_intensity_term
 
 
 @dataclass
@@ -68,70 +65,6 @@ class DeformableOptions:
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-
-
-@dataclass
-class DeformableImage:
-    """One image as the deformable step sees it: intensities and (optionally) embeddings.
-
-    ``intensity`` is (1, 1, z, y, x) on ``intensity_grid`` scaled to about [0, 1]; ``mask``
-    (optional, same grid) marks the body; ``features`` (1, C, z, y, x) on ``feature_grid``.
-    """
-
-    intensity: torch.Tensor
-    intensity_grid: Grid
-    modality: str
-    mask: Optional[torch.Tensor] = None
-    features: Optional[torch.Tensor] = None
-    feature_grid: Optional[Grid] = None
-
-
-def intensity_tensor(volume, modality: str) -> torch.Tensor:
-    """(1, 1, z, y, x) float32 intensities scaled to about [0, 1] for the intensity terms.
-
-    CT: window [-1000, 600] HU (air to dense bone, keeping soft-tissue contrast); MR: the
-    0.5-99.5 percentile range.
-    """
-    a = np.asarray(volume.array, dtype=np.float32)
-    if str(getattr(modality, "value", modality)).upper() == "CT":
-        lo, hi = -1000.0, 600.0
-    else:
-        sub = a.ravel()[:: max(1, a.size // 1_000_000)]
-        lo, hi = (float(v) for v in np.percentile(sub, (0.5, 99.5)))
-        hi = max(hi, lo + 1e-3)
-    return torch.from_numpy(np.clip((a - lo) / (hi - lo), 0.0, 1.0))[None, None]
-
-
-def make_deformable_image(model_volume, mask: Optional[np.ndarray] = None, embeddings=None,
-                          mask_margin_voxels: int = 2) -> DeformableImage:
-    """The deformable step's view of an identity-direction (model-grid) Volume.
-
-    ``mask`` (z, y, x) bool is dilated by ``mask_margin_voxels`` so the body outline counts;
-    ``embeddings`` (samv2core.embed.Embeddings) adds the fine embedding head and its grid.
-    """
-    if not np.allclose(model_volume.direction, np.eye(3), atol=1e-6):
-        raise ValueError("the deformable step works on identity-direction (model-grid) volumes")
-    grid = Grid(model_volume.origin, model_volume.spacing, tuple(model_volume.array.shape))
-    m = None
-    if mask is not None:
-        mk = ndimage.binary_dilation(mask, iterations=mask_margin_voxels) if mask_margin_voxels > 0 else mask
-        m = torch.from_numpy(np.asarray(mk, dtype=np.float32))[None, None]
-    feats = fgrid = None
-    if embeddings is not None:
-        eg = embeddings.fine_grid
-        feats = embeddings.fine[None]
-        fgrid = Grid(tuple(float(v) for v in eg.origin), tuple(float(v) for v in eg.spacing), tuple(int(v) for v in eg.shape))
-    return DeformableImage(intensity_tensor(model_volume, model_volume.modality.value), grid,
-                           model_volume.modality.value, m, feats, fgrid)
-
-
-def resolve_intensity_term(term: str, fixed_modality: str, moving_modality: str) -> str:
-    """'auto' -> 'lncc' for the same modality, 'mind' across modalities; others unchanged."""
-    if term not in INTENSITY_TERMS:
-        raise InputError(f"intensity term must be one of {INTENSITY_TERMS}, got {term!r}")
-    if term == "auto":
-        return "lncc" if str(fixed_modality) == str(moving_modality) else "mind"
-    return term
 
 
 def taper_window(grid: Grid, taper_mm: float, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -172,16 +105,6 @@ def _pca_project(a: torch.Tensor, b: torch.Tensor, k: int, seed: int) -> tuple[t
         return (flat @ basis).T.reshape(1, k, *t.shape[2:]).contiguous()
 
     return proj(a), proj(b)
-
-
-def candidate_points(fixed: DeformableImage, lo, hi, spacing: float) -> np.ndarray:
-    """LPS points (N, 3) on a ``spacing`` grid in the box [lo, hi] and inside the fixed mask."""
-    g = Grid.covering(lo, hi, spacing)
-    pts = g.points().reshape(-1, 3)
-    if fixed.mask is not None:
-        m = sample(fixed.mask.float(), fixed.intensity_grid, torch.as_tensor(pts, dtype=torch.float32)[None])
-        pts = pts[m.reshape(-1).numpy() > 0.5]
-    return pts
 
 
 def refine_deformable(fixed: DeformableImage, moving: DeformableImage, fixed_to_moving: np.ndarray,
@@ -308,7 +231,7 @@ def _refine(fixed, moving, fixed_to_moving, valid_lo, valid_hi, init, opt, progr
                 pm = warp(pts, leaf, g)
                 mi = sample(m_int, m_int_grid, pm).reshape(len(sel), -1)
                 ok = inside_moving(pm).reshape(len(sel), -1).min(1).values
-                parts["lncc"] = patch_ncc(fi, mi, ok)
+                parts["lncc"] = ncc_loss(fi, mi, ok)
                 loss = loss + opt.intensity_weight * parts["lncc"]
             reg = diffusion(velocity * taper, g.spacing)
             if opt.exact_gradient:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import InputError
 from .deformable import DeformableOptions
-from .linear_refine import LinearRefineOptions
+from .linear_intensity_refine import LinearRefineOptions
 from .matches import QUERY_SIDES
 from .verify import VerifyOptions
 

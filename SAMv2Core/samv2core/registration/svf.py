@@ -1,5 +1,5 @@
 """Stationary velocity fields: integration by scaling and squaring (a diffeomorphism for a
-smooth velocity) and Jacobian-determinant / folding statistics.
+smooth velocity), the diffusion regulariser and Jacobian-determinant / folding statistics.
 
 Fields are (1, 3, z, y, x) tensors in millimetres with components in (x, y, z) = LPS order,
 defined on a :class:`~samv2core.grid.Grid`.
@@ -64,3 +64,12 @@ def jacobian_stats(det: np.ndarray, mask: np.ndarray | None = None) -> dict:
             "mean": round(float(d.mean()), 5), "std": round(float(d.std()), 5),
             "std_log": round(float(np.log(pos).std()), 5),
             "folding_percent": round(100.0 * float(np.count_nonzero(d <= 0)) / d.size, 5)}
+
+
+def diffusion(field: torch.Tensor, spacing) -> torch.Tensor:
+    """Mean squared spatial gradient (dimensionless: mm per mm) of a (1, 3, z, y, x) field in mm."""
+    sx, sy, sz = (float(s) for s in spacing)
+    dz = (field[:, :, 1:] - field[:, :, :-1]) / sz
+    dy = (field[:, :, :, 1:] - field[:, :, :, :-1]) / sy
+    dx = (field[..., 1:] - field[..., :-1]) / sx
+    return (dz.pow(2).mean() + dy.pow(2).mean() + dx.pow(2).mean())

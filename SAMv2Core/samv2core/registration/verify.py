@@ -17,7 +17,8 @@ a success it must also be the best explanation of the IMAGES:
   check above as a result in its own right.
 
 Inverse consistency (the inverse map refined from the moving side stays within the limit) needs
-the refinement's image views and lives with it in pipeline.py (``inverse_consistency``).
+the refinement's image views and lives with the candidates in candidate.py
+(``inverse_consistency``); which checks run, in which order, is the policy's (policy.py).
 
 Similarity: MIND-SSC (negative mean squared descriptor difference; Heinrich et al. 2013) across
 modalities, local NCC on 3x3x3 patches within one, both on 4 mm grids (pooled from the 2 mm
@@ -35,9 +36,10 @@ from scipy.spatial.transform import Rotation
 
 from ..affine import random_rigid
 from ..volume import Volume
-from .deformable import intensity_tensor
+from ..intensity import local_ncc
 from .grid import Grid, sample
 from .mind import mind_ssc
+from .views import intensity_tensor
 
 TERMS = ("lncc", "mind")
 
@@ -145,6 +147,9 @@ class SimilarityProbe:
             self.f_img, self.m_img = f_img, m_img
             fp = torch.as_tensor((self.points[:, None, :] + self.patch[None]).reshape(-1, 3), dtype=torch.float32)
             self.f_patch = sample(f_img, self.f_grid, fp[None]).reshape(len(self.points), -1)
+            # flat fixed patches (air) carry no evidence
+            f = self.f_patch - self.f_patch.mean(1, keepdim=True)
+            self.textured = ((f * f).sum(1) > 1e-4).numpy()
 
     def scores(self, matrix4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-point similarity (N,) (higher is better) and validity (N,) of one fixed->moving map."""
@@ -160,13 +165,9 @@ class SimilarityProbe:
             pts = ((self.points @ m[:3, :3].T + m[:3, 3])[:, None, :] + (self.patch @ m[:3, :3].T)[None]).reshape(-1, 3)
             mp = sample(self.m_img, self.m_grid, torch.as_tensor(pts, dtype=torch.float32)[None])
             mp = mp.reshape(len(self.points), -1)
-            f = self.f_patch - self.f_patch.mean(1, keepdim=True)
-            g = mp - mp.mean(1, keepdim=True)
-            ncc = (f * g).sum(1) / torch.sqrt((f * f).sum(1) * (g * g).sum(1) + 1e-6)
+            ncc = local_ncc(self.f_patch, mp)
             inside = np.all((pts >= self.m_lo) & (pts <= self.m_hi), axis=1).reshape(len(self.points), -1).all(1)
-            # flat patches on both sides (air) carry no evidence
-            textured = ((f * f).sum(1) > 1e-4).numpy()
-            return ncc.numpy().astype(np.float64), inside & textured
+            return ncc.numpy().astype(np.float64), inside & self.textured
 
     def compare(self, a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
         """Mean similarity of maps ``a`` and ``b`` over the points valid for both, and that count."""

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ..device import torch_threads
-from .deformable import DeformableImage, candidate_points, resolve_intensity_term
+from ..intensity import ncc_loss
 from .grid import crop_to_box, sample
 from .mind import mind_ssc
-from .similarity import patch_ncc
+from .views import DeformableImage, candidate_points, resolve_intensity_term
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _refine(fixed, moving, lin4, mode, valid_lo, valid_hi, intensity, opt):
             pm = map_points(pts[0])[None]
             mi = sample(m_int, m_grid, pm).reshape(len(sel), -1)
             ok = torch.all((pm >= m_lo) & (pm <= m_hi), dim=-1)[0].float().reshape(len(sel), -1).min(1).values
-            return patch_ncc(fi, mi, ok)
+            return ncc_loss(fi, mi, ok)
         pts = cand_t[sel][None]
         fd = sample(f_map, f_grid, pts)[0].T
         pm = map_points(pts[0])[None]
