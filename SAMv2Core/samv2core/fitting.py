@@ -2,7 +2,8 @@
 (Arun et al. / Kabsch SVD), similarity (Umeyama) and affine maps; ``robust_fit`` (RANSAC,
 then IRLS with Tukey biweights on the inliers, a minimum inlier count and a residual report)
 for registration; ``huber_affine`` (IRLS with Huber weights) for the few fixed points of one
-click in matching.
+click in matching; ``regional_map`` (a Gaussian-localised Tukey IRLS affine) for the regional
+SAM answer of a click.
 
 Every fit maps ``src`` points onto ``dst`` points: ``dst ~= matrix @ src + translation``. The
 registration pipeline fits FIXED -> MOVING (the ITK resampling convention).
@@ -10,6 +11,7 @@ registration pipeline fits FIXED -> MOVING (the ITK resampling convention).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -324,3 +326,62 @@ def anchored_affine(src, dst, usable=None, *, anchor: int = 0, min_points: int =
     res = np.linalg.norm(src @ m.T + t - dst, axis=1)
     inl = use if mode == "affine" else np.eye(len(src), dtype=bool)[anchor]
     return LinearFit(mode, m, t, inl, res, float(res[inl].max()), {"fitted_model": mode})
+
+
+@dataclass(frozen=True)
+class RegionalFit:
+    """Where a weighted robust affine fit of point pairs near a point sends that point."""
+
+    point: np.ndarray  # LPS (3,) mm
+    support: float  # effective number of point pairs (sum of final weights)
+    residual_mm: float  # weighted median residual of the fit
+
+
+def regional_map(src_pts: np.ndarray, dst_pts: np.ndarray, point, sigma_mm: float = 50.0,
+                 min_support: float = 6.0, iterations: int = 10) -> Optional[RegionalFit]:
+    """Map ``point`` through an affine fitted to the point pairs (src -> dst) near it.
+
+    Weights: Gaussian in the distance to ``point`` (``sigma_mm``) times Tukey biweights of the
+    residuals (IRLS, cutoff 3 robust sigmas, at least 4 mm), so wrong pairs and far anatomy do
+    not pull the answer; a translation when fewer than 12 pairs are near (too few for an affine).
+
+    Args:
+        src_pts, dst_pts: (N, 3) LPS mm, e.g. a click pair's template and query fixed points.
+        point: (3,) LPS mm in the src space.
+        sigma_mm: the Gaussian reach; min_support: the least effective number of pairs.
+        iterations: IRLS rounds.
+
+    Returns:
+        RegionalFit (the mapped point, LPS (3,) mm), or None when fewer than ``min_support``
+        effective pairs support it or the affine reflects.
+    """
+    p = np.asarray(point, float)
+    d = np.linalg.norm(src_pts - p, axis=1)
+    prior = np.exp(-0.5 * (d / sigma_mm) ** 2)
+    sel = prior > 1e-3
+    if prior[sel].sum() < min_support:
+        return None
+    src, dst, prior = src_pts[sel] - p, dst_pts[sel], prior[sel]
+    w = prior.copy()
+    affine = len(src) >= 12
+    for _ in range(iterations):
+        if affine:
+            a, t = fit_affine(src, dst, w)
+            pred = src @ a.T + t
+        else:
+            a, t = np.eye(3), (w[:, None] * (dst - src)).sum(0) / max(w.sum(), 1e-9)
+            pred = src + t
+        r = np.linalg.norm(pred - dst, axis=1)
+        cut = max(4.0, 3.0 * 1.4826 * _weighted_median(r, prior))
+        w = prior * np.where(r < cut, (1 - (r / cut) ** 2) ** 2, 0.0)
+        if w.sum() < min_support:
+            return None
+    if affine and np.linalg.det(a) <= 0:  # a reflection: not anatomy
+        return None
+    return RegionalFit(np.asarray(t, float).copy(), float(w.sum()), float(_weighted_median(r, w)))
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    c = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(c, 0.5 * c[-1])]) if c[-1] > 0 else float(np.median(values))

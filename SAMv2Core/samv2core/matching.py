@@ -10,7 +10,7 @@
   point (a weighted robust affine of cycle-consistent matches on a 12 mm grid over the
   template body, computed once per pair; the cube
   fixed-point answer where too few are near), made precise by a local registration of a
-  window around the point (samv2core.refine) and checked against it: the refined point is
+  window around the point (samv2core.click_refine) and checked against it: the refined point is
   used only where the two agree, otherwise the SAM answer is kept and flagged.
 
 
@@ -30,7 +30,7 @@ from .embed import Embeddings, inside_source
 from .errors import InputError, MatchingError
 from .fitting import huber_affine
 from .preprocess import body_mask
-from .refine import LocalRegistration, RefineOptions, regional_map
+from .click_refine import LocalRegistration, RefineOptions, regional_map
 from .search import unique_search
 
 

@@ -28,7 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import torch_threads
+from .fitting import RegionalFit, regional_map
+from .intensity import CT_CLICK_WINDOW, local_ncc, percentile_window
 from .volume import Modality, Volume
+
+# the click's regional SAM answer is a robust point-pair fit (fitting.py), importable from here too
+__all__ = ["RefineOptions", "LocalRefinement", "LocalRegistration", "intensity_image", "RegionalFit", "regional_map"]
 
 
 @dataclass(frozen=True)
@@ -80,15 +86,19 @@ def _r(v: float) -> Optional[float]:
 
 
 def intensity_image(volume: Volume) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(1, 1, z, y, x) float32 intensities of an identity-direction volume with its LPS origin and
-    spacing. CT is clipped to [-1000, 1000] HU and scaled by 1/1000 (bone beyond does not dominate
-    LNCC); MR is scaled by its 99th percentile."""
+    """The click refinement's intensities of an identity-direction volume.
+
+    Args:
+        volume: a model-grid Volume (identity direction).
+
+    Returns:
+        ((1, 1, z, y, x) float32 intensities, LPS origin (3,) mm, spacing (3,) mm). CT through
+        ``CT_CLICK_WINDOW`` ([-1000, 1000] HU -> [-1, 1]: bone beyond does not dominate LNCC); MR
+        scaled by its 99th percentile.
+    """
     a = np.asarray(volume.array, dtype=np.float32)
-    if volume.modality is Modality.CT:
-        a = np.clip(a, -1000.0, 1000.0) / 1000.0
-    else:
-        a = a / max(float(np.percentile(a[:: 7], 99)), 1e-6)
-    return torch.from_numpy(np.ascontiguousarray(a))[None, None], np.asarray(volume.origin), np.asarray(volume.spacing)
+    window = CT_CLICK_WINDOW if volume.modality is Modality.CT else percentile_window(a[:: 7], None, 99)
+    return window.tensor(a), np.asarray(volume.origin), np.asarray(volume.spacing)
 
 
 class _Image:
@@ -138,10 +148,7 @@ def _block_ncc(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     Local NCC on disjoint patches (as elastix' and the registration's patch sampler): as
     robust to the contrast-phase change and gain of a follow-up as a sliding window, and a
     reshape instead of box filters."""
-    pa, pb = _blocks(a, k), _blocks(b, k)
-    pa = pa - pa.mean(-1, keepdim=True)
-    pb = pb - pb.mean(-1, keepdim=True)
-    return (pa * pb).sum(-1) / torch.sqrt((pa * pa).sum(-1) * (pb * pb).sum(-1) + 1e-6)
+    return local_ncc(_blocks(a, k), _blocks(b, k))
 
 
 class LocalRegistration:
@@ -177,15 +184,18 @@ class LocalRegistration:
         return torch.as_tensor(w / w.sum(), dtype=torch.float32)[None]
 
     def refine(self, t_point, q_start) -> LocalRefinement:
-        """Refine the SAM answer ``q_start`` of template point ``t_point`` (both LPS (3,))."""
+        """Refine the SAM answer of one click.
+
+        Args:
+            t_point: the template point, LPS (3,) mm.
+            q_start: its SAM answer on the query, LPS (3,) mm.
+
+        Returns:
+            LocalRefinement: the refined query point (LPS (3,) mm) or the check that failed.
+        """
         t0 = time.perf_counter()
-        before = torch.get_num_threads()
-        if self.opt.threads:
-            torch.set_num_threads(self.opt.threads)
-        try:
+        with torch_threads(self.opt.threads or None, torch.device("cpu")):
             return self._refine(np.asarray(t_point, float), np.asarray(q_start, float), t0)
-        finally:
-            torch.set_num_threads(before)
 
     def _fail(self, reason: str, lncc_start: float, t0: float) -> LocalRefinement:
         return LocalRefinement(None, reason, lncc_start, float("nan"), float("nan"), time.perf_counter() - t0)
@@ -270,57 +280,3 @@ class LocalRegistration:
 
     def _score(self, tw: torch.Tensor, w: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
         return (_block_ncc(tw, qw, self.FINE_K) * w).sum()
-
-
-# --- the regional SAM answer: fixed points around the click ------------------------------------
-@dataclass(frozen=True)
-class RegionalFit:
-    """Where a weighted robust affine fit of the pair's fixed points sends the template point."""
-
-    point: np.ndarray  # LPS (3,)
-    support: float  # effective number of fixed points (sum of final weights)
-    residual_mm: float  # weighted median residual of the fit
-
-
-def regional_map(template_pts: np.ndarray, query_pts: np.ndarray, point, sigma_mm: float = 50.0,
-                 min_support: float = 6.0, iterations: int = 10) -> Optional[RegionalFit]:
-    """Map ``point`` through an affine fitted to fixed points (template -> query) near it.
-
-    Weights: Gaussian in the distance to ``point`` (``sigma_mm``) times Tukey biweights of
-    the residuals (IRLS, cutoff 3 robust sigmas, at least 4 mm), so wrong matches and far
-    anatomy do not pull the answer. None when fewer than ``min_support`` effective points
-    support it (a translation is used when the points span too little for an affine).
-    """
-    p = np.asarray(point, float)
-    d = np.linalg.norm(template_pts - p, axis=1)
-    prior = np.exp(-0.5 * (d / sigma_mm) ** 2)
-    sel = prior > 1e-3
-    if prior[sel].sum() < min_support:
-        return None
-    src, dst, prior = template_pts[sel] - p, query_pts[sel], prior[sel]
-    x = np.hstack([src, np.ones((len(src), 1))])
-    w = prior.copy()
-    affine = len(src) >= 12
-    for _ in range(iterations):
-        sw = np.sqrt(w)[:, None]
-        if affine:
-            coef, *_ = np.linalg.lstsq(x * sw, dst * sw, rcond=None)
-            pred = x @ coef
-        else:
-            shift = (w[:, None] * (dst - src)).sum(0) / max(w.sum(), 1e-9)
-            coef = np.vstack([np.eye(3), shift])
-            pred = src + shift
-        r = np.linalg.norm(pred - dst, axis=1)
-        cut = max(4.0, 3.0 * 1.4826 * _weighted_median(r, prior))
-        w = prior * np.where(r < cut, (1 - (r / cut) ** 2) ** 2, 0.0)
-        if w.sum() < min_support:
-            return None
-    if affine and np.linalg.det(coef[:3]) <= 0:  # a reflection: not anatomy
-        return None
-    return RegionalFit(coef[3].copy(), float(w.sum()), float(_weighted_median(r, w)))
-
-
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    order = np.argsort(values)
-    c = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(c, 0.5 * c[-1])]) if c[-1] > 0 else float(np.median(values))
