@@ -18,11 +18,11 @@ import SimpleITK as sitk
 
 from samv2core.errors import RegistrationError
 from samv2core.registration import RegistrationOptions, register
+from samv2core.registration.candidate import inverse_consistency
 from samv2core.registration.cli import add_register_arguments, run_register
 from samv2core.registration.fov import crop_volume
-from samv2core.registration.candidate import inverse_consistency
-from samv2core.registration.stages import mind_pair
 from samv2core.registration.preflight import preflight
+from samv2core.registration.stages import mind_pair
 from samv2core.registration.verify import SimilarityProbe, beaten_by_alternative, perturbations, verify_linear
 from samv2core.bundled_samples import load_sample
 from samv2core.simulate import rigidly_moved, simulate_offcentre_pair
