@@ -287,7 +287,7 @@ def test_ct_onto_mr_like_followup_falls_back_to_mind_and_recovers_the_motion(lun
 
 
 def test_refinement_that_cannot_run_keeps_the_sam_fit_with_a_warning(lung, monkeypatch):
-    from samv2core.registration import pipeline
+    from samv2core.registration import stages
 
     fixed, moving, oracle, pts, truth = _case(lung, seed=4, rotation_deg=5.0, translation_mm=8.0, deformation_mm=0.0)
     plain = register(fixed, moving, "rigid", embedder=oracle, options=RegistrationOptions(refine=False))
@@ -295,7 +295,7 @@ def test_refinement_that_cannot_run_keeps_the_sam_fit_with_a_warning(lung, monke
     def cannot(*args, **kwargs):
         raise ValueError("only 3 sample points inside the fixed body and the common field of view")
 
-    monkeypatch.setattr(pipeline, "refine_linear", cannot)
+    monkeypatch.setattr(stages, "refine_linear", cannot)
     res = register(fixed, moving, "rigid", embedder=oracle)
     assert np.allclose(res.linear_matrix, plain.linear_matrix)
     assert res.report["linear_refinement"]["accepted"] is False
