@@ -41,12 +41,17 @@ def select_device(requested: "str | torch.device" = "auto") -> torch.device:
 
 @contextmanager
 def torch_threads(n: Optional[int], device: torch.device):
-    """Temporarily run torch's CPU ops on ``n`` threads.
+    """Temporarily run torch's CPU ops on ``n`` threads (the one thread pinner of the intensity
+    refinements: click, linear, deformable).
 
     The optimisation loop is hundreds of small tensor ops per iteration: their OpenMP
     fork/join costs more than the work, and when cores are shared with other processes a
     descheduled worker thread stalls every op (measured: 10x slower with 2 threads than 1 on
     a busy 2-core machine). One thread is the robust choice on CPU.
+
+    Args:
+        n: threads (at least 1); None leaves torch's setting.
+        device: the device the work runs on; anything but the CPU leaves torch's setting.
     """
     if device.type != "cpu" or n is None:
         yield
