@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from samv2core.bundled_samples import load_sample
+from samv2core.click_refine import LocalRegistration, regional_map
 from samv2core.embed import Embedder
 from samv2core.matching import match_points
 from samv2core.models import resolve_model
-from samv2core.bundled_samples import load_sample
-from samv2core.click_refine import LocalRegistration, regional_map
 from samv2core.simulate import body_points, change_lesion, simulate_hard_followup
 from samv2core.volume import Volume
 

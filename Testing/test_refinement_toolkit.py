@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from samv2core.bundled_samples import load_sample
 from samv2core.click_refine import intensity_image
 from samv2core.fitting import regional_map
 from samv2core.intensity import CT_CLICK_WINDOW, CT_REGISTRATION_WINDOW, local_ncc, ncc_loss, percentile_window
 from samv2core.preprocess import body_mask
 from samv2core.registration.views import intensity_tensor
-from samv2core.sample_data import load_sample
 from samv2core.volume import Volume
 
 
