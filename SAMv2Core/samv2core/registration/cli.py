@@ -21,6 +21,7 @@ from ..volume import load_volume
 from .deformable import DeformableOptions
 from .io import OUTPUT_FILES, resample_moving, write_registration
 from .options import FEATURES, MODALITY_PAIRS, RegistrationOptions
+from .pair_cli import add_label_report, add_pair_arguments, read_label_args, register_pair
 from .pipeline import register
 from .preflight import preflight
 from .views import INTENSITY_TERMS
@@ -66,6 +67,7 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-physical-overlap", action="store_true",
                         help=f"register images whose scanner-coordinate boxes are more than {d.physical_gap_mm:g} mm "
                              "apart (different scanners or patients)")
+    add_pair_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -99,12 +101,17 @@ def run_register(args, embedder=None) -> int:
     """
     try:
         # before any work: --out must be a folder that can be written and holds no input
-        check_outputs([], [args.fixed, args.moving, args.model], [(args.out, OUTPUT_FILES)])
+        check_outputs([], [args.fixed, args.moving, args.model, getattr(args, "fixed_labels", None),
+                           getattr(args, "moving_labels", None)], [(args.out, OUTPUT_FILES)])
         options = options_from_args(args)
         fixed = load_volume(args.fixed, args.fixed_modality)
         moving = load_volume(args.moving, args.moving_modality)
-        checked = preflight(fixed, moving, options)  # refuse bad inputs before loading a model
-        if embedder is None and options.features == "mind":
+        labels = read_label_args(args)
+        inter = getattr(args, "pair", "same-patient") == "inter-patient"
+        checked = None if inter else preflight(fixed, moving, options)  # refuse bad inputs before loading a model
+        if inter:
+            label = "mind-ssc (training-free, inter-patient)"
+        elif embedder is None and options.features == "mind":
             label = "mind-ssc (training-free)"
         elif embedder is None:
             embedder = session_from_args(args)
@@ -112,10 +119,15 @@ def run_register(args, embedder=None) -> int:
         else:
             label = getattr(embedder, "model_id", type(embedder).__name__)
         with progress_bar("register", quiet=args.quiet) as update:
-            result = register(fixed, moving, mode=args.mode, deformable=args.deformable, coarse=args.coarse,
-                               embedder=embedder, options=options, progress=update, checked=checked)
+            if inter:
+                result = register_pair(args, fixed, moving, update)
+            else:
+                result = register(fixed, moving, mode=args.mode, deformable=args.deformable, coarse=args.coarse,
+                                  embedder=embedder, options=options, progress=update, checked=checked)
         result.report["model"] = label
-        paths = write_registration(result, fixed, moving, args.out)
+        warped = add_label_report(result, labels, fixed, moving)
+        paths = write_registration(result, fixed, moving, args.out,
+                                   None if warped is None else {"moving_labels_warped.nii.gz": warped})
         paths.update(write_overlay(result, fixed, moving, args.out))
     except SAMv2Error as exc:
         print(f"samv2 register: error: {exc}", file=sys.stderr)
@@ -128,6 +140,8 @@ def run_register(args, embedder=None) -> int:
                "inliers": rep["linear"]["inliers"], "matches": rep["linear"]["matches"],
                "residual_mm_median": rep["linear"]["residual_mm_inliers"]["median"],
                "folding_percent": rep.get("folding_percent"), "timing": rep["timing"], "model": label,
-               "features": rep["features"], "warnings": rep["warnings"]}
+               "features": rep["features"], "warnings": rep["warnings"], "pair": rep.get("pair", "same-patient")}
+    if "labels" in rep:
+        summary["dice_mean"] = rep["labels"]["dice"]["mean"]
     print(json.dumps(summary, indent=2))
     return 0

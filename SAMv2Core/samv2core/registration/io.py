@@ -36,7 +36,7 @@ from .result import RegistrationResult
 
 # every file write_registration may write (plus the optional overlay.png of the CLI)
 OUTPUT_FILES = ("linear.tfm", "linear.h5", "composite.h5", "moving_resampled.nii.gz", "report.json",
-                "displacement.nii.gz", "displacement.h5", "overlay.png")
+                "displacement.nii.gz", "displacement.h5", "overlay.png", "moving_labels_warped.nii.gz")
 
 
 def resample_moving(result: RegistrationResult, fixed: Volume, moving: Volume,
@@ -58,11 +58,13 @@ def _json_default(obj):
     return str(obj)
 
 
-def write_registration(result: RegistrationResult, fixed: Volume, moving: Volume, out_dir) -> dict:
+def write_registration(result: RegistrationResult, fixed: Volume, moving: Volume, out_dir,
+                       extra_images: dict | None = None) -> dict:
     """Write the transforms, the resampled moving image and the report into ``out_dir``.
 
     Returns {"linear_tfm", "linear_h5", "displacement", "displacement_h5" (if any), "composite", "moving_resampled",
-    "report"} -> Path. Raises InputError if an output would replace an image the inputs were read from, RegistrationError
+    "report"} -> Path, plus one entry per ``extra_images`` {file name: sitk.Image} (e.g. the warped
+    moving labels), written in the same all-or-nothing set. Raises InputError if an output would replace an image the inputs were read from, RegistrationError
     if a file cannot be written (nothing is left behind).
     """
     if not isinstance(result, RegistrationResult):
@@ -70,6 +72,8 @@ def write_registration(result: RegistrationResult, fixed: Volume, moving: Volume
     out = Path(out_dir)
     names = {"linear_tfm": "linear.tfm", "linear_h5": "linear.h5", "composite": "composite.h5",
              "moving_resampled": "moving_resampled.nii.gz", "report": "report.json"}
+    extra = dict(extra_images or {})
+    names.update({name: name for name in extra})
     if result.displacement is not None:
         names["displacement"] = "displacement.nii.gz"
         names["displacement_h5"] = "displacement.h5"
@@ -86,6 +90,8 @@ def write_registration(result: RegistrationResult, fixed: Volume, moving: Volume
                                     tmp["displacement_h5"])
             sitk.WriteTransform(result.composite, tmp["composite"])
             sitk.WriteImage(resample_moving(result, fixed, moving).to_sitk(), tmp["moving_resampled"], True)
+            for name, image in extra.items():
+                sitk.WriteImage(image, tmp[name], True)
             report = dict(result.report)
             report["files"] = dict(names)
             files.write_text(out / names["report"], json.dumps(report, indent=2, default=_json_default))
