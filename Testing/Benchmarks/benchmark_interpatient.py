@@ -125,17 +125,12 @@ def elastix_bspline(fixed, moving, prewarp, tmp: Path):
     """itk-elastix affine + B-spline default maps on the moving image resampled through ``prewarp``
     (None: raw, identity start); returns a callable warping a label image and seconds."""
     import itk
-    f = itk.GetImageFromArray(fixed.array.astype(np.float32))
-    f.SetOrigin(fixed.origin)
-    f.SetSpacing(fixed.spacing)
-    f.SetDirection(itk.matrix_from_array(np.asarray(fixed.direction, float)))
     src = moving.to_sitk() if prewarp is None else sitk.Resample(moving.to_sitk(), fixed.to_sitk(), prewarp,
                                                                 sitk.sitkLinear, float(moving.array.min()))
-    ma = sitk.GetArrayFromImage(src).astype(np.float32)
-    m = itk.GetImageFromArray(ma)
-    m.SetOrigin(src.GetOrigin())
-    m.SetSpacing(src.GetSpacing())
-    m.SetDirection(itk.matrix_from_array(np.asarray(src.GetDirection(), float).reshape(3, 3)))
+    sitk.WriteImage(sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32), str(tmp / "ef.nii.gz"))
+    sitk.WriteImage(sitk.Cast(src, sitk.sitkFloat32), str(tmp / "em.nii.gz"))
+    f = itk.imread(str(tmp / "ef.nii.gz"), itk.F)
+    m = itk.imread(str(tmp / "em.nii.gz"), itk.F)
     po = itk.ParameterObject.New()
     po.AddParameterMap(po.GetDefaultParameterMap("affine"))
     po.AddParameterMap(po.GetDefaultParameterMap("bspline"))
@@ -149,10 +144,8 @@ def elastix_bspline(fixed, moving, prewarp, tmp: Path):
 
     def warp(labels: sitk.Image) -> np.ndarray:
         lab = labels if prewarp is None else sitk.Resample(labels, fixed.to_sitk(), prewarp, sitk.sitkNearestNeighbor, 0)
-        li = itk.GetImageFromArray(sitk.GetArrayFromImage(lab).astype(np.float32))
-        li.SetOrigin(lab.GetOrigin())
-        li.SetSpacing(lab.GetSpacing())
-        li.SetDirection(itk.matrix_from_array(np.asarray(lab.GetDirection(), float).reshape(3, 3)))
+        sitk.WriteImage(sitk.Cast(lab, sitk.sitkFloat32), str(tmp / "el.nii.gz"))
+        li = itk.imread(str(tmp / "el.nii.gz"), itk.F)
         out = itk.transformix_filter(li, params, log_to_console=False)
         return np.rint(itk.GetArrayFromImage(out)).astype(np.int32)
     return warp, sec

@@ -130,7 +130,9 @@ def run_register(args, embedder=None) -> int:
                                    None if warped is None else {"moving_labels_warped.nii.gz": warped})
         paths.update(write_overlay(result, fixed, moving, args.out))
     except SAMv2Error as exc:
-        print(f"samv2 register: error: {exc}", file=sys.stderr)
+        hint = ("; two different people? --pair inter-patient"
+                if "overlap physically" in str(exc) and getattr(args, "pair", "") != "inter-patient" else "")
+        print(f"samv2 register: error: {exc}{hint}", file=sys.stderr)
         return 2
     except ValueError as exc:  # invalid option values
         print(f"samv2 register: error: {exc}", file=sys.stderr)

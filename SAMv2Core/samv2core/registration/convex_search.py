@@ -26,7 +26,7 @@ class ConvexAdamOptions:
     search_radius: int = 4  # discrete displacements -r..r cells per axis of the pooled grid (+-24 mm at 3 mm x 2)
     cost_pool: int = 2  # the search runs on features pooled by this factor (ConvexAdam: half resolution)
     coupling: tuple = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # coupled convex weights, increasing
-    iterations: int = 40  # Adam instance optimisation steps
+    iterations: int = 80  # Adam instance optimisation steps
     learning_rate: float = 1.0  # mm per step scale of the velocity
     smoothness: float = 0.05  # diffusion penalty weight on the velocity field (per mm^2 gradients)
     mask_weight: float = 1.0  # weight of the body-mask channel in the distance
@@ -121,32 +121,39 @@ def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor,
     of view), 0 elsewhere.
     """
     spacing = float(grid.spacing[0])
-    zr = min(opt.search_radius, max(1, grid.shape[0] // (4 * opt.cost_pool)))
+    zr = opt.search_radius
     cost, offsets = cost_volume(fixed * weight, moving * weight, opt.search_radius, opt.cost_pool, zr)
     coarse = coupled_convex(cost, offsets, opt.coupling) * (spacing * opt.cost_pool)  # mm on the pooled grid
-    init = F.interpolate(coarse, size=grid.shape, mode="trilinear", align_corners=False)
-    # instance optimisation of a velocity field started at the convex displacement (v ~ u for a smooth u)
-    velocity = torch.nn.Parameter(init.clone())
+    # instance optimisation on the pooled grid too (ConvexAdam: half resolution), of a velocity field
+    # started at the convex displacement (v ~ u for a smooth u); the result is upsampled at the end
+    k = opt.cost_pool
+    fp = F.avg_pool3d(fixed, k, stride=k, ceil_mode=True)
+    mp = F.avg_pool3d(moving, k, stride=k, ceil_mode=True)
+    wp = F.avg_pool3d(weight, k, stride=k, ceil_mode=True)
+    sp = spacing * k
+    pgrid = Grid(tuple(float(o + spacing * (k - 1) / 2) for o in grid.origin), (sp,) * 3, tuple(fp.shape[2:]))
+    velocity = torch.nn.Parameter(coarse.clone())
     adam = torch.optim.Adam([velocity], lr=opt.learning_rate)
-    wsum = weight.sum().clamp_min(1.0)
+    wsum = wp.sum().clamp_min(1.0)
 
     def loss_of(v):
-        u = integrate_svf(v, grid)
-        warped = warp_on_grid(moving, u, grid)
-        sim = ((fixed - warped).square().mean(1, keepdim=True) * weight).sum() / wsum
-        return sim, u
+        u = integrate_svf(v, pgrid)
+        warped = warp_on_grid(mp, u, pgrid)
+        return ((fp - warped).square().mean(1, keepdim=True) * wp).sum() / wsum
 
     with torch.no_grad():
-        start_sim = float(((fixed - moving).square().mean(1, keepdim=True) * weight).sum() / wsum)
-        convex_sim = float(loss_of(init)[0])
+        start_sim = float(((fp - mp).square().mean(1, keepdim=True) * wp).sum() / wsum)
+        convex_sim = float(loss_of(coarse))
     for _ in range(opt.iterations):
         adam.zero_grad()
-        sim, _ = loss_of(velocity)
-        loss = sim + opt.smoothness * _diffusion(velocity, spacing)
+        sim = loss_of(velocity)
+        loss = sim + opt.smoothness * _diffusion(velocity, sp)
         loss.backward()
         adam.step()
     with torch.no_grad():
-        final_sim, u = loss_of(velocity.detach())
+        final_sim = loss_of(velocity.detach())
+        v_full = F.interpolate(velocity.detach(), size=grid.shape, mode="trilinear", align_corners=False)
+        u = integrate_svf(v_full, grid)
     stats = {"distance_linear": round(start_sim, 6), "distance_convex": round(convex_sim, 6),
              "distance_final": round(float(final_sim), 6), "cost_volume_offsets": int(offsets.shape[0]),
              "max_displacement_mm": round(float(u.norm(dim=1).max()), 2)}
