@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..grid import Grid
-from .svf import integrate_svf
+from .svf import diffusion, integrate_svf
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ConvexAdamOptions:
     coupling: tuple = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # coupled convex weights, increasing
     iterations: int = 80  # Adam instance optimisation steps
     learning_rate: float = 1.0  # mm per step scale of the velocity
-    smoothness: float = 0.05  # diffusion penalty weight on the velocity field (per mm^2 gradients)
+    smoothness: float = 0.05  # weight of the velocity field's diffusion (mean squared gradient, mm per mm)
     mask_weight: float = 1.0  # weight of the body-mask channel in the distance
 
     def to_dict(self) -> dict:
@@ -94,13 +94,6 @@ def coupled_convex(cost: torch.Tensor, offsets: torch.Tensor, coupling) -> torch
     return _smooth(disp)
 
 
-def _diffusion(v: torch.Tensor, spacing: float) -> torch.Tensor:
-    dz = (v[:, :, 1:] - v[:, :, :-1]).square().mean() if v.shape[2] > 1 else v.new_zeros(())
-    dy = (v[:, :, :, 1:] - v[:, :, :, :-1]).square().mean()
-    dx = (v[..., 1:] - v[..., :-1]).square().mean()
-    return (dx + dy + dz) / spacing ** 2
-
-
 def warp_on_grid(moving: torch.Tensor, displacement_mm: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``moving`` (1, C, z, y, x) on ``grid`` sampled at x + u(x) (u in LPS mm), border padding."""
     size = torch.tensor(grid.size_xyz, dtype=moving.dtype)
@@ -147,7 +140,7 @@ def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor,
     for _ in range(opt.iterations):
         adam.zero_grad()
         sim = loss_of(velocity)
-        loss = sim + opt.smoothness * _diffusion(velocity, sp)
+        loss = sim + opt.smoothness * diffusion(velocity, pgrid.spacing)
         loss.backward()
         adam.step()
     with torch.no_grad():
