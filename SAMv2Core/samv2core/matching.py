@@ -10,8 +10,12 @@
   point (a weighted robust affine of cycle-consistent matches on a 12 mm grid over the
   template body, computed once per pair; the cube
   fixed-point answer where too few are near), made precise by a local registration of a
-  window around the point (samv2core.click_refine) and checked against it: the refined point is
-  used only where the two agree, otherwise the SAM answer is kept and flagged.
+  window around the point (samv2core.click_refine), and a third opinion that decides (the arbiter:
+  a 25 mm local fit of the same fixed points, samv2core.arbiter): the refined point where the
+  arbiter agrees with it, the arbiter's where the refinement cannot run and SAM confirms it,
+  otherwise flagged. Without an arbiter estimate (too few fixed points near), the refined
+  point is used only where it agrees with the SAM answer, otherwise the SAM answer is kept
+  and flagged.
 
 
 All points in and out are LPS millimetres.
@@ -25,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from .arbiter import ArbiterOptions, PairArbiter, arbitrate, pair_store
 from .coords import PhysicalPoint
 from .embed import Embeddings, inside_source
 from .errors import InputError, MatchingError
@@ -65,7 +70,8 @@ class MatchResult:
     reason: Optional[str]
     method: str
     details: dict = field(default_factory=dict)
-    answer: str = "sam"  # which answer query_point is: 'sam' (embedding match) or 'refined' (local registration)
+    answer: str = "sam"  # which answer query_point is: 'sam' (embedding match), 'refined' (local
+    # registration) or 'arbiter' (the pair's local fixed-point fit, samv2core.arbiter)
     answer_reason: Optional[str] = None  # why that answer was used (method 'refined')
 
     def to_dict(self, system: str = "LPS") -> dict:
@@ -94,15 +100,19 @@ class _PairState:
     local_error: Optional[str]
     seconds: float
     body: Optional[np.ndarray] = None  # (z, y, x) body mask of the template's model-grid volume
+    arbiter: Optional[PairArbiter] = None  # the third opinion (samv2core.arbiter), None when switched off
 
 
 _PAIR_CACHE: "weakref.WeakKeyDictionary[Embeddings, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
 
 
-def prepare_pair(template: Embeddings, query: Embeddings, refine_options: Optional[RefineOptions] = None) -> None:
-    """Run the refined match's per-pair precompute (the pair's fixed points) ahead of the first
-    click, e.g. while the user places points. Kept as long as both embeddings live."""
-    Matcher(template, query, refine_options=refine_options).pair_state()
+def prepare_pair(template: Embeddings, query: Embeddings, refine_options: Optional[RefineOptions] = None,
+                 arbiter_options: Optional[ArbiterOptions] = None) -> None:
+    """Run the refined match's per-pair precompute (the pair's fixed points, the arbiter and the
+    local registration's set-up) ahead of the first click, e.g. while the user places points.
+    Kept as long as both embeddings live, and on disk when they came through a session with a
+    cache folder."""
+    Matcher(template, query, refine_options=refine_options, arbiter_options=arbiter_options).pair_state()
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +120,7 @@ class Matcher:
     """Matches points of a template volume on a query volume (both already embedded)."""
 
     def __init__(self, template: Embeddings, query: Embeddings, options: Optional[MatchOptions] = None,
-                 refine_options: Optional[RefineOptions] = None):
+                 refine_options: Optional[RefineOptions] = None, arbiter_options: Optional[ArbiterOptions] = None):
         if (template.semantic is None) != (query.semantic is None) or template.fine.shape[0] != query.fine.shape[0]:
             raise MatchingError("template and query were embedded with different models")
         self.template, self.query = template, query
@@ -118,6 +128,7 @@ class Matcher:
         self.q = query.index
         self.opt = options or MatchOptions()
         self.ropt = refine_options or RefineOptions()
+        self.aopt = arbiter_options or ArbiterOptions()
 
     def _template_index(self, points_lps: np.ndarray) -> np.ndarray:
         pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
@@ -230,7 +241,7 @@ class Matcher:
         registration of the two model-grid volumes (built once per pair and options)."""
         per_template = _PAIR_CACHE.setdefault(self.template, weakref.WeakKeyDictionary())
         state = per_template.get(self.query)
-        if state is not None and state[0] == self.ropt:
+        if state is not None and state[0] == (self.ropt, self.aopt):
             return state[1]
         t0 = time.perf_counter()
         mv = self.template.model_volume
@@ -240,24 +251,36 @@ class Matcher:
         grid = mv.index_to_lps(kji[:, ::-1].astype(np.float64))
         if len(grid) > self.ropt.max_fixed_points:
             grid = grid[np.linspace(0, len(grid) - 1, self.ropt.max_fixed_points).astype(int)]
-        t_pts = q_pts = np.zeros((0, 3))
-        if len(grid):
-            # NN with a sub-voxel peak, kept when the round trip returns to the start voxel's
-            # neighbourhood with a high score: fixed points of the NN map, placed below the 4 mm grid
-            t_idx = self.t.grid.lps_to_index(grid)
-            q_idx, score = self._forward(t_idx, True)
-            back, _ = self._backward(np.round(q_idx), False)
-            cyc = np.linalg.norm(self.t.grid.index_to_lps(back) - grid, axis=1)
-            keep = (cyc <= self.ropt.fixed_point_cycle_mm) & (score > self.ropt.fixed_point_min_score)
-            t_pts, q_pts = grid[keep], self.q.grid.index_to_lps(q_idx[keep])
+        store = pair_store(self.template, self.query, {"refine": self.ropt.to_dict(), "grid_points": len(grid)})
+        cached = store.load() if store is not None else None
+        if cached is not None:
+            t_pts, q_pts = cached
+        else:
+            t_pts, q_pts = self._grid_fixed_points(grid)
+            if store is not None:
+                store.save(t_pts, q_pts)
         local, error = None, None
         try:
             local = LocalRegistration(mv, self.query.model_volume, self.ropt)
         except ValueError as exc:
             error = str(exc)
-        result = _PairState(t_pts, q_pts, local, error, time.perf_counter() - t0, mask)
-        per_template[self.query] = (self.ropt, result)
+        arbiter = PairArbiter(t_pts, q_pts, self.aopt) if self.aopt.enabled else None
+        result = _PairState(t_pts, q_pts, local, error, time.perf_counter() - t0, mask, arbiter)
+        per_template[self.query] = ((self.ropt, self.aopt), result)
         return result
+
+    def _grid_fixed_points(self, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """NN with a sub-voxel peak from every grid point, kept when the round trip returns to the
+        start voxel's neighbourhood with a high score: fixed points of the NN map, placed below
+        the 4 mm grid. Returns (template LPS (M, 3), query LPS (M, 3))."""
+        if not len(grid):
+            return np.zeros((0, 3)), np.zeros((0, 3))
+        t_idx = self.t.grid.lps_to_index(grid)
+        q_idx, score = self._forward(t_idx, True)
+        back, _ = self._backward(np.round(q_idx), False)
+        cyc = np.linalg.norm(self.t.grid.index_to_lps(back) - grid, axis=1)
+        keep = (cyc <= self.ropt.fixed_point_cycle_mm) & (score > self.ropt.fixed_point_min_score)
+        return grid[keep], self.q.grid.index_to_lps(q_idx[keep])
 
     def refined(self, points_lps) -> list[MatchResult]:
         t_idx = self._template_index(points_lps)
@@ -297,10 +320,23 @@ class Matcher:
             if not inside:
                 return keep_sam("SAM answer: the point lies outside the body (no anatomy to match)",
                                 "the point lies outside the body")
-        if state.local is None:
+        ref = state.local.refine(sam.template_point.as_array(), sam_q) if state.local is not None else None
+        if ref is not None:
+            details["refinement"] = ref.to_dict()
+        estimate = state.arbiter.estimate(sam.template_point.as_array()) if state.arbiter is not None else None
+        if estimate is not None:  # the third opinion decides (samv2core.arbiter)
+            details["arbiter"] = estimate.to_dict()
+            missing = f"the local refinement cannot run: {state.local_error}" if ref is None else ref.reason
+            verdict = arbitrate(sam_q, None if ref is None else ref.point, np.nan if ref is None else ref.lncc,
+                                missing, estimate, self.aopt)
+            reasons = [] if verdict.agreed else [verdict.flag]
+            if sam.score < self.opt.min_score:
+                reasons.append(f"similarity {sam.score:.2f} below {self.opt.min_score:.2f}")
+            return MatchResult(query_point=PhysicalPoint(tuple(float(v) for v in verdict.point), "LPS"),
+                               confident=not reasons, reason="; ".join(reasons) or None, answer=verdict.answer,
+                               answer_reason=verdict.answer_reason, **base)
+        if ref is None:
             return keep_sam(f"SAM answer: the local refinement cannot run ({state.local_error})", "not refined")
-        ref = state.local.refine(sam.template_point.as_array(), sam_q)
-        details["refinement"] = ref.to_dict()
         if ref.point is None:
             return keep_sam(f"SAM answer: refinement not used ({ref.reason})", f"not refined: {ref.reason}")
         if ref.shift_mm > self.ropt.agree_mm:
@@ -346,12 +382,13 @@ METHODS = ("refined", "fixed_point", "nn")
 
 def match_points(template: Embeddings, query: Embeddings, points_lps, method: str = "refined",
                  options: Optional[MatchOptions] = None,
-                 refine_options: Optional[RefineOptions] = None) -> list[MatchResult]:
+                 refine_options: Optional[RefineOptions] = None,
+                 arbiter_options: Optional[ArbiterOptions] = None) -> list[MatchResult]:
     """Match template points (N, 3) LPS onto the query volume. Returns one MatchResult per point.
 
     ``method``: 'refined' (default: SAM answer made precise by a local registration and checked
     against it), 'fixed_point' (SAMv2 fixed-point match) or 'nn' (nearest neighbour)."""
-    matcher = Matcher(template, query, options, refine_options)
+    matcher = Matcher(template, query, options, refine_options, arbiter_options)
     if method == "nn":
         return matcher.nn(points_lps)
     if method in ("fixed_point", "fixed-point", "fp"):

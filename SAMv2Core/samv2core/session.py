@@ -130,6 +130,8 @@ class EmbeddingSession:
                 if self.disk:
                     self.disk.save(key, emb)
             emb.index  # noqa: B018 - build the search index now
+            if self.disk:  # per-pair precomputes (samv2core.arbiter) are kept next to the embeddings
+                emb.meta["cache_dir"] = str(self.disk.folder)
             return emb
 
         hit = ("embeddings", key) in self.cache
