@@ -61,7 +61,7 @@ def test_refined_is_precise_where_fixed_point_is_not(hard_pair):
     results = match_points(te, qe, pts)  # the default method is the refined match
     ref = _errors(results, truth)
     assert all(r.method == "refined" for r in results)
-    assert {r.answer for r in results} <= {"refined", "sam"} and all(r.answer_reason for r in results)
+    assert {r.answer for r in results} <= {"refined", "sam", "arbiter"} and all(r.answer_reason for r in results)
     assert np.mean([r.answer == "refined" for r in results]) >= 0.6
     assert np.median(ref) < 2.0 and np.median(ref) < 0.6 * np.median(fp)
     # points fixed-point misses by several millimetres, the refined match puts within a few
@@ -98,9 +98,11 @@ def test_refinement_that_cannot_run_falls_back_with_a_reason(hard_pair, lung):
     gone = b[~pair.followup.contains_lps(pair.map_points(b), 0.0)][:2]
     assert len(gone)
     for r in match_points(te, qe, gone):
-        assert r.answer in ("sam", "refined") and r.answer_reason
+        assert r.answer in ("sam", "refined", "arbiter") and r.answer_reason
         if r.answer == "sam":
             assert "SAM answer" in r.answer_reason
+        if r.answer == "arbiter":
+            assert "refinement not used" in r.answer_reason or "refined point" in r.answer_reason
     # different modalities: the intensities cannot be compared, the SAM answer stands
     mr = Volume(qe.model_volume.array, qe.model_volume.spacing, qe.model_volume.origin, np.eye(3), "MR")
     with pytest.raises(ValueError, match="compares intensities"):
