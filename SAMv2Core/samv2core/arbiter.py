@@ -111,15 +111,19 @@ def arbitrate(sam_point, refined_point, refined_lncc: float, refined_missing: Op
     1. refined within ``agree_mm`` of the arbiter: the refined answer, agreed (intensities and
        embeddings agree);
     2. SAM within ``agree_mm`` of the arbiter and no refined answer: the arbiter's estimate,
-       agreed (SAM confirms it, and the local fit follows bent anatomy better than SAM's);
+       agreed when the arbiter's fit kept its first (local) reach (SAM confirms it, and the local
+       fit follows bent anatomy better than SAM's); a widened fit is not a second opinion;
     3. SAM within ``agree_mm`` of the arbiter but the refinement points elsewhere: not agreed
        (both embedding opinions share the pair's fixed points, the intensities contradict
-       them); the refined answer when its local similarity is high (``trust_lncc``), else the
-       arbiter's;
+       them); the refined answer when its local similarity is high (``trust_lncc``) or the
+       arbiter had to widen, else the arbiter's;
     4. no agreement: the refined answer where there is one, else the arbiter's; not agreed.
     """
     opt = options or ArbiterOptions()
     a = estimate.point
+    # widened beyond its first reach, the arbiter is close to the SAM answer's own 50 mm fit of
+    # the same fixed points: its agreement with SAM is then no second opinion
+    local = estimate.sigma_mm <= opt.sigmas_mm[0]
     sam = np.asarray(sam_point, float)
     d_sam = float(np.linalg.norm(sam - a))
     ref = None if refined_point is None else np.asarray(refined_point, float)
@@ -131,13 +135,18 @@ def arbitrate(sam_point, refined_point, refined_lncc: float, refined_missing: Op
         why_ref = f"the refined point is {d_ref:.1f} mm from the arbiter (local similarity {refined_lncc:.2f})"
     else:
         why_ref = f"refinement not used ({refined_missing})"
+    reach = "" if local else f" (the arbiter's fit had to reach {estimate.sigma_mm:g} mm)"
     if d_sam <= opt.agree_mm:
         if ref is None:
-            return Verdict(a, "arbiter", f"arbiter: the SAM answer agrees within {d_sam:.1f} mm; {why_ref}", True, None)
-        flag = f"the refined answer and the arbiter disagree ({why_ref})"
-        if refined_lncc >= opt.trust_lncc:
+            if local:
+                return Verdict(a, "arbiter", f"arbiter: the SAM answer agrees within {d_sam:.1f} mm; {why_ref}", True,
+                               None)
+            return Verdict(a, "arbiter", f"arbiter: the SAM answer agrees within {d_sam:.1f} mm{reach}; {why_ref}",
+                           False, f"not confirmed: the SAM answer and a wide arbiter fit rest on the same matches{reach}")
+        flag = f"the refined answer and the arbiter disagree ({why_ref}){reach}"
+        if refined_lncc >= opt.trust_lncc or not local:
             return Verdict(ref, "refined", f"refined (contradicts the arbiter and the SAM answer, which agree within "
-                                           f"{d_sam:.1f} mm; its local similarity is high); {why_ref}", False, flag)
+                                           f"{d_sam:.1f} mm{reach}); {why_ref}", False, flag)
         return Verdict(a, "arbiter", f"arbiter: the SAM answer agrees within {d_sam:.1f} mm; {why_ref}", False, flag)
     flag = f"the SAM answer and the arbiter disagree by {d_sam:.1f} mm; {why_ref}"
     if ref is not None:

@@ -182,8 +182,10 @@ def make_cases(args):
         vol = load_volume(SHARED / LESION_SCAN, "CT")
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(SHARED / LESION_LABEL))) > 0
         rng = np.random.default_rng(0)
-        for k in range(args.lesions):
-            change = -4.0 if k % 3 == 2 else float(rng.uniform(6.0, 10.0))
+        changes = [-4.0 if k % 3 == 2 else float(rng.uniform(6.0, 10.0)) for k in range(args.lesions)]
+        ids = [int(k) for k in args.lesion_ids.split(",")] if args.lesion_ids else range(args.lesions)
+        for k in ids:
+            change = changes[k]
             changed, centre = change_lesion(vol, label, change, seed=k)
             pair = simulate_hard_followup(changed, 50 + k)
             pts = np.vstack([centre[None], body_points(vol, 10 * args.lesion_points, 200 + k)])
@@ -215,6 +217,7 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=40)
     ap.add_argument("--lesions", type=int, default=5)
     ap.add_argument("--lesion-points", type=int, default=10)
+    ap.add_argument("--lesion-ids", default="", help="run only these lesion-change pairs, e.g. 0,1 (default: all)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=1, help="torch / ITK threads (the machine is shared)")
     ap.add_argument("--ants-timeout", type=float, default=1800.0)
