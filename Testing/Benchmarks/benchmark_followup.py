@@ -79,6 +79,7 @@ def run_samv2(base_path, follow_path, points, truth, methods, threads, embedder)
     fixed points + arbiter + local registration set-up, runs inside its first click, as in the
     CLI and API; the Slicer worker runs it in the background after embedding)."""
     import torch
+    from samv2core.arbiter import ArbiterOptions
     from samv2core.matching import Matcher, match_points
     from samv2core.volume import load_volume
 
@@ -93,7 +94,10 @@ def run_samv2(base_path, follow_path, points, truth, methods, threads, embedder)
         results, clicks = [], []
         for p in points:
             t = time.perf_counter()
-            results += match_points(te, qe, p[None], method=method)
+            if method == "refined_no_arbiter":  # the refined match before issue 21, for comparison
+                results += match_points(te, qe, p[None], arbiter_options=ArbiterOptions(enabled=False))
+            else:
+                results += match_points(te, qe, p[None], method=method)
             clicks.append(time.perf_counter() - t)
         q = np.array([r.query_point.xyz for r in results])
         err = np.linalg.norm(q - truth, axis=1)
@@ -218,7 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lesions", type=int, default=5)
     ap.add_argument("--lesion-points", type=int, default=10)
     ap.add_argument("--lesion-ids", default="", help="run only these lesion-change pairs, e.g. 0,1 (default: all)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of {', '.join(METHODS)}, refined_no_arbiter (the refined match without its "
+                         "third opinion, as before issue 21)")
     ap.add_argument("--threads", type=int, default=1, help="torch / ITK threads (the machine is shared)")
     ap.add_argument("--ants-timeout", type=float, default=1800.0)
     ap.add_argument("--out", default="", help="write all per-point results as JSON here")
