@@ -12,8 +12,8 @@ matches are near; Tukey IRLS). A 50 mm fit cannot follow a deformation that bend
 centimetres (the SAM answer's 10-17 mm misses); a 25 mm fit does, and it uses embeddings only,
 so it does not follow changed intensities the way the refined answer can (a grown lesion).
 
-The vote (:func:`arbitrate`): the refined answer where the arbiter agrees with it; the
-arbiter's estimate where the refinement gave nothing and the SAM answer agrees with it;
+The vote (:func:`arbitrate`): the refined answer where the arbiter or the SAM answer agrees
+with it; the arbiter's estimate where the refinement gave nothing and the SAM answer agrees with it;
 otherwise the match is flagged (see there for which answer is then reported). Confident = two
 independent opinions agree and the embedding similarity is high. SAM + arbiter agreeing
 against a refinement that ran is not enough: both rest on the same fixed points.
@@ -103,13 +103,16 @@ class Verdict:
 
 
 def arbitrate(sam_point, refined_point, refined_lncc: float, refined_missing: Optional[str],
-              estimate: ArbiterEstimate, options: Optional[ArbiterOptions] = None) -> Verdict:
+              estimate: ArbiterEstimate, options: Optional[ArbiterOptions] = None,
+              sam_agree_mm: float = 8.0, confident_lncc: float = 0.5) -> Verdict:
     """Decide between the refined answer (None when the refinement gave none, with the reason
     ``refined_missing``; ``refined_lncc`` its local similarity) and the SAM answer, with the
     arbiter's ``estimate``:
 
-    1. refined within ``agree_mm`` of the arbiter: the refined answer, agreed (intensities and
-       embeddings agree);
+    1. refined within ``agree_mm`` of the arbiter, or within ``sam_agree_mm`` of the SAM answer
+       with a local similarity of at least ``confident_lncc`` (the two-opinion gate of the
+       refined match, samv2core.refine.RefineOptions): the refined answer, agreed (intensities
+       and embeddings agree; the arbiter and SAM are each independent of the refinement);
     2. SAM within ``agree_mm`` of the arbiter and no refined answer: the arbiter's estimate,
        agreed when the arbiter's fit kept its first (local) reach (SAM confirms it, and the local
        fit follows bent anatomy better than SAM's); a widened fit is not a second opinion;
@@ -129,9 +132,13 @@ def arbitrate(sam_point, refined_point, refined_lncc: float, refined_missing: Op
     ref = None if refined_point is None else np.asarray(refined_point, float)
     if ref is not None:
         d_ref = float(np.linalg.norm(ref - a))
+        d_rs = float(np.linalg.norm(ref - sam))
         if d_ref <= opt.agree_mm:
             return Verdict(ref, "refined", f"refined: the arbiter agrees within {d_ref:.1f} mm (the SAM answer is "
-                                           f"{np.linalg.norm(ref - sam):.1f} mm away)", True, None)
+                                           f"{d_rs:.1f} mm away)", True, None)
+        if d_rs <= sam_agree_mm and refined_lncc >= confident_lncc:
+            return Verdict(ref, "refined", f"refined: within {d_rs:.1f} mm of the SAM answer, local similarity "
+                                           f"{refined_lncc:.2f} (the arbiter is {d_ref:.1f} mm away)", True, None)
         why_ref = f"the refined point is {d_ref:.1f} mm from the arbiter (local similarity {refined_lncc:.2f})"
     else:
         why_ref = f"refinement not used ({refined_missing})"

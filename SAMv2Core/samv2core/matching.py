@@ -328,7 +328,7 @@ class Matcher:
             details["arbiter"] = estimate.to_dict()
             missing = f"the local refinement cannot run: {state.local_error}" if ref is None else ref.reason
             verdict = arbitrate(sam_q, None if ref is None else ref.point, np.nan if ref is None else ref.lncc,
-                                missing, estimate, self.aopt)
+                                missing, estimate, self.aopt, self.ropt.agree_mm, self.ropt.confident_lncc)
             reasons = [] if verdict.agreed else [verdict.flag]
             if sam.score < self.opt.min_score:
                 reasons.append(f"similarity {sam.score:.2f} below {self.opt.min_score:.2f}")
