@@ -12,8 +12,8 @@
   fixed-point answer where too few are near), made precise by a local registration of a
   window around the point (samv2core.click_refine), and a third opinion that decides (the arbiter:
   a 25 mm local fit of the same fixed points, samv2core.arbiter): the refined point where the
-  arbiter agrees with it, the arbiter's where the refinement cannot run and SAM confirms it,
-  otherwise flagged. Without an arbiter estimate (too few fixed points near), the refined
+  arbiter or the SAM answer agrees with it, the arbiter's where the refinement cannot run and
+  SAM confirms it, otherwise flagged. Without an arbiter estimate (too few fixed points near), the refined
   point is used only where it agrees with the SAM answer, otherwise the SAM answer is kept
   and flagged.
 
