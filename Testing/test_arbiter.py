@@ -13,7 +13,7 @@ from samv2core.arbiter import ArbiterOptions
 from samv2core.embed import Embedder
 from samv2core.matching import Matcher, match_points, prepare_pair
 from samv2core.models import resolve_model
-from samv2core.refine import RefineOptions
+from samv2core.click_refine import RefineOptions
 from samv2core.bundled_samples import load_sample
 from samv2core.session import EmbeddingSession
 from samv2core.simulate import body_points, simulate_hard_followup

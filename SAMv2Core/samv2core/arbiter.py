@@ -111,7 +111,7 @@ def arbitrate(sam_point, refined_point, refined_lncc: float, refined_missing: Op
 
     1. refined within ``agree_mm`` of the arbiter, or within ``sam_agree_mm`` of the SAM answer
        with a local similarity of at least ``confident_lncc`` (the two-opinion gate of the
-       refined match, samv2core.refine.RefineOptions): the refined answer, agreed (intensities
+       refined match, samv2core.click_refine.RefineOptions): the refined answer, agreed (intensities
        and embeddings agree; the arbiter and SAM are each independent of the refinement);
     2. SAM within ``agree_mm`` of the arbiter and no refined answer: the arbiter's estimate,
        agreed when the arbiter's fit kept its first (local) reach (SAM confirms it, and the local
