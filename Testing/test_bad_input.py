@@ -559,3 +559,490 @@ def test_train_refuses_cleanly(ws, tmp_path, capsys, make_args, needle):
 def test_catalogue_size():
     n = len(CLI_CASES) + 3 + len(API_CASES) + 1 + len(SCRIPT_CASES) + 1 + len(TRAIN_CASES)
     assert n >= 60, n
+
+
+# === Hostile inputs and faults (issue 23) ======================================================
+# Every case: exit code 2 (or the documented success), ONE line on stderr, no traceback, the
+# inputs byte-identical, nothing partial left. Process-level faults (a pipe that could block, a
+# name that aborted the process, a full disk, SIGKILL) run the command in a child process.
+SAMV2 = [sys.executable, "-c", "import sys; from samv2core.launch import samv2; sys.exit(samv2())"]
+TRAIN = [sys.executable, "-c", "import sys; from samv2train.cli import main; sys.exit(main())"]
+
+
+def _run(args: list, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("SAMV2_DEBUG", None)
+    return subprocess.run(args, capture_output=True, timeout=timeout, env=env, **kw)
+
+
+def _one_line(err: "bytes | str", needle: str, errors_only: bool = False) -> str:
+    """One line on stderr (``errors_only``: one error line after progress lines, which a
+    piped stderr gets one per stage)."""
+    text = err.decode("utf-8", "replace") if isinstance(err, bytes) else err
+    lines = [line for line in text.splitlines() if line.strip() and (not errors_only or "error" in line)]
+    assert len(lines) == 1, f"expected one line on stderr, got: {text!r}"
+    assert "Traceback" not in text and ".partial-" not in text
+    assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def _no_partial(folder: Path) -> None:
+    assert not [p for p in Path(folder).rglob("*") if ".partial-" in p.name], "a .partial- leftover"
+
+
+class _Unblock:
+    """Opens a FIFO for writing after ``after`` s, so a reader wrongly blocked on it returns
+    (the test then fails on its assertions instead of hanging the suite)."""
+
+    def __init__(self, fifo: Path, after: float = 60.0):
+        import threading
+
+        self.fifo, self.timer = fifo, threading.Timer(after, self._open)
+        self.timer.daemon = True
+
+    def _open(self) -> None:
+        try:
+            os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+
+def _dicom_series(folder: Path, array: np.ndarray, uid: str) -> None:
+    """Write ``array`` (z, y, x int16) as a DICOM CT series with series UID ``uid``."""
+    for k in range(array.shape[0]):
+        s = sitk.GetImageFromArray(array[k])
+        s.SetSpacing((1.5, 1.5))
+        tags = {"0008|0060": "CT", "0020|000e": uid, "0020|000d": "1.2.826.0.1.3680043.2.1125.77",
+                "0020|0032": f"0\\0\\{2.0 * k}", "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0013": str(k + 1),
+                "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{uid}.{k + 1}", "0028|0030": "1.5\\1.5"}
+        for tag, value in tags.items():
+            s.SetMetaData(tag, value)
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()
+        w.SetFileName(str(folder / f"{uid.rsplit('.', 1)[-1]}_{k:03d}.dcm"))
+        w.Execute(s)
+
+
+@pytest.fixture(scope="module")
+def hw(ws, tmp_path_factory):
+    """Hostile files beside the catalogue's workspace (kept apart: a FIFO must never be opened
+    by the workspace snapshot)."""
+    import torch
+
+    from samv2core.model_io import ModelCard, save_model
+    from samv2core.network import NetConfig, build_network
+
+    root = tmp_path_factory.mktemp("hostile")
+    crop = ws["crop"]
+    os.mkfifo(root / "fifo.nrrd")
+    rng = np.random.default_rng(0)
+    cplx = (rng.normal(size=(8, 8, 8)) + 1j * rng.normal(size=(8, 8, 8))).astype(np.complex64)
+    _write(sitk.GetImageFromArray(cplx), root / "complex.nii.gz")
+    _write(sitk.GetImageFromArray(rng.normal(size=(2, 2, 2)).astype(np.float32)), root / "tiny.nrrd")
+    _write(sitk.GetImageFromArray(rng.normal(size=(1, 64, 64)).astype(np.float32)), root / "slice.nrrd")
+    huge = crop.array.astype(np.float64)
+    huge[2, 3, 4] = 1e300
+    img = sitk.GetImageFromArray(huge)
+    _write(img, root / "huge_value.nrrd")
+    # a 185-byte MetaImage header promising a compressed 800^3 float image
+    (root / "forged.mha").write_bytes(
+        b"ObjectType = Image\nNDims = 3\nDimSize = 800 800 800\nElementType = MET_FLOAT\n"
+        b"CompressedData = True\nCompressedDataSize = 16\nElementSpacing = 1 1 1\nElementDataFile = LOCAL\n"
+        + b"x\x9c" + b"\x00" * 14)
+    dicom = root / "two_series"
+    dicom.mkdir()
+    arr = (crop.array[:8, :32, :32]).astype(np.int16)
+    _dicom_series(dicom, arr, "1.2.826.0.1.3680043.2.1125.7.1")
+    _dicom_series(dicom, arr[:6] + 5, "1.2.826.0.1.3680043.2.1125.7.2")
+    centre = ws["centre"]
+    mrk = json.loads((ws["root"] / "points.mrk.json").read_text())
+    for m in mrk["markups"]:
+        m["coordinateUnits"] = "um"
+        for cp in m["controlPoints"]:
+            cp["position"] = [v * 1000 for v in cp["position"]]
+    (root / "micrometres.mrk.json").write_text(json.dumps(mrk))
+    # model cards that cannot be honoured, and weights with a NaN
+    lite = ws["root"] / "lite.safetensors"
+    card = json.loads((ws["root"] / "lite.json").read_text())
+    for name, change in (("spacing1e9", {"spacing_mm": 1e9}),
+                         ("terabytes", {"architecture": {**card["architecture"],
+                                                         "stage_channels": [4096, 8192, 16384, 65536]}})):
+        (root / f"{name}.safetensors").write_bytes(lite.read_bytes())
+        (root / f"{name}.json").write_text(json.dumps({**card, **change}))
+    torch.manual_seed(0)
+    net = build_network(NetConfig.lite())
+    with torch.no_grad():
+        next(net.parameters()).view(-1)[0] = float("nan")
+    save_model(net, ModelCard(name="nan-weights", architecture={}, heads=[]), root / "nan_weights.safetensors")
+    # a YAML alias bomb: 9 levels of 9 aliases (9^9 values) in a few hundred bytes
+    levels = ["a: &a [x,x,x,x,x,x,x,x,x]"]
+    for n in range(1, 9):
+        prev, cur = "abcdefghi"[n - 1], "abcdefghi"[n]
+        levels.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    (root / "bomb.yaml").write_text("\n".join(levels) + "\n")
+    return {"root": root, "centre": centre}
+
+
+HOSTILE_CASES = [
+    # inputs opened only after checking they are regular files
+    ("fifo-as-image", ["embed", "%fifo.nrrd"], "pipe"),
+    ("fifo-as-points", [*MATCH, "--points", "%fifo.nrrd"], "pipe"),
+    ("fifo-as-model", ["embed", "@v.nrrd", "--model", "%fifo.nrrd"], "not a regular file"),
+    ("fifo-as-cases", ["batch", "%fifo.nrrd", "-o", "%batch_out", *LITE], "pipe"),
+    # sizes and pixel types checked from the header, before any voxel is allocated
+    ("complex-pixels", ["embed", "%complex.nii.gz"], "complex"),
+    ("tiny-2x2x2", ["embed", "%tiny.nrrd"], "at least 4"),
+    ("single-slice", ["embed", "%slice.nrrd"], "at least 4"),
+    ("forged-800-cubed-header", ["embed", "%forged.mha"], "declares"),
+    ("finite-1e300", ["embed", "%huge_value.nrrd"], "float32 range"),
+    # what cannot be honoured exactly is refused, or needs an explicit choice
+    ("dicom-two-series", ["embed", "%two_series"], "--series"),
+    ("markups-in-micrometres", [*MATCH, "--points", "%micrometres.mrk.json"], "not millimetres"),
+    ("card-spacing-1e9", ["embed", "@v.nrrd", "--model", "%spacing1e9.safetensors"], "spacing_mm"),
+    ("card-terabyte-architecture", ["embed", "@v.nrrd", "--model", "%terabytes.safetensors"], "parameters"),
+    ("nan-weights", ["embed", "@v.nrrd", "--model", "%nan_weights.safetensors"], "NaN"),
+    # a valid output is checked before the work; messages never name internal files
+    ("out-name-too-long", ["embed", "@v.nrrd", *LITE, "--out", "%" + "n" * 300 + ".safetensors"], "bytes long"),
+    ("embed-out-in-cache", ["embed", "@v.nrrd", *LITE, "--cache-dir", "%cache",
+                            "--out", "%cache/0123.safetensors"], "cache"),
+]
+
+
+@pytest.mark.parametrize("args,needle", [c[1:] for c in HOSTILE_CASES], ids=[c[0] for c in HOSTILE_CASES])
+def test_hostile_input_refused_cleanly(ws, hw, capsys, args, needle):
+    from samv2core.cli import main
+
+    args = [str(hw["root"] / a[1:]) if isinstance(a, str) and a.startswith("%") else a for a in _abs(ws, args)]
+    before, before_h = _snapshot(ws["root"]), _snapshot(hw["root"])
+    capsys.readouterr()
+    with _Unblock(hw["root"] / "fifo.nrrd"):
+        code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    _check_clean(ws, before, err, needle)
+    assert _snapshot(hw["root"]) == before_h
+    _no_partial(hw["root"])
+
+
+def test_dicom_series_chosen_explicitly_and_info_lists_them(hw, capsys):
+    from samv2core.cli import main
+
+    folder = hw["root"] / "two_series"
+    code = main(["info", str(folder), "--series", "1.2.826.0.1.3680043.2.1125.7.2", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["size_xyz"] == [32, 32, 6]  # the chosen series (6 slices), not the larger one
+    assert {s["uid"] for s in doc["dicom_series"]} == {"1.2.826.0.1.3680043.2.1125.7.1",
+                                                       "1.2.826.0.1.3680043.2.1125.7.2"}
+
+
+def test_info_gives_extent_and_centre_in_lps_and_ras(ws, capsys):
+    from samv2core.cli import main
+
+    assert main(["info", str(ws["root"] / "v.nrrd"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    crop = ws["crop"]
+    centre = crop.index_to_lps((np.asarray(crop.size_xyz) - 1) / 2)
+    assert np.allclose(doc["centre_lps"], centre, atol=1e-3)
+    assert np.allclose(doc["centre_ras"], centre * [-1, -1, 1], atol=1e-3)
+    corners = crop.corners_lps()
+    assert np.allclose(doc["extent_lps"]["min"], corners.min(0), atol=1e-3)
+    assert np.allclose(doc["extent_ras"]["max"], (corners * [-1, -1, 1]).max(0), atol=1e-3)
+    assert doc["modality_assumed"] == "CT" and doc["size_xyz"] == list(crop.size_xyz)
+    assert doc["orientation"].startswith("LPS")
+
+
+def test_yaml_alias_bomb_is_refused_quickly(hw, capsys):
+    import time
+
+    from samv2train.cli import main
+
+    t0 = time.perf_counter()
+    code = main(["--check-config", str(hw["root"] / "bomb.yaml")])
+    seconds = time.perf_counter() - t0
+    assert code == 2
+    _one_line(capsys.readouterr().err, "alias")
+    assert seconds < 20, seconds  # a bound, not a speed target: expanding it takes minutes and gigabytes
+
+
+def test_strict_json_never_writes_nan():
+    from samv2core.outputs import json_text
+
+    text = json_text({"score": float("nan"), "p": [1.0, float("inf")], "ok": 1})
+    assert json.loads(text) == {"score": None, "p": [1.0, None], "ok": 1}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_non_utf8_names_long_names_and_a_pipe_in_a_batch(ws, hw, tmp_path):
+    """In a child process (an abort would kill the test run): a non-UTF-8 image and output
+    name, a 240-byte output name, and a batch whose first case is a pipe and whose second is
+    named like the summary file (both runs finish, the second skips the finished case)."""
+    root = os.fsencode(tmp_path)
+    src = os.path.join(root, b"scan-\xff\xfe.nrrd")
+    with open(src, "wb") as f:
+        f.write((ws["root"] / "v.nrrd").read_bytes())
+    out = os.path.join(root, b"emb-\xff.safetensors")
+    lite = [os.fsencode(a) if isinstance(a, str) else a for a in _abs(ws, LITE)]
+    proc = _run([*SAMV2, "embed", src, *lite, "--out", out])
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.isfile(out) and b"Traceback" not in proc.stderr
+    long_out = tmp_path / ("e" * 240 + ".safetensors")
+    proc = _run([*SAMV2, "info", src])
+    assert proc.returncode == 0 and b"centre RAS" in proc.stdout, proc.stderr
+    proc = _run([*SAMV2, "embed", str(ws["root"] / "v.nrrd"), *_abs(ws, LITE), "--out", str(long_out)])
+    assert proc.returncode == 0, proc.stderr
+    assert long_out.is_file()
+    _no_partial(tmp_path)
+    # batch: a pipe as a case input fails that case only; "summary.csv" as a case name works
+    cases = tmp_path / "cases.csv"
+    fifo = tmp_path / "pipe.nrrd"
+    os.mkfifo(fifo)
+    v, q, pts = (ws["root"] / n for n in ("v.nrrd", "q.nrrd", "points.csv"))
+    cases.write_text(f"case,baseline,followup,points\npiped,{fifo},{q},{pts}\nsummary.csv,{v},{q},{pts}\n")
+    for attempt in range(2):
+        proc = _run([*SAMV2, "batch", str(cases), "-o", str(tmp_path / "cohort"), "--method", "nn",
+                     *_abs(ws, LITE)], timeout=400)
+        assert proc.returncode == 1, proc.stderr  # one case failed, the other did not
+        rows = {r["case"]: r for r in __import__("csv").DictReader((tmp_path / "cohort" / "summary.csv").open())}
+        assert rows["piped"]["status"] == "failed" and "pipe" in rows["piped"]["message"]
+        assert rows["case_summary.csv"]["status"] == ("ok" if attempt == 0 else "skipped")
+    _no_partial(tmp_path / "cohort")
+
+
+def _full_disk(tmp_path):
+    """(folder, preexec_fn): a folder on a full file system (a 256 KiB tmpfs, when this
+    process may mount one), else a folder where the child may write at most 64 KiB per file
+    (RLIMIT_FSIZE: the write fails the same way, with EFBIG instead of ENOSPC)."""
+    import resource
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    if mounted:
+        return folder, None, lambda: subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    return folder, limit, lambda: None
+
+
+def test_full_disk_is_one_line_and_the_cache_never_fails_a_command(ws, tmp_path):
+    folder, preexec, cleanup = _full_disk(tmp_path)
+    try:
+        before = _snapshot(ws["root"])
+        out = folder / "e.safetensors"
+        proc = _run([*SAMV2, "embed", str(ws["root"] / "v.nrrd"), *_abs(ws, LITE), "--out", str(out)],
+                    preexec_fn=preexec)
+        assert proc.returncode == 2
+        _one_line(proc.stderr, "e.safetensors", errors_only=True)
+        assert not out.exists()
+        # the cache on the full disk: a warning, the command succeeds
+        proc = _run([*SAMV2, "embed", str(ws["root"] / "v.nrrd"), *_abs(ws, LITE), "--cache-dir",
+                     str(folder / "cache")], preexec_fn=preexec)
+        assert proc.returncode == 0, proc.stderr
+        assert b"Traceback" not in proc.stderr and json.loads(proc.stdout)["fine_shape"]
+        # training checkpoints on the full disk
+        cfg = _train_config(ws, tmp_path)
+        text = cfg.read_text().replace(str(tmp_path / "runs"), str(folder / "runs"))
+        cfg.write_text(text)
+        proc = _run([*TRAIN, "--config", str(cfg)], timeout=400, preexec_fn=preexec)
+        assert proc.returncode == 2, proc.stderr
+        errors = [line for line in proc.stderr.decode().splitlines() if "error" in line]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr.decode(), proc.stderr
+        # register: its folder does not fit
+        proc = _run(_register(ws, folder / "reg", "q.nrrd"), timeout=500, preexec_fn=preexec)
+        assert proc.returncode == 2, proc.stderr
+        _one_line(proc.stderr, "could not write the registration", errors_only=True)
+        assert not (folder / "reg").exists()
+        assert _snapshot(ws["root"]) == before
+        _no_partial(folder)
+    finally:
+        cleanup()
+
+
+def test_cache_never_replaces_or_trusts_a_file_it_did_not_write(ws, tmp_path, caplog):
+    import torch
+
+    from samv2core.cache import EmbeddingDiskCache
+    from samv2core.checked_tensors import save_checked
+
+    cache = EmbeddingDiskCache(tmp_path)
+    key = "some-key"
+    save_checked(cache.path(key), {"fine": torch.zeros(2, 2)}, {"coordinate_system": "LPS"})  # an embed --out
+    digest = hashlib.sha256(cache.path(key).read_bytes()).hexdigest()
+    assert cache.load(key, ws["crop"], 2.0, "m") is None
+    cache.save(key, type("E", (), {"rows": torch.zeros(1, 1), "coarse": torch.zeros(1, 1, 1, 1),
+                                   "fine_grid": type("G", (), {"__dict__": {}})(),
+                                   "coarse_grid": type("G", (), {"__dict__": {}})(), "head_dims": ()})())
+    assert hashlib.sha256(cache.path(key).read_bytes()).hexdigest() == digest  # left as it was
+    # an unwritable cache folder (a file) never fails
+    bad = EmbeddingDiskCache(ws["root"] / "afile")
+    assert bad.load(key, ws["crop"], 2.0, "m") is None
+
+
+def _register(ws, out: Path, moving: str) -> list:
+    return [*SAMV2, "register", "--fixed", str(ws["root"] / "v.nrrd"), "--moving", str(ws["root"] / moving),
+            "--out", str(out), "--features", "mind", "--mode", "rigid", "--quiet"]
+
+
+def _folder_digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_sigkill_while_register_writes_leaves_the_previous_result(ws, tmp_path):
+    """All-or-nothing commit: a register killed (SIGKILL) while it writes its folder leaves
+    the previous result exactly, never a mix; the next write there removes the leftover."""
+    import signal
+    import time
+
+    from samv2core.outputs import OutputSet
+
+    out = tmp_path / "reg"
+    first = _run(_register(ws, out, "q.nrrd"), timeout=500)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert "verified" in summary and "not the registration's accuracy" in summary["residual_mm_median_is"]
+    previous = _folder_digest(out)
+    assert {"linear.tfm", "report.json", "moving_resampled.nii.gz"} <= set(previous)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen(_register(ws, out, "v.nii.gz"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 500
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(p.name.startswith(".partial-") for p in tmp_path.iterdir()):  # the new folder is being written
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    killed = proc.returncode == -signal.SIGKILL
+    now = _folder_digest(out)
+    if killed:
+        assert now == previous, "a killed run changed the previous result"
+    else:  # it finished before we saw it write: then the new result is complete
+        assert json.loads((out / "report.json").read_text())["moving"]["name"] == "v"
+    with OutputSet(folder=tmp_path / "other") as files:  # the next write in that folder cleans up
+        files.write_text(tmp_path / "other" / "a.txt", "x")
+    _no_partial(tmp_path)
+
+
+def test_output_folder_commit_survives_sigkill_at_any_point(tmp_path):
+    """A child process writes a folder result slowly and is killed at several instants: the
+    folder always holds the previous result or the complete new one."""
+    import signal
+    import time
+
+    from samv2core.outputs import OutputSet, clean_leftovers
+
+    out = tmp_path / "result"
+    with OutputSet(folder=out) as files:
+        for name in ("a.txt", "b.txt", "report.json"):
+            files.write_text(out / name, "old")
+    (out / "user_notes.txt").write_text("mine")  # not an output: kept across runs
+    script = ("import sys, time; from pathlib import Path; from samv2core.outputs import OutputSet\n"
+              "out = Path(sys.argv[1])\n"
+              "with OutputSet(folder=out, replaces=['a.txt', 'b.txt', 'report.json']) as f:\n"
+              "    for n in ('a.txt', 'b.txt', 'report.json'):\n"
+              "        f.write_text(out / n, 'new'); time.sleep(0.2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    for delay in (0.05, 0.3, 0.5):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(out)], env=env)
+        time.sleep(delay + 0.3)  # the interpreter's start-up, then part of the writing
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        contents = {p.name: p.read_text() for p in out.iterdir()}
+        assert contents.pop("user_notes.txt") == "mine"
+        assert set(contents.values()) in ({"old"}, {"new"}) and len(contents) == 3, contents
+        clean_leftovers(tmp_path)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial-")]
+
+
+def test_native_library_dumps_never_precede_the_error_line(tmp_path):
+    """A refusal in a child process with a real stderr: the one line, nothing printed by C++
+    libraries before it (ITK prints a WARNING block for this NIfTI's sheared sform)."""
+    import struct
+
+    path = tmp_path / "shear.nii"
+    _write(sitk.GetImageFromArray(np.zeros((8, 20, 20), np.float32)), path, False)
+    header = bytearray(path.read_bytes())
+    header[252:256] = struct.pack("<hh", 0, 1)  # qform_code 0, sform_code 1
+    header[280:328] = struct.pack("<12f", 2, 1, 0, 0, 0, 2, 0, 0, 0, 0, 2, 0)  # a sheared sform
+    path.write_bytes(bytes(header))
+    proc = _run([*SAMV2, "embed", str(path)])
+    assert proc.returncode == 2
+    _one_line(proc.stderr, "orthonormal")
+    debug = subprocess.run([*SAMV2, "embed", str(path)], capture_output=True, timeout=300,
+                           env={**os.environ, "SAMV2_DEBUG": "1",
+                                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert b"WARNING" in debug.stderr  # the dump exists, and SAMV2_DEBUG shows it
+
+
+def test_rough_edges_of_the_readme_commands(ws, tmp_path, capsys, monkeypatch):
+    """match --out says what it wrote; progress is one line per stage when piped, without a
+    stray comma on a terminal; the CSV has the answer and the template point; --seed has help."""
+    import io
+
+    from samv2core import progress
+    from samv2core.cli import main
+
+    out, csv_out = tmp_path / "m.json", tmp_path / "m.csv"
+    c = ws["centre"]
+    monkeypatch.delenv("SAMV2_PROGRESS", raising=False)
+    code = main([*_abs(ws, MATCH), "--point", f"{c[0]},{c[1]},{c[2]}", "--out", str(out), "--out-csv", str(csv_out),
+                 "--progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"wrote {out}" in err
+    stages = [line for line in err.splitlines() if line.startswith("embedding ")]  # piped + --progress: lines
+    assert stages and len(stages) == len(set(stages))
+    header = csv_out.read_text().splitlines()[0].split(",")
+    assert {"answer", "template_x", "template_y", "template_z"} <= set(header)
+    json.loads(out.read_text())
+    monkeypatch.setenv("SAMV2_PROGRESS", "")
+    monkeypatch.setattr(progress, "_mode", lambda: "bar")
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buf)
+    with progress.progress_bar("embedding x") as update:
+        update(0.5, "slab 1/2")
+    assert "|  slab" not in buf.getvalue() and "| slab 1/2" in buf.getvalue() and ", slab" not in buf.getvalue()
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "seed of the simulated" in capsys.readouterr().out
+
+
+def test_figure_titles_name_the_files(ws):
+    from samv2core.figures import display_name
+    from samv2core.volume import load_volume
+
+    vol = load_volume(ws["root"] / "v.nrrd")
+    assert display_name(vol) == "v.nrrd"
+
+
+def test_errors_name_the_output_never_the_staged_file(tmp_path):
+    import errno
+
+    from samv2core.outputs import OutputSet, atomic_write
+
+    target = tmp_path / "points.csv"
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(target, full)
+    assert caught.value.filename == str(target) and caught.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as caught:
+        with OutputSet() as files:
+            full(files.stage(target))
+    assert caught.value.filename == str(target) and ".partial-" not in str(caught.value)
+    _no_partial(tmp_path)

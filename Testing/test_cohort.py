@@ -81,12 +81,13 @@ def test_case_names_are_sanitised():
 
 
 def test_killed_cohort_resumes_and_failures_do_not_stop_others(cohort, tmp_path):
-    """A real kill -9 of ``samv2 batch`` in the middle of its second case (blocked reading a
-    named pipe), then a restart: the finished case is verified and skipped, the rest run, the
-    failing case is reported with its reason, and nothing lands outside --output."""
+    """A real kill -9 of ``samv2 batch`` in the middle of its second case (seen by its staging
+    folder; a named pipe no longer blocks a case, it fails it at once), then a restart: the
+    finished case is verified and skipped, the rest run, the failing case is reported with its
+    reason, and nothing lands outside --output."""
     root = cohort["root"]
     fifo = tmp_path / "slow_points.csv"
-    os.mkfifo(fifo)
+    fifo.write_text((root / "p1.csv").read_text())
     cases = _csv(tmp_path, "cases.csv", [("first", root / "t0.nrrd", root / "q0.nrrd", root / "p0.csv"),
                                          ("../second", root / "t1.nrrd", root / "q1.nrrd", fifo),
                                          ("bad", root / "t2.nrrd", root / "q2.nrrd", root / "far.csv"),
@@ -100,15 +101,13 @@ def test_killed_cohort_resumes_and_failures_do_not_stop_others(cohort, tmp_path)
         deadline = time.monotonic() + 120
         while not (out / "first" / "manifest.json").exists() or not list(out.glob(".partial-*-second")):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
+            time.sleep(0.01)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".partial-")) == ["first"]
     first_manifest = (out / "first" / "manifest.json").read_text()
 
-    fifo.unlink()
-    (tmp_path / "slow_points.csv").write_text((root / "p1.csv").read_text())
     from samv2core.cli import main
 
     assert main(cmd[3:]) == 1  # the bad case fails, the others are done

@@ -1,11 +1,16 @@
-"""The ``samv2`` command: embed, match, propagate, register, convert-checkpoint, demo."""
+"""The ``samv2`` command: embed, match, propagate, register, info, convert-checkpoint, demo."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
+import signal
 import sys
 import time
+import warnings
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -15,13 +20,14 @@ from .checked_tensors import save_checked
 from .cli_options import add_model_arguments, embed_with_progress, session_from_args
 from .demo import run_demo
 from .errors import InputError, OneLineParser, SAMv2Error, run_cli
+from .info import add_info_arguments, run_info
 from .figures import figures_available, pictures_from_matches, write_match_figures
 from .lesion_files import read_lesion_mask, write_lesion_outputs
 from .markups import parse_inline, read_points, write_csv, write_markups
 from .matching import MatchOptions, match_points
 from .model_io import card_path_for, convert_official_checkpoint
+from .outputs import OutputSet, check_outputs, json_text
 from .propagate import propagate_lesion
-from .outputs import OutputSet, check_outputs
 from .registration.cli import add_register_arguments, run_register
 from .volume import load_volume
 
@@ -29,7 +35,10 @@ from .volume import load_volume
 # --- embed ------------------------------------------------------------------------------------
 def cmd_embed(args) -> int:
     check_outputs([args.out], [args.image, args.model])
-    vol = load_volume(args.image, args.modality)
+    if args.out and args.cache_dir and _inside(args.out, args.cache_dir):
+        raise SAMv2Error(f"{args.out}: --out is inside the embedding cache folder {args.cache_dir}, whose entries the "
+                         "cache manages; write it elsewhere")
+    vol = load_volume(args.image, args.modality, series=args.series)
     session = session_from_args(args)
     t0 = time.perf_counter()
     emb = embed_with_progress(session, vol)
@@ -47,6 +56,14 @@ def cmd_embed(args) -> int:
         summary["out"] = args.out
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _inside(path, folder) -> bool:
+    try:
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(folder))
+        return True
+    except ValueError:
+        return False
 
 
 # --- match ------------------------------------------------------------------------------------
@@ -69,8 +86,11 @@ def _gather_points(args):
 
 def match_volumes(template_path, query_path, points_lps, labels, args, session=None):
     """Run a match job; returns (results, report dict). Shared by the CLI and the demo."""
-    template = load_volume(template_path, args.modality) if not hasattr(template_path, "array") else template_path
-    query = load_volume(query_path, args.query_modality or args.modality) if not hasattr(query_path, "array") else query_path
+    series = getattr(args, "series", None)
+    template = load_volume(template_path, args.modality, series=series) \
+        if not hasattr(template_path, "array") else template_path
+    query = load_volume(query_path, args.query_modality or args.modality, series=series) \
+        if not hasattr(query_path, "array") else query_path
     if session is None:
         session = session_from_args(args)
     t0 = time.perf_counter()
@@ -92,19 +112,17 @@ def cmd_match(args) -> int:
     if args.figure:
         if not figures_available():
             raise SAMv2Error("--figure needs matplotlib: pip install 'samv2core[figures]'")
-        template = load_volume(args.template, args.modality)
-        query = load_volume(args.query, args.query_modality or args.modality)
+        template = load_volume(args.template, args.modality, series=args.series)
+        query = load_volume(args.query, args.query_modality or args.modality, series=args.series)
     session = session_from_args(args)
     results, timing = match_volumes(template, query, pts, labels, args, session)
     doc = {"template": str(args.template), "query": str(args.query), "model": session.label,
            "method": args.method, "coordinate_system": out_system, **timing,
            "matches": [dict(label=l, **r.to_dict(out_system)) for l, r in zip(labels, results)]}
-    text = json.dumps(doc, indent=2)
+    text = json_text(doc)
     points = np.array([r.query_point.xyz for r in results])
     notes = [f"score {r.score:.3f}" + ("" if r.confident else f"; NOT CONFIDENT: {r.reason}") for r in results]
-    rows = [{"label": l, "x": r.query_point.to(out_system).xyz[0], "y": r.query_point.to(out_system).xyz[1],
-             "z": r.query_point.to(out_system).xyz[2], "coordinate_system": out_system, "score": round(r.score, 4),
-             "confident": r.confident, "reason": r.reason or ""} for l, r in zip(labels, results)]
+    rows = [_csv_row(l, r, out_system) for l, r in zip(labels, results)]
     try:
         with OutputSet() as files:  # JSON, point list and CSV: all written or none
             if args.out:
@@ -118,10 +136,27 @@ def cmd_match(args) -> int:
         raise SAMv2Error(f"could not write the outputs: {exc}") from None
     if not args.out:
         print(text)
+    written = [p for p in (args.out, args.out_markups, args.out_csv) if p]
+    if written:
+        print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
     if args.figure:
-        paths = write_match_figures(args.figure, template, query, pictures_from_matches(labels, results))
+        folder = Path(args.figure)
+        earlier = [p.name for p in folder.glob("[0-9][0-9]_*.png")] if folder.is_dir() else []
+        # the pictures of one run replace those of the previous run as a whole (a folder swap)
+        with OutputSet(folder=folder, replaces=earlier) as pictures:
+            stage = pictures.stage(folder / "overview.png").parent
+            paths = write_match_figures(stage, template, query, pictures_from_matches(labels, results))
         print(f"wrote {len(paths)} pictures to {args.figure}", file=sys.stderr)
     return 0
+
+
+def _csv_row(label: str, r, system: str) -> dict:
+    """One CSV row: the answer on the query, the template point it answers, and why."""
+    q, t = r.query_point.to(system).xyz, r.template_point.to(system).xyz
+    score = r.score if np.isfinite(r.score) else float("nan")
+    return {"label": label, "x": q[0], "y": q[1], "z": q[2], "coordinate_system": system,
+            "score": round(score, 4), "confident": r.confident, "answer": r.answer or r.method,
+            "reason": r.reason or "", "template_x": t[0], "template_y": t[1], "template_z": t[2]}
 
 
 # --- propagate --------------------------------------------------------------------------------
@@ -254,6 +289,9 @@ def _run_beside_the_core(name: str, argv: list) -> int:
     return module.main(argv)
 
 
+_SERIES_HELP = "the DICOM series (UID) to read when a folder holds several (else refused)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="samv2", description="Self-supervised anatomical embeddings (SAMv2) for "
                                 "landmark matching and registration. Points are LPS mm unless --coords RAS.")
@@ -262,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="compute the embeddings of one image")
     e.add_argument("image", help="NIfTI / NRRD / MHA file or DICOM series folder")
     e.add_argument("--modality", default="auto", help="CT, MR or auto")
+    e.add_argument("--series", action="append", metavar="UID", help=_SERIES_HELP)
     e.add_argument("--out", help="write the embeddings (.safetensors)")
     add_model_arguments(e)
     e.set_defaults(func=cmd_embed)
@@ -279,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"confidence threshold on the similarity score ({MatchOptions().min_score:g})")
     m.add_argument("--modality", default="auto", help="template modality: CT, MR or auto")
     m.add_argument("--query-modality", help="query modality if different (CT, MR or auto)")
+    m.add_argument("--series", action="append", metavar="UID", help=_SERIES_HELP + " (repeat for the query)")
     m.add_argument("--out", help="write the JSON result here instead of stdout")
     m.add_argument("--out-markups", help="also write the matched points as a Slicer .mrk.json")
     m.add_argument("--out-csv", help="also write the matched points as CSV")
@@ -294,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on bundled sample data with the bundled model")
     d.add_argument("--out", default="samv2_demo", help="output folder (default ./samv2_demo)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0,
+                   help="seed of the simulated follow-up's random deformation (default 0; same seed, same pair)")
     add_model_arguments(d)
     d.set_defaults(func=cmd_demo)
 
@@ -310,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "label map, Slicer segmentation and JSON")
     add_propagate_arguments(pr)
     pr.set_defaults(func=cmd_propagate)
+
+    i = sub.add_parser("info", help="what the loader makes of an image: size, spacing, orientation, extent and "
+                                    "centre in LPS and RAS, modality, DICOM series")
+    add_info_arguments(i)
+    i.set_defaults(func=run_info)
 
     r = sub.add_parser("register", help="register a moving image to a fixed image")
     add_register_arguments(r)
@@ -330,14 +376,74 @@ def _join_negative_points(argv: list) -> list:
     return out
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced(command: str):
+    """Send what C++ libraries (ITK, VNL, torch) print straight to file descriptor 2 to
+    /dev/null, so a refusal is the one line this package prints; Python's own stderr (errors,
+    progress, warnings) still reaches the terminal. SAMV2_DEBUG=1 keeps everything."""
+    try:
+        real = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # stderr captured (tests) or replaced
+        real = False
+    if not real or os.environ.get("SAMV2_DEBUG") or command in ("batch", "view"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    previous = sys.stderr
+    sys.stderr = open(saved, "w", buffering=1, encoding=previous.encoding, errors="backslashreplace",
+                      closefd=False)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = previous
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def _progress_lines(wanted: bool):
+    """``--progress``: stage lines on stderr for this command (progress.py reads the setting)."""
+    previous = os.environ.get("SAMV2_PROGRESS")
+    if wanted:
+        os.environ["SAMV2_PROGRESS"] = "lines"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SAMV2_PROGRESS", None)
+        else:
+            os.environ["SAMV2_PROGRESS"] = previous
+
+
+def _terminated(signum, frame):
+    # SIGTERM unwinds like Ctrl-C, so staged outputs are removed on the way out (SIGKILL cannot
+    # be caught: its leftovers are removed by the next run writing there)
+    print("samv2: terminated", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[list] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in BESIDE_THE_CORE:
         return _run_beside_the_core(argv[0], argv[1:])
+    with contextlib.suppress(AttributeError, ValueError):  # a non-UTF-8 path printed never aborts the run
+        sys.stdout.reconfigure(errors="backslashreplace")
+    with contextlib.suppress(ValueError):  # not the main thread: leave the handler alone
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _terminated)
 
     def start():  # Ctrl-C while the parser imports its sub-commands is reported like any other
         args = build_parser().parse_args(_join_negative_points(argv))
-        return args.func(args)
+        with _progress_lines(getattr(args, "progress", False)), _native_stderr_silenced(args.command), \
+                warnings.catch_warnings():
+            if not sys.warnoptions:  # third-party warnings (torch...) are not this tool's messages
+                warnings.filterwarnings("ignore")
+            return args.func(args)
 
     return run_cli("samv2", start)
 

@@ -3,8 +3,11 @@
 Used by ``samv2 batch`` (core job: match points, optionally register) and by the Slicer batch
 script (its job runs the Slicer logic in-process). What it guarantees:
 
-* **Case names are sanitised** (letters, digits, ``.``, ``_``, ``-``; ``../x`` becomes ``x``):
-  a case never writes outside the output folder; names must stay unique.
+* **Case names are sanitised** (letters, digits, ``.``, ``_``, ``-``; ``../x`` becomes ``x``;
+  a name starting with ``summary`` gets ``case_`` before it, so it never takes the summary
+  file's place): a case never writes outside the output folder; names must stay unique.
+* **Inputs are regular files or folders**: a pipe (FIFO) listed as a case input fails that
+  case at once (it would block forever); the other cases run.
 * **A case is all-or-nothing**: its files are written in a private staging folder
   ``OUTPUT/.partial-<pid>@<host>-<id>-<case>/``, then a ``manifest.json`` (SHA-256 of every input
   and output file, the job's settings) is written LAST, and the folder is renamed to
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from .errors import InputError, SAMv2Error, os_error_message
+from .image_files import check_regular_file
 from .outputs import atomic_write, check_writable, write_text_atomic
 
 MANIFEST = "manifest.json"
@@ -88,8 +92,10 @@ class CohortSummary:
 
 def sanitise_case_name(raw: str, row: int) -> str:
     """A folder name that cannot leave the output folder: letters, digits, '.', '_', '-'."""
-    name = _NAME_BAD.sub("_", str(raw).strip()).strip("._-")
-    return name[:100] if name else f"case{row:03d}"
+    name = _NAME_BAD.sub("_", str(raw).strip()).strip("._-")[:100]
+    if name.lower().startswith("summary"):  # the summary files live beside the case folders
+        name = f"case_{name}"
+    return name if name else f"case{row:03d}"
 
 
 def read_cases(csv_path: "str | Path", roles: dict, optional: tuple = ()) -> list:
@@ -98,8 +104,9 @@ def read_cases(csv_path: "str | Path", roles: dict, optional: tuple = ()) -> lis
     in ``optional`` (their column may be absent or a cell empty: input ""). Paths are
     relative to the CSV's folder. InputError when the CSV cannot be used."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
+    if not csv_path.exists():
         raise InputError(f"{csv_path}: no such case file")
+    check_regular_file(csv_path, "case file")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -165,7 +172,7 @@ def file_sha256(path: "str | Path") -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for p in files:
         if path.is_dir():
-            h.update(str(p.relative_to(path)).encode())
+            h.update(os.fsencode(p.relative_to(path)))
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
@@ -173,7 +180,8 @@ def file_sha256(path: "str | Path") -> str:
 
 
 def _inputs_digest(case: Case) -> dict:
-    return {role: file_sha256(p) for role, p in case.inputs.items() if p and Path(p).exists()}
+    # only regular files and folders: opening a pipe would block
+    return {role: file_sha256(p) for role, p in case.inputs.items() if p and (Path(p).is_file() or Path(p).is_dir())}
 
 
 def finished(case: Case, case_dir: Path, settings: dict) -> Optional[dict]:
@@ -219,6 +227,9 @@ def run_case(case: Case, out_root: "str | Path", job: CaseJob, attempt: int = 1)
         missing = [p for p in case.inputs.values() if p and not Path(p).exists()]
         if missing:
             raise InputError(f"{missing[0]}: no such file or folder")
+        for p in case.inputs.values():  # a pipe would block the checksum and the reader forever
+            if p:
+                check_regular_file(p, "case input", folder_ok=True)
         inputs = _inputs_digest(case)
         info = dict(job(case, stage) or {})
         after = _inputs_digest(case)

@@ -178,6 +178,15 @@ def pictures_from_matches(labels: Sequence[str], results, truth_lps=None) -> lis
             for n, (label, r) in enumerate(zip(labels, results))]
 
 
+def display_name(volume: Volume) -> str:
+    """The name a user knows an image by: its file's name, not the internal volume name."""
+    source = volume.meta.get("source")
+    if source:
+        return Path(str(source)).name.encode("utf-8", "replace").decode("utf-8")
+    name = volume.name or "image"
+    return name.removesuffix("_registered").replace("_", " ")
+
+
 def _status(p: MatchPicture) -> str:
     return "confident" if p.confident else f"NOT CONFIDENT\n{p.reason or 'below threshold'}"
 
@@ -193,8 +202,8 @@ def match_figure(template: Volume, query: Volume, pic: MatchPicture, path, plane
     for r, plane in enumerate(planes):
         ti = sample_plane(template, pic.template_point, plane, half_mm)
         qi = sample_plane(query, pic.query_point, plane, half_mm)
-        show_plane(axes[r, 0], ti, tw, f"baseline {template.name} - {plane}")
-        show_plane(axes[r, 1], qi, qw, f"follow-up {query.name} - {plane}")
+        show_plane(axes[r, 0], ti, tw, f"baseline: {display_name(template)} - {plane}")
+        show_plane(axes[r, 1], qi, qw, f"follow-up: {display_name(query)} - {plane}")
         mark(axes[r, 0], ti, pic.template_point, "cyan", "+", pic.label)
         if pic.truth_point is not None:
             mark(axes[r, 1], qi, pic.truth_point, "deepskyblue", "o", "", size=12)
@@ -239,11 +248,17 @@ def overview_figure(template: Volume, query: Volume, pics: Sequence[MatchPicture
             color = "cyan" if which == "baseline" else ("lime" if p.confident else "red")
             ax.plot([pt[0]], [pt[2]], marker="+" if which == "baseline" or p.confident else "x", markersize=12,
                     mew=2, color=color, linestyle="none", clip_on=False)
-            ax.annotate(p.label, (pt[0], pt[2]), xytext=(6, 4), textcoords="offset points", color=color, fontsize=8,
+            # labels point inwards and stay on the picture, even for a point near or past an edge
+            x = min(max(pt[0], ext[0]), ext[1])
+            z = min(max(pt[2], ext[2]), ext[3])
+            right = x > (ext[0] + ext[1]) / 2
+            top = z > ext[3] - 0.1 * (ext[3] - ext[2])
+            ax.annotate(p.label, (x, z), xytext=(-6 if right else 6, -6 if top else 4), textcoords="offset points",
+                        ha="right" if right else "left", va="top" if top else "bottom", color=color, fontsize=8,
                         annotation_clip=False)
         ax.set_aspect("equal")
         decorate(ax, PLANES["coronal"][3], (ext[0], ext[1]), (ext[2], ext[3]))
-        ax.set_title(f"{which} {vol.name} (coronal projection)", color="white", fontsize=9)
+        ax.set_title(f"{which}: {display_name(vol)} (coronal projection)", color="white", fontsize=9)
     n_bad = sum(not p.confident for p in pics)
     fig.suptitle(f"{len(pics)} points: cyan + placed on the baseline, green + confident match, "
                  f"red x not confident ({n_bad})", color="white", fontsize=10)
@@ -304,7 +319,8 @@ def registration_figure(fixed: Volume, moving: Volume, moving_registered: Volume
         ax.imshow(rgb, extent=fi.extent, interpolation="bilinear")
         decorate_plane(ax, fi)
         ax.set_title(f"{titles[stage]} - {plane}", color="white", fontsize=9)
-    fig.suptitle(f"fixed {fixed.name} (magenta) + moving {moving.name} (green); grey/white where they agree",
+    fig.suptitle(f"fixed {display_name(fixed)} (magenta) + moving {display_name(moving)} (green); grey/white where "
+                 "they agree",
                  color="white", fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.91, wspace=0.03, hspace=0.1)
     return save_figure(fig, path)

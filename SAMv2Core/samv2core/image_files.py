@@ -1,5 +1,12 @@
-"""Image files checked before they are trusted: complete (not truncated), and ITK's read errors
-reduced to their reason.
+"""Image files checked before they are trusted: a regular file (a pipe never blocks a read),
+a header whose sizes are sane before any voxel is allocated, complete (not truncated), a name
+ITK can take, and ITK's read errors reduced to their reason.
+
+``check_regular_file`` is the one check every input (image, point list, model, config, batch
+CSV) passes before it is opened. ``read_header`` reads only an image's header and refuses,
+before allocation: complex or multi-component pixels, fewer than ``MIN_VOXELS_PER_AXIS``
+voxels along an axis, and a header declaring far more data than the file(s) can hold (a
+deflate stream expands at most about 1032 times) or than this machine's memory.
 
 ITK reads a NIfTI file cut short (compressed or not) without complaint and fills the missing
 voxels with zeros, so ``check_complete`` compares the bytes a file holds with the bytes its
@@ -9,13 +16,20 @@ data. Other formats are left to ITK's own checks.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import os
 import re
+import stat
 import struct
+import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import SimpleITK as sitk
 
 from .errors import InputError
 
@@ -187,3 +201,144 @@ def itk_reason(exc: BaseException) -> str:
             reasons.append(line)
     text = nrrd[-1] if nrrd else " ".join(reasons)
     return (text or "unknown reason")[:240]
+
+
+# --- what every input passes before it is opened -----------------------------------------------
+def check_regular_file(path: "str | os.PathLike", what: str = "input", folder_ok: bool = False) -> Path:
+    """``path`` if it is a regular file (or, with ``folder_ok``, a folder); InputError for a
+    missing path, a pipe (FIFO), a device or a socket, which would block or never end."""
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file{' or folder' if folder_ok else ''}") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot open the {what} ({exc.strerror})") from None
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return p
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{p}: is a folder; the {what} must be a file")
+    kind = "a pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise InputError(f"{p}: is {kind}, not a regular file; the {what} must be a file")
+
+
+@contextlib.contextmanager
+def itk_path(path: "str | os.PathLike") -> Iterator[str]:
+    """A path string ITK can open for ``path``. ITK aborts the process (not an exception) on
+    a name that is not valid UTF-8, so such a file is opened through a symbolic link with a
+    plain name (and the same extension) in a private temporary folder."""
+    p = Path(path)
+    try:
+        str(p).encode("utf-8")
+        yield str(p)
+        return
+    except UnicodeEncodeError:
+        pass
+    m = re.search(r"(\.[A-Za-z0-9_]{1,12})+$", p.name.encode("utf-8", "replace").decode("utf-8"))
+    with tempfile.TemporaryDirectory(prefix="samv2-") as tmp:
+        link = Path(tmp) / ("image" + (m.group(0) if m else ""))
+        os.symlink(os.fsencode(p.absolute()), os.fsencode(link))
+        yield str(link)
+
+
+# --- the header, before any voxel is allocated --------------------------------------------------
+MIN_VOXELS_PER_AXIS = 4
+MAX_DEFLATE_RATIO = 1100  # deflate expands at most ~1032:1; gzip'd NIfTI/NRRD/MHA cannot hold more
+_COMPLEX = {getattr(sitk, n) for n in ("sitkComplexFloat32", "sitkComplexFloat64") if hasattr(sitk, n)}
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header declares (no voxel read)."""
+
+    size: tuple  # (x, y, z[, t]) voxels
+    spacing: tuple
+    origin: tuple
+    direction: tuple
+    pixel_type: str
+    components: int
+    bytes_per_component: int
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(np.asarray(self.size, dtype=np.float64)))
+
+    @property
+    def nbytes(self) -> float:
+        return float(np.prod(np.asarray(self.size, dtype=np.float64))) * self.components * self.bytes_per_component
+
+
+def _detached_data_bytes(path: Path) -> "int | None":
+    """Bytes of the data files a detached header (.mhd/.nhdr) names, None if it names none."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return None
+    m = re.search(r"^(?:ElementDataFile\s*=|data ?file\s*:)\s*(.+?)\s*$", raw, re.M | re.I)
+    if not m or m.group(1).upper() == "LOCAL":
+        return None
+    total = 0
+    for entry in os.scandir(path.parent):  # data files sit beside their header (upper bound)
+        if entry.is_file() and entry.path != str(path):
+            total += entry.stat().st_size
+    return total
+
+
+def _physical_memory() -> float:
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES")) * float(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return float("inf")
+
+
+def _bytes_per_component(pixel_id: int) -> int:
+    try:
+        return int(sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id)).dtype.itemsize)
+    except (RuntimeError, TypeError, ValueError):
+        return 8
+
+
+def read_header(path: "str | os.PathLike", files_bytes: "int | None" = None, slices: "int | None" = None,
+                label: "str | None" = None) -> ImageHeader:
+    """The header of image file ``path`` (for a DICOM series: its first file, ``slices`` files
+    holding ``files_bytes`` bytes), checked before any voxel is read; InputError naming the
+    problem otherwise."""
+    p = Path(path)
+    label = label or str(p)
+    reader = sitk.ImageFileReader()
+    with itk_path(p) as name:
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(f"{label}: cannot read as an image ({itk_reason(exc)})") from None
+    size = tuple(int(s) for s in reader.GetSize())
+    if slices is not None and len(size) == 3 and size[2] == 1:
+        size = size[:2] + (int(slices),)
+    pid = reader.GetPixelID()
+    header = ImageHeader(size, tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()),
+                         sitk.GetPixelIDValueAsString(pid), int(reader.GetNumberOfComponents()),
+                         _bytes_per_component(pid))
+    if pid in _COMPLEX or "complex" in header.pixel_type.lower():
+        raise InputError(f"{label}: complex-valued voxels ({header.pixel_type}) are not supported: convert to "
+                         "magnitude (or real part) explicitly first; the imaginary part is never dropped silently")
+    spatial = size[:3] if len(size) == 4 and size[3] == 1 else size
+    if len(spatial) == 3 and min(spatial) < MIN_VOXELS_PER_AXIS:
+        raise InputError(f"{label}: the image is {' x '.join(map(str, spatial))} voxels; at least "
+                         f"{MIN_VOXELS_PER_AXIS} are needed along every axis (a single slice or a tiny volume "
+                         "cannot be matched)")
+    on_disk = files_bytes
+    if on_disk is None:
+        on_disk = p.stat().st_size + (_detached_data_bytes(p) or 0)
+    if header.nbytes > MAX_DEFLATE_RATIO * on_disk + (1 << 20):
+        raise InputError(f"{label}: the header declares {' x '.join(map(str, size))} voxels "
+                         f"({header.nbytes / 1e6:.0f} MB) but the file holds only {on_disk} bytes; refused before "
+                         "reading (damaged or forged header)")
+    # the reader's buffer, the float32 copy and the volume's own copy live at once
+    needed = header.voxels * (header.components * header.bytes_per_component + 8)
+    memory = _physical_memory()
+    if needed > memory:
+        raise InputError(f"{label}: {' x '.join(map(str, size))} voxels would need about {needed / 1e9:.1f} GB of "
+                         f"memory; this machine has {memory / 1e9:.1f} GB")
+    return header

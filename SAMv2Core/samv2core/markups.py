@@ -15,6 +15,7 @@ import numpy as np
 
 from .coords import CoordinateSystem, lps_to_ras, ras_to_lps
 from .errors import InputError
+from .image_files import check_regular_file
 from .outputs import atomic_write, write_text_atomic
 
 MARKUPS_SCHEMA = "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#"
@@ -54,11 +55,28 @@ def read_points(path: "str | Path", system: Optional[str] = None) -> PointList:
     whose coordinateSystem field is authoritative.
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise InputError(f"{p}: points file not found")
+    check_regular_file(p, "points file")
+    if p.stat().st_size > MAX_POINTS_FILE_BYTES:
+        raise InputError(f"{p}: {p.stat().st_size} bytes is far too large for a points file "
+                         f"(at most {MAX_POINTS_FILE_BYTES // 1000000} MB)")
     if p.name.endswith(".json"):
         return _read_markups(p)
     return _read_csv(p, (system or "LPS").upper())
+
+
+MAX_POINTS_FILE_BYTES = 50_000_000
+
+
+def _check_units(p: Path, units) -> None:
+    """Coordinates must be millimetres: a list in micrometres (or any other unit) is refused,
+    never used as if it were mm."""
+    values = units if isinstance(units, (list, tuple)) else [units]
+    bad = sorted({str(u) for u in values if str(u).strip().lower() not in ("mm", "millimeter", "millimetre")})
+    if bad:
+        raise InputError(f"{p}: coordinates are in {', '.join(bad)}, not millimetres; convert the point list to mm "
+                         "(Slicer: set the markups' units to mm) before using it")
 
 
 def _read_markups(p: Path) -> PointList:
@@ -71,6 +89,9 @@ def _read_markups(p: Path) -> PointList:
     try:
         for m in markups:
             cs = str(m.get("coordinateSystem", "LPS")).upper()
+            if cs not in ("LPS", "RAS"):
+                raise InputError(f"{p}: coordinateSystem {cs!r} is not supported (LPS or RAS)")
+            _check_units(p, m.get("coordinateUnits", "mm"))
             systems.add(cs)
             for n, cp in enumerate(m.get("controlPoints", [])):
                 pos = cp.get("position")
@@ -102,6 +123,10 @@ def _read_csv(p: Path, system: str) -> PointList:
         body = rows[1:]
     else:
         ix, il, body = [0, 1, 2], (3 if len(rows[0]) > 3 else None), rows
+    for unit_col in ("unit", "units", "coordinateunits"):
+        if unit_col in header:
+            iu = header.index(unit_col)
+            _check_units(p, [r[iu] for r in body if iu < len(r)])
     pts, labels = [], []
     for n, r in enumerate(body):
         try:

@@ -309,7 +309,10 @@ class Matcher:
         base = dict(template_point=sam.template_point, score=sam.score, method="refined", details=details)
 
         def keep_sam(why: str, flag: str) -> MatchResult:
-            reasons = [flag] + [r for r in (sam.reason or "").split("; ") if r and "cycle" not in r]
+            # a SAM reason the flag already gives ("... outside the query image") is said once
+            said = flag.replace("the SAM answer", "").replace("not refined:", "").strip()
+            reasons = [flag] + [r for r in (sam.reason or "").split("; ")
+                                if r and "cycle" not in r and r.replace("the match", "").strip() != said]
             return MatchResult(query_point=sam.query_point, confident=False, reason="; ".join(reasons),
                                answer="sam", answer_reason=why, **base)
 

@@ -44,6 +44,22 @@ _NUMPY_NUMERIC_DTYPES = {"Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UI
                          "UByte", "Short", "UShort", "Int", "UInt"}
 
 
+# The model grid a card may declare: finer than 0.25 mm or coarser than 16 mm is no CT/MR
+# anatomy model (and 1e9 mm would resample any scan to a single voxel).
+MIN_SPACING_MM, MAX_SPACING_MM = 0.25, 16.0
+MAX_PARAMETERS = 2e9  # far above any SAM variant (the full model has ~20 M)
+
+
+def parameter_count(cfg: NetConfig) -> int:
+    """Parameters the architecture would have, counted without allocating any (meta device)."""
+    with torch.device("meta"):
+        try:
+            net = build_network(cfg)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"model card architecture cannot be built: {exc}") from None
+    return int(sum(p.numel() for p in net.parameters()) + sum(b.numel() for b in net.buffers()))
+
+
 @dataclass
 class ModelCard:
     """Facts about a weights file, stored as JSON next to it (same stem, ``.json``)."""
@@ -82,8 +98,13 @@ class ModelCard:
             raise CheckpointError(f"model card heads {self.heads} do not match the architecture's {list(cfg.heads)}")
         if not set(self.matching_heads) <= set(self.heads):
             raise CheckpointError(f"model card matching_heads {self.matching_heads} not among heads {self.heads}")
-        if not (isinstance(self.spacing_mm, (int, float)) and self.spacing_mm > 0):
-            raise CheckpointError(f"model card spacing_mm must be positive, got {self.spacing_mm!r}")
+        if not (isinstance(self.spacing_mm, (int, float)) and MIN_SPACING_MM <= self.spacing_mm <= MAX_SPACING_MM):
+            raise CheckpointError(f"model card spacing_mm must be between {MIN_SPACING_MM:g} and {MAX_SPACING_MM:g} mm "
+                                  f"(the grid the network sees), got {self.spacing_mm!r}")
+        params = parameter_count(cfg)
+        if params > MAX_PARAMETERS:
+            raise CheckpointError(f"model card architecture has {params:.3g} parameters ({params * 4 / 1e9:.0f} GB); "
+                                  f"refused before allocating (at most {MAX_PARAMETERS:.0e})")
         if self.format_version != FORMAT_VERSION:
             raise CheckpointError(f"unsupported model card format_version {self.format_version!r} "
                                   f"(this version reads {FORMAT_VERSION})")
@@ -176,7 +197,10 @@ def read_card(path: "str | Path") -> ModelCard:
     """The model card next to weights file ``path`` (CheckpointError if missing or corrupt)."""
     cpath = card_path_for(path)
     if not cpath.is_file():
-        raise CheckpointError(f"model card not found: {cpath}")
+        raise CheckpointError(f"model card not found: {cpath}" if not cpath.exists() else
+                              f"{cpath}: the model card is not a regular file")
+    if cpath.stat().st_size > 1 << 20:
+        raise CheckpointError(f"{cpath}: a model card is a small JSON file, this one is {cpath.stat().st_size} bytes")
     try:
         data = json.loads(cpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -204,6 +228,11 @@ def check_state_dict(state: Mapping[str, torch.Tensor], model: SAMv2Net, what: s
         raise CheckpointError(f"{what}: {len(bad)} shape mismatch(es), first: {'; '.join(bad[:3])}")
 
 
+def _meta_network(cfg: NetConfig) -> SAMv2Net:
+    with torch.device("meta"):
+        return build_network(cfg)
+
+
 def load_model(path: "str | Path", device: "str | torch.device" = "cpu") -> LoadedModel:
     """Load a weights file written by :func:`save_model`; returns the model in eval mode.
 
@@ -212,6 +241,8 @@ def load_model(path: "str | Path", device: "str | torch.device" = "cpu") -> Load
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise CheckpointError(f"{path}: not a regular file (a folder, pipe or device); a .safetensors file is needed")
         raise CheckpointError(f"model file not found: {path}")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path.name}: not a .safetensors model file (official .pth checkpoints are "
@@ -225,8 +256,12 @@ def load_model(path: "str | Path", device: "str | torch.device" = "cpu") -> Load
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name} is not a valid safetensors file: {exc}") from None
+    check_state_dict(state, _meta_network(card.config), what=path.name)  # shapes first, nothing allocated
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path.name}: {len(bad)} weight tensor(s) hold NaN or Inf values, first: {bad[0]} "
+                              "(a diverged or damaged training run)")
     model = build_network(card.config)
-    check_state_dict(state, model, what=path.name)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                           strict=False)
     dev = select_device(device)
@@ -334,7 +369,8 @@ def convert_official_checkpoint(src: "str | Path", dst: "str | Path", variant: s
     if variant != "auto" and variant not in OFFICIAL_VARIANTS:
         raise InputError(f"variant must be 'auto' or one of {OFFICIAL_VARIANTS}, got {variant!r}")
     if not src.is_file():
-        raise CheckpointError(f"checkpoint not found: {src}")
+        raise CheckpointError(f"{src}: not a regular file (a folder, pipe or device)" if src.exists()
+                              else f"checkpoint not found: {src}")
     if dst.suffix != ".safetensors":
         raise InputError(f"destination must end in .safetensors, got {dst.name}")
     obj = _torch_load_safely(src)

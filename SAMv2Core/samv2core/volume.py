@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .image_files import check_complete, itk_reason
+from .image_files import check_complete, check_regular_file, itk_path, itk_reason, read_header
 
 
 class Modality(str, enum.Enum):
@@ -202,6 +202,7 @@ class Volume:
                 f"{name or 'image'}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} "
                 "components per voxel (RGB or vector images are not supported)")
         arr = sitk.GetArrayFromImage(image)
+        check_float32_range(arr, name)
         mod = guess_modality(arr) if str(modality).lower() == "auto" else Modality.parse(modality)
         return cls(arr, image.GetSpacing(), image.GetOrigin(),
                    np.array(image.GetDirection()).reshape(3, 3), mod, name)
@@ -260,6 +261,21 @@ def validate_intensities(array: np.ndarray, name: str = "") -> None:
         raise InputError(f"{label}: the image is constant (every voxel = {float(array.flat[0]) if array.size else 'n/a'})")
 
 
+def check_float32_range(array: np.ndarray, name: str = "") -> None:
+    """Refuse finite values float32 (the precision everything runs in) cannot hold: they
+    would turn into Inf and be misreported as NaN/Inf voxels."""
+    if np.iscomplexobj(array):
+        raise InputError(f"{name or 'image'}: complex-valued voxels are not supported (convert to magnitude first)")
+    if array.dtype.kind not in "fiu" or array.dtype.itemsize <= 4:
+        return
+    limit = float(np.finfo(np.float32).max)
+    big = np.isfinite(array) & (np.abs(array) > limit)
+    if big.any():
+        raise InputError(f"{name or 'image'}: {int(big.sum())} voxels hold finite values beyond the float32 range "
+                         f"(largest magnitude {float(np.abs(array[big]).max()):.3g}; float32 holds up to 3.4e38): "
+                         "rescale the image first")
+
+
 def guess_modality(array: np.ndarray) -> Modality:
     """CT when a large share of voxels look like Hounsfield air/soft tissue, else MR."""
     sample = array.ravel()[:: max(1, array.size // 200000)]
@@ -267,13 +283,35 @@ def guess_modality(array: np.ndarray) -> Modality:
     return Modality.CT if lo < -500 else Modality.MR
 
 
-def _read_dicom_series(folder: Path) -> tuple[sitk.Image, str | None]:
+def _series_files(folder: Path, series: "tuple[str, ...]") -> list[str]:
+    """The files of the DICOM series to read from ``folder``: its only series, or the one
+    whose UID is in ``series``; several series and no choice is refused (never guessed)."""
+    for entry in os.scandir(folder):  # GDCM opens every file it finds: a pipe would block it
+        if not (entry.is_file() or entry.is_dir()):
+            raise InputError(f"{folder / entry.name}: is not a regular file (a pipe or device) inside the DICOM "
+                             "folder; remove it")
     reader = sitk.ImageSeriesReader()
-    ids = reader.GetGDCMSeriesIDs(str(folder))
+    ids = list(reader.GetGDCMSeriesIDs(str(folder)))
     if not ids:
         raise InputError(f"{folder}: no DICOM series found in this folder")
-    # several series: take the one with most slices, the usual main acquisition
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids), key=len)
+    chosen = [sid for sid in ids if sid in set(series)]
+    if len(ids) > 1 and len(chosen) != 1:
+        listing = ", ".join(f"{sid} ({len(reader.GetGDCMSeriesFileNames(str(folder), sid))} files)" for sid in ids)
+        raise InputError(f"{folder}: holds {len(ids)} DICOM series ({listing}); choose one with --series UID")
+    return list(reader.GetGDCMSeriesFileNames(str(folder), chosen[0] if chosen else ids[0]))
+
+
+def dicom_series(folder: "str | os.PathLike") -> list[tuple[str, int]]:
+    """(series UID, number of files) of every DICOM series in ``folder``."""
+    reader = sitk.ImageSeriesReader()
+    with itk_path(folder) as name:
+        return [(sid, len(reader.GetGDCMSeriesFileNames(name, sid))) for sid in reader.GetGDCMSeriesIDs(name)]
+
+
+def _read_dicom_series(folder: Path, series: "tuple[str, ...]", label: str) -> tuple[sitk.Image, str | None]:
+    files = _series_files(folder, series)
+    read_header(files[0], files_bytes=sum(os.stat(f).st_size for f in files), slices=len(files), label=label)
+    reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
@@ -286,36 +324,44 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, str | None]:
     return image, modality
 
 
-def load_volume(path: "str | os.PathLike", modality: "str | Modality" = "auto") -> Volume:
+def load_volume(path: "str | os.PathLike", modality: "str | Modality" = "auto",
+                series: "tuple[str, ...] | list[str] | None" = None) -> Volume:
     """Load an image file (NIfTI, NRRD, MHA, any SimpleITK format) or a DICOM series folder.
 
     The geometry is kept exactly as stored (spacing, origin, full direction matrix), in LPS;
-    a 4D file with one time point is read as 3D. From a folder holding several DICOM series,
-    the one with the most slices is read.
+    a 4D file with one time point is read as 3D. Only a regular file (or a folder) is opened,
+    and its header is checked before any voxel is read (pixel type, size, declared vs stored
+    bytes). A folder holding several DICOM series is refused unless ``series`` names one.
 
     Args:
-        path: the file, or the folder of one DICOM series.
+        path: the file, or the folder of a DICOM series.
         modality: 'CT', 'MR' or 'auto' (the DICOM Modality tag, else guessed from the
             intensities).
+        series: series UIDs to choose from when a DICOM folder holds several.
 
     Returns:
         The Volume, with ``meta["source"]`` set to ``path`` and ``name`` the file name
         without its extensions.
 
     Raises:
-        InputError: naming the problem, for a missing, incomplete or unreadable file, a
-            non-3D or vector image, a bad geometry, NaN voxels or a constant image.
+        InputError: naming the problem, for a missing, non-regular (pipe, device), incomplete
+            or unreadable file, complex or vector voxels, fewer than 4 voxels along an axis, a
+            header declaring more data than the file holds, several DICOM series and no
+            choice, a non-3D image, a bad geometry, values beyond float32, NaN voxels or a
+            constant image.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
+    check_regular_file(p, "image", folder_ok=True)
     dicom_modality = None
-    check_complete(p)
     try:
         if p.is_dir():
-            image, dicom_modality = _read_dicom_series(p)
+            with itk_path(p) as name:
+                image, dicom_modality = _read_dicom_series(Path(name), tuple(series or ()), str(p))
         else:
-            image = sitk.ReadImage(str(p))
+            check_complete(p)
+            read_header(p)
+            with itk_path(p) as name:
+                image = sitk.ReadImage(name)
     except RuntimeError as exc:
         raise InputError(f"{p}: cannot read as an image ({itk_reason(exc)})") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:

@@ -9,6 +9,7 @@ it (``.sha256``); a checkpoint whose digest does not match is skipped, never loa
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from pathlib import Path
@@ -33,9 +34,12 @@ def atomic_torch_save(obj, path: "str | os.PathLike") -> None:
     """torch.save to ``path`` atomically (fsync'ed before the rename), plus a ``.sha256`` side file."""
     path = Path(path)
 
+    buffer = io.BytesIO()  # serialised first: torch's own writer reports a full disk as a RuntimeError
+    torch.save(obj, buffer)
+
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, "wb") as f:  # a full disk is an OSError naming the checkpoint: one line, exit 2
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from samv2core.errors import InputError
+from samv2core.image_files import check_regular_file
 from samv2core.outputs import write_text_atomic
 
 # Network stride multiples in (z, y, x): patch sizes must be divisible by these.
@@ -370,20 +371,68 @@ def validate_config(cfg: TrainConfig) -> None:
     _check(1 <= rt.num_threads <= 256, f"runtime.num_threads: must be in [1, 256], got {rt.num_threads}")
 
 
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_NODES = 100_000  # values in the document with every YAML alias expanded
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Values ``node`` stands for once every alias is expanded (shared nodes counted each
+    time they are used), computed on the node graph without expanding anything."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once; the limit below still bounds the sum
+    value = node.value
+    if isinstance(value, list):
+        total = 1
+        for item in value:
+            for part in (item if isinstance(item, tuple) else (item,)):
+                total += _expanded_size(part, memo)
+                if total > MAX_CONFIG_NODES:
+                    break
+        memo[key] = total
+    return memo[key]
+
+
+def _load_yaml(text: str, path: Path):
+    """YAML through the safe loader, refused when aliases would expand it past
+    MAX_CONFIG_NODES values (a few hundred bytes of nested aliases can stand for billions)."""
+    import yaml  # noqa: PLC0415 - optional (the 'train' extra)
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        size = _expanded_size(node, {})
+        if size > MAX_CONFIG_NODES:
+            raise InputError(f"{path}: the config's YAML aliases expand to more than {MAX_CONFIG_NODES} values "
+                             "(an alias bomb?); refused without expanding it")
+        return loader.construct_document(node) or {}
+    finally:
+        loader.dispose()
+
+
 def _read_raw(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise InputError(f"{path}: {size} bytes is far too large for a run config (at most {MAX_CONFIG_BYTES})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: the config is not UTF-8 text") from None
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml  # noqa: PLC0415 - optional (the 'train' extra)
-
-            return yaml.safe_load(text) or {}
+            return _load_yaml(text, path)
         if suffix == ".json":
             return json.loads(text)
         if suffix == ".toml":
             import tomllib  # noqa: PLC0415 - Python >= 3.11 only
 
             return tomllib.loads(text)
+    except InputError:
+        raise
     except Exception as exc:  # parser errors: report the file and the parser's first line
         raise InputError(f"{path}: cannot parse the config ({str(exc).splitlines()[0][:200]})") from None
     raise InputError(f"{path}: unsupported config format {suffix!r} (use .yaml, .json or .toml)")
@@ -392,8 +441,9 @@ def _read_raw(path: Path) -> dict:
 def load_config(path: "str | os.PathLike") -> TrainConfig:
     """Read and validate a run config; relative paths are taken relative to the file."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise InputError(f"{p}: config file not found")
+    check_regular_file(p, "config file")
     return config_from_dict(_read_raw(p), source=str(p.resolve()), base_dir=p.resolve().parent)
 
 

@@ -68,8 +68,12 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"register images whose scanner-coordinate boxes are more than {d.physical_gap_mm:g} mm "
                              "apart (different scanners or patients)")
     add_pair_arguments(parser)
+    parser.add_argument("--series", action="append", metavar="UID",
+                        help="the DICOM series (UID) to read when a folder holds several (repeat for the other image)")
     add_model_arguments(parser)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help=f"seed of the random sampling (matches, RANSAC, deformable step); same seed, same result "
+                             f"({d.seed})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -94,6 +98,26 @@ def write_overlay(result, fixed, moving, out_dir) -> dict:
                                            Path(out_dir) / "overlay.png")}
 
 
+def _verified(ver) -> bool:
+    if not ver:
+        return False
+    chosen = (ver.get("candidates") or {}).get(ver.get("chosen"), ver)
+    return bool(chosen.get("passed", False))
+
+
+def _verification_text(ver) -> str:
+    """What the verification said, in one line for the summary."""
+    if not ver:
+        return "not verified (no image-similarity check ran for this result)"
+    chosen = (ver.get("candidates") or {}).get(ver.get("chosen"), ver)
+    if _verified(ver):
+        sim = chosen.get("similarity")
+        best = chosen.get("best_perturbed_similarity")
+        detail = f" ({ver.get('term', '')} {sim} at the result vs at most {best} when moved)" if sim is not None else ""
+        return f"verified: {ver.get('summary') or 'the result sits at an image-similarity optimum'}{detail}"
+    return f"NOT verified: {chosen.get('reason') or ver.get('summary') or 'the image-similarity check failed'}"
+
+
 def run_register(args, embedder=None) -> int:
     """Run ``samv2 register``; returns the exit status (0 ok, 2 refused / failed).
 
@@ -104,8 +128,8 @@ def run_register(args, embedder=None) -> int:
         check_outputs([], [args.fixed, args.moving, args.model, getattr(args, "fixed_labels", None),
                            getattr(args, "moving_labels", None)], [(args.out, OUTPUT_FILES)])
         options = options_from_args(args)
-        fixed = load_volume(args.fixed, args.fixed_modality)
-        moving = load_volume(args.moving, args.moving_modality)
+        fixed = load_volume(args.fixed, args.fixed_modality, series=args.series)
+        moving = load_volume(args.moving, args.moving_modality, series=args.series)
         labels = read_label_args(args)
         inter = getattr(args, "pair", "same-patient") == "inter-patient"
         checked = None if inter else preflight(fixed, moving, options)  # refuse bad inputs before loading a model
@@ -140,7 +164,12 @@ def run_register(args, embedder=None) -> int:
     rep = result.report
     summary = {"out": str(args.out), "files": {k: str(v) for k, v in paths.items()}, "mode": rep["mode"],
                "inliers": rep["linear"]["inliers"], "matches": rep["linear"]["matches"],
+               "verified": _verified(rep.get("verification")),
+               "verification": _verification_text(rep.get("verification")),
                "residual_mm_median": rep["linear"]["residual_mm_inliers"]["median"],
+               "residual_mm_median_is": "the median distance between the inlier matches' points on the moving image "
+                                        "and where the linear fit puts them: how well the matches agree with one map, "
+                                        "not the registration's accuracy",
                "folding_percent": rep.get("folding_percent"), "timing": rep["timing"], "model": label,
                "features": rep["features"], "warnings": rep["warnings"], "pair": rep.get("pair", "same-patient")}
     if "labels" in rep:

@@ -16,9 +16,9 @@ them as "from parent" transforms, so a moving volume placed under them lands on 
 * ``moving_resampled.nii.gz``: the moving image on the fixed grid, through ``composite``;
 * ``report.json``: inliers, residuals, Jacobian statistics, folding, timings, settings.
 
-Files are written as one ``outputs.OutputSet``: staged next to their targets and renamed into
-place only when all of them were written, so a failure never leaves a partial result that
-looks complete.
+Files are written as one ``outputs.OutputSet`` over the whole folder: built in a fresh folder
+beside it and swapped in by one atomic rename only when all of them were written, so a failure
+or a killed run never leaves a partial result or a mix of two runs.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import RegistrationError
-from ..outputs import OutputSet, check_outputs
+from ..outputs import OutputSet, check_outputs, public_text
 from ..volume import Volume
 from .result import RegistrationResult
 
@@ -80,7 +80,10 @@ def write_registration(result: RegistrationResult, fixed: Volume, moving: Volume
     # the folder must not hold the files the images were read from under an output's name
     check_outputs([], [v.meta.get("source") for v in (fixed, moving)], [(out, names.values())])
     try:
-        with OutputSet() as files:  # all or nothing
+        # all or nothing: the folder is rebuilt beside itself and swapped in by one rename, so a
+        # killed run leaves the previous result or this one (never report.json of one beside
+        # linear.tfm of the other); files of an earlier run that this one does not write go
+        with OutputSet(folder=out, replaces=OUTPUT_FILES) as files:
             tmp = {key: str(files.stage(out / name)) for key, name in names.items() if key != "report"}
             sitk.WriteTransform(result.linear, tmp["linear_tfm"])
             sitk.WriteTransform(result.linear, tmp["linear_h5"])
@@ -97,4 +100,5 @@ def write_registration(result: RegistrationResult, fixed: Volume, moving: Volume
             files.write_text(out / names["report"], json.dumps(report, indent=2, default=_json_default))
         return {key: out / name for key, name in names.items()}
     except (RuntimeError, OSError) as exc:
-        raise RegistrationError(f"could not write the registration to {out}: {str(exc).strip().splitlines()[-1]}") from None
+        reason = public_text(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__, out)
+        raise RegistrationError(f"could not write the registration to {out}: {reason}") from None
