@@ -144,7 +144,8 @@ def cmd_match(args) -> int:
         earlier = [p.name for p in folder.glob("[0-9][0-9]_*.png")] if folder.is_dir() else []
         # the pictures of one run replace those of the previous run as a whole (a folder swap)
         with OutputSet(folder=folder, replaces=earlier) as pictures:
-            stage = pictures.stage(folder / "overview.png").parent
+            # (no room beside the folder: the pictures are written one by one, each atomically)
+            stage = pictures.stage(folder / "overview.png").parent if pictures.folder is not None else folder
             paths = write_match_figures(stage, template, query, pictures_from_matches(labels, results))
         print(f"wrote {len(paths)} pictures to {args.figure}", file=sys.stderr)
     return 0

@@ -266,6 +266,8 @@ class OutputSet:
         self._handles: list[_WriterPath] = []
         self.committed = False
         self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None and self.folder.is_dir() and not os.access(self.folder.parent, os.W_OK | os.X_OK):
+            self.folder = None  # no room beside it for the new folder: files are committed one by one
         self._replaces = set(replaces)
         self._stage_dir: Optional[Path] = None
 
