@@ -285,6 +285,17 @@ def _detached_data_bytes(path: Path) -> "int | None":
     return total
 
 
+def _bzip2_nrrd(path: Path) -> bool:
+    """A NRRD with bzip2-encoded data (bzip2 expands far more than deflate can: no ratio bound)."""
+    if not path.name.lower().endswith((".nrrd", ".nhdr")):
+        return False
+    try:
+        parsed = _header_fields(path, ":")
+    except OSError:
+        return False
+    return parsed is not None and parsed[0].get("encoding", "").lower() in ("bzip2", "bz2")
+
+
 def _physical_memory() -> float:
     try:
         return float(os.sysconf("SC_PHYS_PAGES")) * float(os.sysconf("SC_PAGE_SIZE"))
@@ -331,7 +342,7 @@ def read_header(path: "str | os.PathLike", files_bytes: "int | None" = None, sli
     on_disk = files_bytes
     if on_disk is None:
         on_disk = p.stat().st_size + (_detached_data_bytes(p) or 0)
-    if header.nbytes > MAX_DEFLATE_RATIO * on_disk + (1 << 20):
+    if header.nbytes > MAX_DEFLATE_RATIO * on_disk + (1 << 20) and not _bzip2_nrrd(p):
         raise InputError(f"{label}: the header declares {' x '.join(map(str, size))} voxels "
                          f"({header.nbytes / 1e6:.0f} MB) but the file holds only {on_disk} bytes; refused before "
                          "reading (damaged or forged header)")
