@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -34,6 +34,7 @@ from .coords import PhysicalPoint
 from .embed import Embeddings, inside_source
 from .errors import InputError, MatchingError
 from .fitting import huber_affine
+from .match_result import MatchResult
 from .preprocess import body_mask
 from .click_refine import LocalRegistration, RefineOptions, regional_map
 from .search import unique_search
@@ -59,27 +60,6 @@ class MatchOptions:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.cycle_tolerance_mm > 0 or not self.fixed_point_max_distance_mm > 0:
             raise InputError("cycle_tolerance_mm and fixed_point_max_distance_mm must be positive")
-
-
-@dataclass(frozen=True)
-class MatchResult:
-    template_point: PhysicalPoint
-    query_point: PhysicalPoint
-    score: float
-    confident: bool
-    reason: Optional[str]
-    method: str
-    details: dict = field(default_factory=dict)
-    answer: str = "sam"  # which answer query_point is: 'sam' (embedding match), 'refined' (local
-    # registration) or 'arbiter' (the pair's local fixed-point fit, samv2core.arbiter)
-    answer_reason: Optional[str] = None  # why that answer was used (method 'refined')
-
-    def to_dict(self, system: str = "LPS") -> dict:
-        return {"template_point": list(self.template_point.to(system).xyz),
-                "query_point": list(self.query_point.to(system).xyz), "coordinate_system": system,
-                "score": round(self.score, 4), "confident": self.confident, "reason": self.reason,
-                "method": self.method, "answer": self.answer, "answer_reason": self.answer_reason,
-                "details": self.details}
 
 
 @dataclass(frozen=True)
