@@ -182,7 +182,8 @@ def test_points_ras_in_and_out_and_mrk_json_is_lps(tmp_path):
     np.testing.assert_allclose(pts.lps, ras_to_lps(ras))
     assert pts.labels == ("A", "B (?)")
     assert node.GetNthControlPointSelected(0) and not node.GetNthControlPointSelected(1)
-    assert node.GetNthControlPointLocked(1) and not node.GetNthControlPointLocked(0)
+    # defect 10: flagged matches are the ones a user drags into place: never locked
+    assert not node.GetNthControlPointLocked(1) and not node.GetNthControlPointLocked(0)
     nodes.write_point_list(node, str(tmp_path / "p.mrk.json"))
     doc = json.loads((tmp_path / "p.mrk.json").read_text())
     markup = doc["markups"][0]
@@ -414,7 +415,7 @@ def test_match_points_creates_named_point_list_on_followup(session):
         assert label.startswith(("T1", "T2", "T3")[i])
         assert label.endswith(" (?)") == (not r.confident)
         assert node.GetNthControlPointSelected(i) == bool(r.confident)
-        assert node.GetNthControlPointLocked(i) == (not r.confident)
+        assert not node.GetNthControlPointLocked(i)  # flagged points stay movable
         assert f"score {r.score:.2f}" in node.GetNthControlPointDescription(i)
         assert node.GetNthControlPointAssociatedNodeID(i) == s["follow"].GetID()
         p = [0.0, 0.0, 0.0]
@@ -586,9 +587,12 @@ def test_gpu_requested_but_absent_is_refused(session):
         pytest.skip("not available: this machine has a CUDA GPU, so the refusal cannot be observed")
     logic = L.SAMv2Logic(session["scene"])
     before = scene_state(session["scene"])
-    with pytest.raises(DeviceError, match="cuda"):
-        logic.set_model(model=session["net"], device="cuda")
+    logic.set_model(model=session["net"], device="cuda")  # only the name is checked here: no torch import
+    with pytest.raises(DeviceError, match="cuda"):  # the machine is checked where the model loads
+        logic.match_points(session["base"], session["follow"], session["points"], method="nn")
     assert scene_state(session["scene"]) == before
+    with pytest.raises(InputError, match="unknown device"):
+        logic.set_model(device="tpu")
 
 
 def test_cancel_mid_run_adds_nothing(session):
@@ -729,6 +733,8 @@ def test_dicom_modality_is_read_from_the_subject_hierarchy():
     """Slicer's DICOM plugins store the series modality as a subject hierarchy item attribute."""
     scene = slicer.vtkMRMLScene()
     node = nodes.volume_to_node(synthetic(), scene, "dicom series")
+    assert nodes.node_modality(node) == "CT"  # volume_to_node keeps the volume's modality
+    node.RemoveAttribute("SAMv2.Modality")  # a DICOM-loaded node has only the subject hierarchy's
     assert nodes.node_modality(node) == "auto"
     shn = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     item = shn.CreateItem(shn.GetSceneItemID(), node)  # what DICOMPlugin.addSeriesInSubjectHierarchy does

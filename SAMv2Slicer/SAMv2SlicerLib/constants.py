@@ -4,6 +4,7 @@ METHODS = ("refined", "fixed_point", "nn")  # = samv2core.matching.METHODS: refi
 REGISTRATION_MODES = ("rigid", "affine")
 REGISTRATION_FEATURES = ("auto", "sam", "mind")  # = samv2core.registration.options.FEATURES (tested)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MODALITIES = ("auto", "CT", "MR")  # auto: the node's own (DICOM / SAMv2.Modality), else guessed by the worker
 ATTRIBUTE_PREFIX = "SAMv2."
 FIXED_REFERENCE_ROLE = "fixedVolume"
 MOVING_REFERENCE_ROLE = "movingVolume"

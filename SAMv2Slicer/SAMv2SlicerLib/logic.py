@@ -1,24 +1,32 @@
 """Qt-free logic of the SAMv2Slicer module: MRML nodes in, samv2core in the middle, new nodes out.
 
-Every action is split in three phases so that the GUI never freezes:
+Every action is split in phases so that the GUI never freezes and never imports torch:
 
-* ``prepare_*`` (main thread): validate the selected nodes and copy them into core objects.
-  Bad input raises a samv2core error here, before anything runs or changes.
-* ``Job.compute(progress)``: embeddings, matching, registration. Touches no MRML node;
-  ``progress`` may raise ``cancellation.Cancelled``. In Slicer the same computation runs in the
-  worker process instead (``Job.op`` / ``Job.inputs`` name it; see ``worker`` and ``server``):
-  both run the functions of ``steps``.
-* ``Job.apply(payload)`` (main thread): add the output nodes. Runs in a scene transaction:
+* ``prepare_*`` (main thread, cheap): validate the selected nodes (geometry only, no voxel
+  copy) and describe the work as a typed ``ops`` request. Bad input raises a samv2core error
+  here, before anything runs or changes.
+* ``export`` (main thread, off the click path: the controller does it on its next poll):
+  write the volumes the request names, in their own voxel type, into the private folder
+  (once per node state).
+* the request runs in the worker process (GUI, ``controller``) or in this process
+  (:meth:`SAMv2Logic.run`: scripts, tests, the batch script), both through ``ops``.
+* ``Job.apply(result)`` (main thread): add the output nodes. Runs in a scene transaction:
   if anything fails, every node it added is removed and input nodes are restored.
 
 Inputs are never modified, except that "Register volumes" places the moving volume under
 the new transform (that is its purpose; undone on failure). Synchronous wrappers
-(:meth:`SAMv2Logic.match_points` etc.) run the three phases in a row for scripts and tests.
+(:meth:`SAMv2Logic.match_points` etc.) run the phases in a row.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
+import shutil
+import tempfile
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,20 +35,17 @@ import numpy as np
 import vtk
 
 from samv2core.coords import lps_to_ras, ras_to_lps
-from samv2core.device import select_device
-from samv2core.embed import Embedder
 from samv2core.errors import CheckpointError, InputError, MatchingError, SAMv2Error
-from samv2core.progress import no_progress
-from samv2core.registration import RegistrationOptions
-from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume
 
-from . import nodes, steps
-from .constants import (  # noqa: F401
+from . import nodes, ops, protocol
+from .constants import (
     ATTRIBUTE_PREFIX,
+    DEVICES,
     FIXED_REFERENCE_ROLE,
     FLAGGED_SUFFIX,
     METHODS,
+    MODALITIES,
     MOVING_REFERENCE_ROLE,
     REGISTRATION_FEATURES,
     REGISTRATION_MODES,
@@ -48,22 +53,22 @@ from .constants import (  # noqa: F401
     SOURCE_VOLUME_ROLE,
 )
 from .cancellation import Cancelled, ProgressCallback, run_sync
-from .steps import sphere_mask, warp_mask  # noqa: F401  (re-exported: part of the logic's API)
 
 
 @dataclass
 class Job:
-    """A prepared action: ``compute`` is MRML-free, ``apply`` writes the scene (main thread).
-
-    ``op`` and ``inputs`` describe the same computation for the worker process: the operation
-    name and its arguments (core Volumes, numpy arrays, plain values; see ``protocol``).
-    """
+    """A prepared action: ``request`` (an ``ops`` request) computes without MRML, ``apply``
+    writes the scene (main thread). ``exports``: (file, writer) of each volume the request
+    names, written by :meth:`SAMv2Logic.export` when missing."""
 
     name: str
-    compute: Callable[[ProgressCallback], Any]
+    request: Any
     apply: Callable[[Any], Any]
-    op: str = ""
-    inputs: dict = field(default_factory=dict)
+    exports: list = field(default_factory=list)
+
+    @property
+    def op(self) -> str:
+        return ops.operation_of(self.request).name
 
 
 @dataclass
@@ -71,7 +76,7 @@ class MatchOutcome:
     """Result of matching a point list: the new point list node and the core results."""
 
     node: Any  # vtkMRMLMarkupsFiducialNode on the follow-up
-    results: list  # list[samv2core.matching.MatchResult], in the order of the source points
+    results: list  # list[samv2core MatchResult], in the order of the source points
     labels: tuple[str, ...]
 
     @property
@@ -91,30 +96,47 @@ class LesionOutcome:
 class RegistrationOutcome:
     linear_node: Any
     grid_node: Any  # None unless deformable
-    result: Any  # samv2core RegistrationResult
+    result: Any  # ops.RegisterResult
     report: dict = field(default_factory=dict)
 
 
-class SAMv2Logic:
-    """Module logic working on one vtkMRMLScene. Holds the model and per-volume embeddings."""
+def check_device(device: str) -> str:
+    """The device name, checked for form only ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'): whether
+    the machine has it is decided in the worker, which imports torch (DeviceError there)."""
+    name = str(device or "auto").strip().lower()
+    base, _, index = name.partition(":")
+    if base not in DEVICES or (index and (base != "cuda" or not index.isdigit())):
+        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    return name
 
-    def __init__(self, scene, cache_dir: "str | Path | None" = None, embeddings_cache_size: int = 6):
+
+class SAMv2Logic:
+    """Module logic working on one vtkMRMLScene: prepares requests, exports their volumes into
+    a private folder, applies results. Runs requests in-process for scripts (:meth:`run`)."""
+
+    def __init__(self, scene, cache_dir: "str | Path | None" = None, workdir: "str | Path | None" = None,
+                 max_exported: int = 6):
         self.scene = scene
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.status = ""
-        self.model_label = ""  # which weights the last run used, for messages
+        if workdir is None:  # private, deleted with this object
+            workdir = tempfile.mkdtemp(prefix="samv2-logic-")
+            self._cleanup = weakref.finalize(self, shutil.rmtree, workdir, True)
+        self.workdir = Path(workdir)
+        self.volume_folder = self.workdir / "volumes"
+        self._max_exported = max(2, int(max_exported))
+        self._exported: "OrderedDict[str, None]" = OrderedDict()  # files written, oldest first
         self._model_spec: tuple = ("bundled", None, "auto")
         self._model_override = None  # a LoadedModel / network given directly (tests, scripts)
-        self._cache_size = embeddings_cache_size
-        self._session: Optional[EmbeddingSession] = None
+        self._session = None
 
     # --- model ----------------------------------------------------------------------------
     def set_model(self, model_path: "str | Path | None" = None, device: str = "auto", model=None) -> None:
         """Choose the model: a weights file, the bundled default (``model_path=None``), or a
-        ready model object (LoadedModel or network; used by tests). Loading happens lazily in
-        the compute phase; the device is checked now (DeviceError if absent)."""
-        device = str(device or "auto").lower()
-        select_device(device)  # raises DeviceError now, before any work is queued
+        ready model object (LoadedModel or network; scripts and tests). Nothing loads here and
+        torch is not imported: the file and the device name are checked now (CheckpointError,
+        InputError), the device itself where the model loads (DeviceError)."""
+        device = check_device(device)
         if model is not None:
             spec = ("object", id(model), device)
         elif model_path:
@@ -130,33 +152,33 @@ class SAMv2Logic:
             self._session = None
 
     @property
-    def device(self) -> str:
-        return self._model_spec[2]
+    def model_choice(self) -> tuple[Optional[str], str]:
+        """(weights file or None for the bundled model, device) as the worker is told."""
+        kind, path, device = self._model_spec
+        return (path if kind == "file" else None), device
 
-    def session(self) -> EmbeddingSession:
-        """The embedding session of the current model: its one cache holds the converted
-        volumes and their embeddings. The model itself loads on the first embedding (compute
-        phase; CheckpointError if invalid)."""
+    def session(self):
+        """The in-process embedding session of the current model (scripts and tests; imports
+        torch). The model loads on the first embedding (CheckpointError if invalid)."""
+        from samv2core.device import select_device  # noqa: PLC0415 - in-process runs only: the GUI never calls this
+        from samv2core.session import EmbeddingSession  # noqa: PLC0415 - in-process runs only
+
         if self._session is None:
             kind, path, device = self._model_spec
-            size = 2 * self._cache_size  # a volume and its embeddings per entry pair
+            select_device(device)  # DeviceError (one line) for a device this machine lacks
             if kind == "object":
+                from samv2core.embed import Embedder  # noqa: PLC0415 - in-process runs only
+
                 model = self._model_override
-
-                def load():
-                    label = getattr(getattr(model, "card", None), "name", type(model).__name__)
-                    return Embedder(model, device=device), label, True
-
-                self._session = EmbeddingSession(loader=load, cache_size=size, cache_dir=self.cache_dir)
+                label = getattr(getattr(model, "card", None), "name", type(model).__name__)
+                self._session = EmbeddingSession(loader=lambda: (Embedder(model, device=device), label, True),
+                                                 cache_size=12, cache_dir=self.cache_dir)
             else:
-                self._session = EmbeddingSession.open(path if kind == "file" else None, device, cache_size=size,
+                self._session = EmbeddingSession.open(path if kind == "file" else None, device, cache_size=12,
                                                       cache_dir=self.cache_dir, lazy=True)
         return self._session
 
-    def model_id(self) -> str:
-        return self.session().model_id
-
-    # --- volumes and embeddings -----------------------------------------------------------
+    # --- volumes ----------------------------------------------------------------------------
     @staticmethod
     def _node_key(node, world: bool) -> tuple:
         """Changes whenever the voxels, geometry or placement of a volume node change."""
@@ -169,51 +191,82 @@ class SAMv2Logic:
                 parent.GetID() if parent is not None else None,
                 parent.GetTransformToWorldMTime() if parent is not None else 0, world)
 
-    def volume(self, node, role: str = "volume", world: bool = True) -> Volume:
-        """The node as a core Volume (cached while the node is unchanged); InputError names the role."""
+    def volume(self, node, role: str = "volume", world: bool = True, modality: str = "auto") -> Volume:
+        """The node as a core Volume (a float32 copy; scripts and tests, never the GUI)."""
         if node is None:
             raise InputError(f"no {role} selected")
         try:
-            key = self._node_key(node, world)
+            return nodes.volume_from_node(node, modality, world=world).validated()
+        except InputError as exc:
+            raise InputError(f"{role}: {exc}") from None
+
+    def _volume_ref(self, node, role: str, world: bool, modality: str, exports: list):
+        """(geometry, VolumeRef) of a node, its export added to ``exports``; InputError names the role."""
+        if node is None:
+            raise InputError(f"no {role} selected")
+        if modality not in MODALITIES:
+            raise InputError(f"unknown modality {modality!r}: use one of {', '.join(MODALITIES)}")
+        try:
+            geometry = nodes.volume_geometry(node, world)
         except AttributeError:
             raise InputError(f"{role}: {node.GetName()} is not a volume") from None
+        except InputError as exc:
+            raise InputError(f"{role}: {exc}") from None
+        mod = nodes.node_modality(node) if modality == "auto" else modality
+        key = hashlib.sha1(repr((self._node_key(node, world), mod)).encode()).hexdigest()[:24]
+        path = self.volume_folder / f"vol-{key}.nrrd"
+        node_id, scene = node.GetID(), self.scene
 
-        def convert() -> Volume:
-            try:
-                vol = nodes.volume_from_node(node, self._modality_of(node), world=world).validated()
-            except InputError as exc:
-                raise InputError(f"{role}: {exc}") from None
-            return vol
+        def write(target: Path) -> None:
+            current = scene.GetNodeByID(node_id)
+            if current is None:
+                raise InputError(f"{role}: the volume was removed from the scene")
+            nodes.export_volume(current, target, world)
 
-        return self.session().cached(("volume", key), convert)
+        exports.append((path, write))
+        return geometry, ops.VolumeRef(str(path), mod, geometry.name)
 
-    @staticmethod
-    def _modality_of(node) -> str:
-        """Modality from our node attribute, else the DICOM series modality that Slicer's DICOM
-        plugins store on the node's subject hierarchy item, else 'auto' (guessed from intensities)."""
-        return nodes.node_modality(node)
+    def export(self, job: Job) -> None:
+        """Write the volume files of ``job`` that are not written yet (native voxel type); the
+        oldest files beyond ``max_exported`` are deleted (bounded growth)."""
+        self.volume_folder.mkdir(parents=True, exist_ok=True)
+        for path, write in job.exports:
+            key = str(path)
+            if key in self._exported and Path(path).is_file():
+                self._exported.move_to_end(key)
+                continue
+            write(Path(path))
+            self._exported[key] = None
+        keep = {str(p) for p, _ in job.exports}
+        for old in list(self._exported):
+            if len(self._exported) <= self._max_exported:
+                break
+            if old not in keep:
+                Path(old).unlink(missing_ok=True)
+                del self._exported[old]
 
-    def embeddings(self, volume: Volume, progress: ProgressCallback = no_progress):
-        """Embeddings of a (prepared) volume, computed once per volume content and reused."""
-        session = self.session()
-        emb = session.embed(volume, progress=progress)
-        self.model_label = session.label
-        return emb
+    def clear_exports(self) -> None:
+        """Delete every exported volume file (scene close)."""
+        for old in self._exported:
+            Path(old).unlink(missing_ok=True)
+        self._exported.clear()
 
     def clear_caches(self) -> None:
+        self.clear_exports()
         if self._session is not None:
-            self._session.clear_cache()
+            self._session.cache.clear()
 
-    def _pair(self, baseline_node, followup_node, names=("baseline volume", "follow-up volume"),
-              world_second: bool = True, world_first: bool = True) -> tuple[Volume, Volume]:
+    def _pair(self, baseline_node, followup_node, exports: list, names=("baseline volume", "follow-up volume"),
+              world_first: bool = False, modality: str = "auto"):
+        """(geometry, ref) of both volumes; the second is always read in its own voxel space."""
         if baseline_node is None:
             raise InputError(f"no {names[0]} selected")
         if followup_node is None:
             raise InputError(f"no {names[1]} selected")
         if baseline_node is followup_node or baseline_node.GetID() == followup_node.GetID():
             raise InputError(f"the {names[0]} and the {names[1]} are the same volume ({baseline_node.GetName()})")
-        return (self.volume(baseline_node, names[0], world=world_first),
-                self.volume(followup_node, names[1], world=world_second))
+        return (self._volume_ref(baseline_node, names[0], world_first, modality, exports),
+                self._volume_ref(followup_node, names[1], False, modality, exports))
 
     # --- transactions ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -230,7 +283,8 @@ class SAMv2Logic:
             raise
 
     def run(self, job: "Job | Callable[[], Job]", progress: Optional[ProgressCallback] = None, name: str = ""):
-        """Run a job synchronously: prepare (if given a factory), compute, then apply.
+        """Run a job synchronously in this process: prepare (if given a factory), export, run the
+        request through ``ops`` (as the worker does), then apply.
 
         On any samv2core error or cancel, ``self.status`` says what happened and the scene is
         left as it was; the exception propagates to the caller.
@@ -240,8 +294,14 @@ class SAMv2Logic:
             if not isinstance(job, Job):
                 job = job()
                 name = job.name
-            payload = run_sync(job.compute, progress)
-            return self.finish(job, payload)
+            self.export(job)
+            folder = Path(tempfile.mkdtemp(prefix="result-", dir=self.workdir))
+            try:
+                result = run_sync(lambda p: ops.run_local(self.session(), job.request, self._load, folder, p),
+                                  progress)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            return self.finish(job, result)
         except Cancelled:
             self.status = f"{name}: cancelled; nothing was changed"
             raise
@@ -249,50 +309,45 @@ class SAMv2Logic:
             self.status = f"{name} failed: {exc}"
             raise
 
-    def finish(self, job: Job, payload):
+    def _load(self, ref: ops.VolumeRef) -> Volume:
+        return protocol.read_volume(ref.path, ref.modality, ref.name, inside=self.workdir)
+
+    def finish(self, job: Job, result):
         """Apply a computed job to the scene (main thread) inside a transaction."""
         with self.transaction():
-            return job.apply(payload)
+            return job.apply(result)
 
     # --- embedding ahead of use ------------------------------------------------------------
-    def prepare_embed(self, baseline_node, followup_node) -> Job:
+    def prepare_embed(self, baseline_node, followup_node, modality: str = "auto") -> Job:
         """Embed both volumes (in their own voxel space, as matching reads them) so that the next
         click only matches. Adds nothing to the scene."""
-        base, follow = self._pair(baseline_node, followup_node, world_first=False, world_second=False)
-
-        def compute(progress: ProgressCallback):
-            return steps.embed_volumes(self.session(), [base, follow], progress)
-
-        return Job("Embed volumes", compute, lambda names: names, "embed", {"volumes": [base, follow]})
+        exports: list = []
+        (_, base), (_, follow) = self._pair(baseline_node, followup_node, exports, modality=modality)
+        return Job("Embed volumes", ops.EmbedRequest((base, follow)), lambda names: names, exports)
 
     # --- matching -------------------------------------------------------------------------
     def prepare_match(self, baseline_node, followup_node, points_node, method: str = "refined",
-                      output_name: Optional[str] = None) -> Job:
+                      output_name: Optional[str] = None, modality: str = "auto") -> Job:
         """Match every point of ``points_node`` (on the baseline) onto the follow-up."""
         if method not in METHODS:
             raise InputError(f"unknown matching method {method!r}: use one of {', '.join(METHODS)}")
         # Both volumes are read in their own voxel space (parent transforms left out), so a
         # registration placing the follow-up under a linear or grid transform neither blocks
         # matching nor invalidates the embeddings; points cross the transforms instead.
-        base, follow = self._pair(baseline_node, followup_node, world_first=False, world_second=False)
+        exports: list = []
+        (base_geo, base), (_, follow) = self._pair(baseline_node, followup_node, exports, modality=modality)
         if points_node is None:
             raise InputError("no point list selected")
         pts = nodes.read_points(points_node)
         if len(pts) == 0:
             raise InputError(f"{points_node.GetName()}: the point list has no points; place points on the baseline")
         points_lps = ras_to_lps(nodes.world_to_local(baseline_node, pts.ras))
-        inside = base.contains_lps(points_lps)
+        inside = base_geo.contains_lps(points_lps)
         if not inside.all():
             bad = [pts.labels[i] for i in np.flatnonzero(~inside)]
-            raise InputError(f"point(s) {', '.join(bad)} lie outside the baseline volume {base.name}")
+            raise InputError(f"point(s) {', '.join(bad)} lie outside the baseline volume {base_geo.name}")
         name = output_name or f"{points_node.GetName()} on {followup_node.GetName()}"
         ids = {"points": points_node.GetID(), "follow": followup_node.GetID()}
-
-        def compute(progress: ProgressCallback):
-            session = self.session()
-            results = steps.match(session, base, follow, points_lps, method, progress)
-            self.model_label = session.label
-            return results
 
         def apply(results):
             node = self._matched_point_list(name, pts.labels, results, method, ids)
@@ -301,13 +356,12 @@ class SAMv2Logic:
                            + (f", {len(results) - n_ok} flagged{FLAGGED_SUFFIX}" if n_ok < len(results) else ""))
             return MatchOutcome(node, list(results), pts.labels)
 
-        return Job("Match points", compute, apply, "match",
-                   {"template": base, "query": follow, "points_lps": points_lps, "method": method})
+        return Job("Match points", ops.MatchRequest(base, follow, points_lps, method), apply, exports)
 
     def match_points(self, baseline_node, followup_node, points_node, method: str = "refined",
-                     output_name: Optional[str] = None, progress=None) -> MatchOutcome:
-        return self.run(lambda: self.prepare_match(baseline_node, followup_node, points_node, method, output_name),
-                        progress, "Match points")
+                     output_name: Optional[str] = None, progress=None, modality: str = "auto") -> MatchOutcome:
+        return self.run(lambda: self.prepare_match(baseline_node, followup_node, points_node, method, output_name,
+                                                   modality), progress, "Match points")
 
     def _matched_point_list(self, name, labels, results, method, ids):
         follow = self.scene.GetNodeByID(ids["follow"])
@@ -327,14 +381,14 @@ class SAMv2Logic:
         node.SetAttribute(ATTRIBUTE_PREFIX + "Scores", json.dumps([round(float(r.score), 4) for r in results]))
         node.SetAttribute(ATTRIBUTE_PREFIX + "Confident", json.dumps([bool(r.confident) for r in results]))
         node.SetAttribute(ATTRIBUTE_PREFIX + "Answers", json.dumps([r.answer for r in results]))
-        if follow is not None:
-            node.SetAttribute(ATTRIBUTE_PREFIX + "Volume", follow.GetName())
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Volume", follow.GetName())
         return node
 
     # --- lesion propagation ---------------------------------------------------------------
     def prepare_propagate_lesion(self, baseline_node, followup_node, points_node=None, point_index: int = 0,
                                  radius_mm: float = 10.0, segmentation_node=None, segment_id: Optional[str] = None,
-                                 method: str = "refined", output_name: Optional[str] = None) -> Job:
+                                 method: str = "refined", output_name: Optional[str] = None,
+                                 modality: str = "auto") -> Job:
         """Propagate a lesion to the follow-up: a point + radius (sphere), or a segment.
 
         Output: a point list with the matched lesion centre and a segmentation with the region.
@@ -342,13 +396,22 @@ class SAMv2Logic:
         affine (translation only when too few confident matches or an implausible fit).
         ``point_index`` is the control-point index in ``points_node`` (as Slicer numbers them).
         """
-        base, follow = self._pair(baseline_node, followup_node, world_first=False, world_second=False)
+        if method not in METHODS:
+            raise InputError(f"unknown matching method {method!r}: use one of {', '.join(METHODS)}")
+        exports: list = []
+        (base_geo, base), (_, follow) = self._pair(baseline_node, followup_node, exports, modality=modality)
+        centre_lps, mask_ref, radius = None, None, None
         if segmentation_node is not None:
             mask = nodes.segment_mask(segmentation_node, segment_id, base_node=baseline_node)
-            samples, _ = steps.segment_samples(mask)
+            zyx = np.argwhere(mask.array > 0.5)
+            centre_lps = mask.index_to_lps(zyx[:, ::-1].mean(0))  # the centroid, matched first
             label = mask.name or "lesion"
             source_id = segmentation_node.GetID()
-            radius = None
+            key = hashlib.sha1(mask.content_key.encode()).hexdigest()[:24]
+            path = self.volume_folder / f"mask-{key}.nrrd"
+            exports.append((path, lambda target: protocol.write_image(
+                mask.with_array((mask.array > 0.5).astype(np.uint8)).to_sitk(), target)))
+            mask_ref = ops.VolumeRef(str(path), "CT", label)
         else:
             if points_node is None:
                 raise InputError("select a lesion point (point list) or a segment")
@@ -359,26 +422,17 @@ class SAMv2Logic:
             if not (np.isfinite(radius_mm) and radius_mm > 0):
                 raise InputError(f"the lesion radius must be positive, got {radius_mm}")
             row = pts.indices.index(point_index)
-            samples = ras_to_lps(nodes.world_to_local(baseline_node, pts.ras[row:row + 1]))
+            centre_lps = ras_to_lps(nodes.world_to_local(baseline_node, pts.ras[row:row + 1]))
             label = pts.labels[row]
             source_id = points_node.GetID()
             radius = float(radius_mm)
-            mask = None
-        inside = base.contains_lps(samples[:1])
-        if not inside.all():
-            raise InputError(f"lesion {label} lies outside the baseline volume {base.name}")
-        samples = samples[base.contains_lps(samples)]
+        if not base_geo.contains_lps(centre_lps).all():
+            raise InputError(f"lesion {label} lies outside the baseline volume {base_geo.name}")
         name = output_name or f"{label} on {followup_node.GetName()}"
         follow_id = followup_node.GetID()
 
-        def compute(progress: ProgressCallback):
-            session = self.session()
-            payload = steps.propagate(session, base, follow, samples, method, radius, mask, progress)
-            self.model_label = session.label
-            return payload
-
-        def apply(payload):
-            centre, region, details = payload
+        def apply(result: ops.PropagateResult):
+            centre, region, details = result.centre, result.region, result.details
             follow_node = self.scene.GetNodeByID(follow_id)
             pnode = self._matched_point_list(name, (label,), [centre], method,
                                              {"points": source_id, "follow": follow_id})
@@ -392,9 +446,9 @@ class SAMv2Logic:
                            + ("" if centre.confident else " - check it, the match is not confident"))
             return LesionOutcome(pnode, snode, centre, details)
 
-        return Job("Propagate lesion", compute, apply, "propagate",
-                   {"template": base, "query": follow, "samples_lps": samples, "method": method,
-                    "radius_mm": radius, "mask": mask})
+        request = ops.PropagateRequest(base, follow, method, None if mask_ref is not None else centre_lps, radius,
+                                       mask_ref)
+        return Job("Propagate lesion", request, apply, exports)
 
     def propagate_lesion(self, *args, progress=None, **kwargs) -> LesionOutcome:
         return self.run(lambda: self.prepare_propagate_lesion(*args, **kwargs), progress, "Propagate lesion")
@@ -402,56 +456,55 @@ class SAMv2Logic:
     # --- registration ---------------------------------------------------------------------
     def prepare_register(self, fixed_node, moving_node, mode: str = "affine", deformable: bool = False,
                          apply_to_moving: bool = True, output_name: Optional[str] = None, options=None,
-                         refine: bool = True, features: str = "auto") -> Job:
+                         refine: bool = True, features: str = "auto", modality: str = "auto") -> Job:
         """Register moving onto fixed; outputs a linear (and optionally a grid) transform node.
 
         The moving volume is read without its current parent transform (as Slicer's registration
         modules do) and, with ``apply_to_moving``, placed under the new transform(s).
-        ``options``: a samv2core.registration.RegistrationOptions; when None, the defaults with
-        ``refine`` (intensity refinement of the linear map) and ``features`` ('auto', 'sam', 'mind').
+        ``options``: a samv2core.registration.RegistrationOptions (or its fields as a dict); when
+        None, the defaults with ``refine`` (intensity refinement of the linear map) and
+        ``features`` ('auto', 'sam', 'mind').
         """
         if mode not in REGISTRATION_MODES:
             raise InputError(f"unknown registration mode {mode!r}: use one of {', '.join(REGISTRATION_MODES)}")
         if features not in REGISTRATION_FEATURES:
             raise InputError(f"unknown descriptors {features!r}: use one of {', '.join(REGISTRATION_FEATURES)}")
         if options is None:
-            options = RegistrationOptions(refine=bool(refine), features=features)
-        fixed, moving = self._pair(fixed_node, moving_node, ("fixed volume", "moving volume"), world_second=False)
+            values = {"refine": bool(refine), "features": features}
+        else:
+            values = dict(options) if isinstance(options, dict) else protocol.plain(dataclasses.asdict(options))
+        exports: list = []
+        (_, fixed), (_, moving) = self._pair(fixed_node, moving_node, exports, ("fixed volume", "moving volume"),
+                                             world_first=True, modality=modality)
         base = output_name or f"{moving_node.GetName()} to {fixed_node.GetName()}"
         ids = {"fixed": fixed_node.GetID(), "moving": moving_node.GetID()}
-
-        def compute(progress: ProgressCallback):
-            session = self.session()
-            result = steps.register(session, fixed, moving, mode, deformable, options, progress)
-            self.model_label = session.label
-            return result
 
         def apply(result):
             return self.add_registration_nodes(result, self.scene.GetNodeByID(ids["fixed"]),
                                                self.scene.GetNodeByID(ids["moving"]), mode, base, apply_to_moving)
 
-        return Job("Register volumes", compute, apply, "register",
-                   {"fixed": fixed, "moving": moving, "mode": mode, "deformable": bool(deformable),
-                    "options": options})
+        return Job("Register volumes", ops.RegisterRequest(fixed, moving, mode, bool(deformable), values), apply,
+                   exports)
 
     def register(self, fixed_node, moving_node, mode: str = "affine", deformable: bool = False,
                  apply_to_moving: bool = True, output_name: Optional[str] = None, options=None,
-                 progress=None, refine: bool = True, features: str = "auto") -> RegistrationOutcome:
+                 progress=None, refine: bool = True, features: str = "auto",
+                 modality: str = "auto") -> RegistrationOutcome:
         return self.run(lambda: self.prepare_register(fixed_node, moving_node, mode, deformable, apply_to_moving,
-                                                      output_name, options, refine, features),
+                                                      output_name, options, refine, features, modality),
                         progress, "Register volumes")
 
     def add_registration_nodes(self, result, fixed_node, moving_node, mode: str = "affine",
                                name: Optional[str] = None, apply_to_moving: bool = True) -> RegistrationOutcome:
-        """Add transform nodes for a samv2core RegistrationResult (``linear``: fixed->moving ITK
-        transform; ``displacement``: optional ITK displacement field on the fixed grid, applied
-        to fixed points before ``linear``). Call inside :meth:`transaction` (``finish`` does)."""
+        """Add transform nodes for a registration result (``linear``: fixed->moving ITK transform;
+        ``displacement``: optional ITK displacement field on the fixed grid, applied to fixed
+        points before ``linear``; ``report``), e.g. an ops.RegisterResult. Call inside :meth:`transaction` (``finish`` does)."""
         if fixed_node is None or moving_node is None:
             raise InputError("the fixed or moving volume was removed from the scene")
         ids = {"fixed": fixed_node.GetID(), "moving": moving_node.GetID()}
         base = name or f"{moving_node.GetName()} to {fixed_node.GetName()}"
         moving = moving_node
-        old_parent = moving.GetTransformNodeID() if moving is not None else None
+        old_parent = moving.GetTransformNodeID()
         try:
             linear = nodes.new_linear_transform_node(self.scene, result.linear, f"{base} ({mode})")
             grid = None
@@ -471,11 +524,10 @@ class SAMv2Logic:
             # grid node is the parent and the moving volume sits under the linear node.
             if grid is not None:
                 linear.SetAndObserveTransformNodeID(grid.GetID())
-            if apply_to_moving and moving is not None:
+            if apply_to_moving:
                 moving.SetAndObserveTransformNodeID(linear.GetID())
         except BaseException:
-            if moving is not None:
-                moving.SetAndObserveTransformNodeID(old_parent)
+            moving.SetAndObserveTransformNodeID(old_parent)
             raise
         features = report.get("features", "sam")
         self.status = (f"registered {base}: linear transform '{linear.GetName()}'"

@@ -15,6 +15,7 @@ Only vtk, numpy and SimpleITK are used here, and only MRML classes that the Qt-f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -99,12 +100,9 @@ def node_ijk_to_ras(node, world: bool = True) -> np.ndarray:
     return _apply_parent_transform(node, ijk_to_ras) if world else ijk_to_ras
 
 
-def volume_from_node(node, modality: "str | Modality" = "auto", world: bool = True) -> Volume:
-    """A new core Volume (LPS geometry, float32 copy of the voxels) from a scalar volume node.
-
-    ``world=True`` places the volume where Slicer shows it (parent linear transforms applied).
-    Raises InputError for a missing node, no voxels, label maps, RGB/vector or 2D volumes.
-    """
+def _voxels(node):
+    """The node's voxel scalars (a view, native type) and its name, after the checks every use
+    shares: InputError for a missing node, no voxels, label maps, RGB/vector or 2D volumes."""
     if node is None:
         raise InputError("no volume selected")
     label = node.GetName() or node.GetID() or "volume"
@@ -122,7 +120,11 @@ def volume_from_node(node, modality: "str | Modality" = "auto", world: bool = Tr
     if min(dims) < 2:
         raise InputError(f"{label}: is a 2D image (size {dims[0]}x{dims[1]}x{dims[2]}); a 3D volume is needed")
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-    array = np.array(scalars, dtype=np.float32, copy=True).reshape(dims[2], dims[1], dims[0])
+    return scalars.reshape(dims[2], dims[1], dims[0]), label
+
+
+def _lps_geometry(node, label: str, world: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(spacing, origin, direction) in LPS of a volume node; InputError for sheared geometry."""
     lps = _F4 @ node_ijk_to_ras(node, world)  # index side is not flipped: IJK->LPS = F @ IJK->RAS
     # the node's IJK->RAS holds direction * spacing; split it into the ITK parts
     axes = lps[:3, :3]
@@ -132,10 +134,69 @@ def volume_from_node(node, modality: "str | Modality" = "auto", world: bool = Tr
     direction = axes / spacing
     if abs(abs(np.linalg.det(direction)) - 1.0) > 1e-4 or not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
         raise InputError(f"{label}: sheared or scaled geometry (a parent transform?); harden or reset it first")
-    mod = guess_modality(array) if str(modality).lower() == "auto" else Modality.parse(modality)
-    vol = Volume(array, tuple(spacing), tuple(lps[:3, 3]), direction, mod, label)
+    return spacing, lps[:3, 3].copy(), direction
+
+
+def _modality(node, modality) -> str:
+    return node_modality(node) if str(modality).lower() == "auto" else Modality.parse(modality).value
+
+
+def volume_from_node(node, modality: "str | Modality" = "auto", world: bool = True) -> Volume:
+    """A new core Volume (LPS geometry, float32 copy of the voxels) from a scalar volume node
+    (scripts and tests; the GUI exports files instead, see :func:`export_volume`).
+
+    ``world=True`` places the volume where Slicer shows it (parent linear transforms applied).
+    ``modality`` 'auto': the node's own (:func:`node_modality`), else guessed from intensities.
+    Raises InputError for a missing node, no voxels, label maps, RGB/vector or 2D volumes.
+    """
+    voxels, label = _voxels(node)
+    spacing, origin, direction = _lps_geometry(node, label, world)
+    array = np.array(voxels, dtype=np.float32, copy=True)
+    mod = _modality(node, modality)
+    vol = Volume(array, tuple(spacing), tuple(origin), direction,
+                 guess_modality(array) if mod == "auto" else Modality.parse(mod), label)
     vol.meta["node_id"] = node.GetID()
     return vol
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Where a volume node's voxels are (LPS), without copying them: what validation needs."""
+
+    name: str
+    size_xyz: tuple[int, int, int]
+    index_to_lps: np.ndarray  # 4x4
+
+    def contains_lps(self, lps, tolerance_voxels: float = 0.5) -> np.ndarray:
+        """True where a point lies inside the voxel extent (half a voxel of slack), as Volume.contains_lps."""
+        pts = np.asarray(lps, dtype=np.float64).reshape(-1, 3)
+        ijk = (np.linalg.inv(self.index_to_lps) @ np.c_[pts, np.ones(len(pts))].T).T[:, :3]
+        size = np.asarray(self.size_xyz, dtype=np.float64)
+        return np.all((ijk >= -tolerance_voxels) & (ijk <= size - 1 + tolerance_voxels), axis=-1)
+
+
+def volume_geometry(node, world: bool = True) -> VolumeGeometry:
+    """The checked geometry of a volume node (same checks as :func:`volume_from_node`; no voxel copy)."""
+    voxels, label = _voxels(node)
+    spacing, origin, direction = _lps_geometry(node, label, world)
+    m = np.eye(4)
+    m[:3, :3] = direction * spacing
+    m[:3, 3] = origin
+    return VolumeGeometry(label, (voxels.shape[2], voxels.shape[1], voxels.shape[0]), m)
+
+
+def export_volume(node, path, world: bool = True) -> None:
+    """Write a volume node's voxels in their own type (no float copy) with its LPS geometry to
+    ``path`` (NRRD, atomically): what the worker reads."""
+    from samv2core.outputs import atomic_write  # noqa: PLC0415 - light core module, only when writing
+
+    voxels, label = _voxels(node)
+    spacing, origin, direction = _lps_geometry(node, label, world)
+    image = sitk.GetImageFromArray(voxels)  # one copy, native voxel type
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    image.SetOrigin(tuple(float(v) for v in origin))
+    image.SetDirection(tuple(float(v) for v in direction.ravel()))
+    atomic_write(Path(path), lambda tmp: sitk.WriteImage(image, str(tmp), False))
 
 
 def volume_ijk_to_ras(volume: Volume) -> np.ndarray:
@@ -144,7 +205,9 @@ def volume_ijk_to_ras(volume: Volume) -> np.ndarray:
 
 
 def volume_to_node(volume: Volume, scene, name: "str | None" = None, label_map: bool = False):
-    """Add a NEW scalar (or label map) volume node holding ``volume`` to ``scene``; returns it."""
+    """Add a NEW scalar (or label map) volume node holding ``volume`` to ``scene``; returns it.
+    The volume's modality is kept on the node (attribute ``SAMv2.Modality``), so a modality
+    chosen when loading (``--modality``) is the one matching and registration use."""
     cls = slicer.vtkMRMLLabelMapVolumeNode if label_map else slicer.vtkMRMLScalarVolumeNode
     node = cls()
     node.SetName(scene.GenerateUniqueName(name or volume.name or "Volume"))
@@ -156,6 +219,8 @@ def volume_to_node(volume: Volume, scene, name: "str | None" = None, label_map: 
     image.GetPointData().SetScalars(vtk_array)
     node.SetAndObserveImageData(image)
     node.SetIJKToRASMatrix(vtk_matrix_from_np(volume_ijk_to_ras(volume)))
+    if not label_map:
+        node.SetAttribute("SAMv2.Modality", volume.modality.value)
     scene.AddNode(node)
     node.CreateDefaultDisplayNodes()
     return node
@@ -201,10 +266,11 @@ def read_points(node, world: bool = True) -> PointSet:
 
 def new_point_list(scene, name: str, ras, labels, descriptions=None, flagged=None,
                    color=(1.0, 0.6, 0.0), flagged_suffix: str = " (?)"):
-    """Add a NEW point list node; ``flagged`` points are unselected, locked and suffixed.
+    """Add a NEW point list node; ``flagged`` points are unselected and suffixed.
 
     Unselected control points are drawn in the list's "unselected" colour in Slicer, which
-    makes low-confidence matches stand out in the views and in the Markups table.
+    makes low-confidence matches stand out in the views and in the Markups table. They stay
+    movable: they are the points a user will want to drag into place.
     """
     node = slicer.vtkMRMLMarkupsFiducialNode()
     node.SetName(scene.GenerateUniqueName(name))
@@ -223,7 +289,6 @@ def new_point_list(scene, name: str, ras, labels, descriptions=None, flagged=Non
             node.SetNthControlPointDescription(n, str(descriptions[i]))
         if flagged[i]:
             node.SetNthControlPointSelected(n, False)
-            node.SetNthControlPointLocked(n, True)
     return node
 
 
@@ -368,6 +433,8 @@ def segment_mask(segmentation_node, segment_id: str, base_node=None) -> Volume:
     seg = segmentation_node.GetSegmentation()
     if not segment_id or seg.GetSegment(segment_id) is None:
         raise InputError(f"{segmentation_node.GetName()}: has no segment {segment_id!r}")
+    # an RTSTRUCT or closed-surface segment has no labelmap until one is made (as Slicer's effects do)
+    segmentation_node.CreateBinaryLabelmapRepresentation()
     image = slicer.vtkOrientedImageData()
     if not segmentation_node.GetBinaryLabelmapRepresentation(segment_id, image):
         raise InputError(f"{segmentation_node.GetName()}: segment {segment_id!r} has no binary labelmap")

@@ -15,9 +15,11 @@ stop at its next progress report; if it has not stopped within ``cancel_timeout`
 the process is killed and started again on next use. A worker that dies fails its requests
 with a message that says so (the GUI then adds nothing to the scene).
 
-Volumes go to the worker as NRRD files in a private temporary folder (each volume object
-written once); results come back as JSON plus files, decoded into the same payload a ``Job``'s
-in-process ``compute`` returns, so ``SAMv2Logic.finish`` applies either one.
+Requests are the typed requests of ``ops`` (volumes as NRRD files the logic exported into
+``volumes/`` of the private folder); results come back as JSON plus files, decoded by the
+operation's codec into what the in-process run returns, so ``SAMv2Logic.finish`` applies
+either one. The private folder is made under ``temp_root`` (Slicer's temporary folder) and
+deleted by :meth:`WorkerProcess.close`.
 """
 from __future__ import annotations
 
@@ -31,13 +33,11 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from . import protocol
+from . import ops, protocol
 
 SERVER_MODULE = "SAMv2SlicerLib.server"
 
@@ -69,6 +69,7 @@ class WorkerTask:
         self.error_kind = ""
         self.error_message = ""
         self.error_traceback = ""
+        self.device = ""  # the device the worker ran it on (reported with the result)
         self.cancel_requested_at: Optional[float] = None
         self.submitted_at = time.monotonic()
         self.finished_at: Optional[float] = None
@@ -105,17 +106,24 @@ def find_python(application_dir: "str | None" = None) -> str:
     for c in candidates:
         if c.is_file():
             return str(c)
-    raise FileNotFoundError(f"PythonSlicer was not found next to the Slicer executable in {application_dir}")
+    raise WorkerStartError(f"PythonSlicer was not found next to the Slicer executable in {application_dir}")
+
+
+class WorkerStartError(OSError):
+    """The worker process cannot be started (no PythonSlicer, or the process failed to launch)."""
 
 
 class WorkerProcess:
     """A persistent worker process and the requests sent to it (see the module docstring)."""
 
     def __init__(self, python: "str | None" = None, workdir: "str | Path | None" = None,
-                 cache_dir: "str | Path | None" = None, cancel_timeout: float = 2.0, env: "dict | None" = None):
+                 cache_dir: "str | Path | None" = None, cancel_timeout: float = 2.0, env: "dict | None" = None,
+                 temp_root: "str | Path | None" = None):
         self.python = python or sys.executable
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="samv2-worker-"))
+        if workdir is None and temp_root is not None:
+            Path(temp_root).mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="samv2-worker-", dir=temp_root))
         os.chmod(self.workdir, 0o700)  # private: volumes of patients go through it
         self.cache_dir = str(cache_dir) if cache_dir else None
         self.cancel_timeout = float(cancel_timeout)
@@ -128,9 +136,6 @@ class WorkerProcess:
         self._next_id = 1
         self._buffer = b""
         self._lines: "Optional[queue.Queue]" = None  # only when non-blocking pipes are unavailable
-        # volume -> its file: each Volume object is written once (the logic keeps one object per
-        # node state); no content hash on the GUI thread (the worker hashes when it embeds)
-        self._written: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._log = None
 
     # --- process -------------------------------------------------------------------------
@@ -171,8 +176,12 @@ class WorkerProcess:
             kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP
         else:
             kwargs["start_new_session"] = True  # own process group: kill() reaches PythonSlicer's child
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     env=self._environment(), cwd=str(self.workdir), bufsize=0, **kwargs)
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                         env=self._environment(), cwd=str(self.workdir), bufsize=0, **kwargs)
+        except OSError as exc:
+            self._close_process()
+            raise WorkerStartError(f"the SAMv2 worker process could not start ({self.python}: {exc})") from None
         self.starts += 1
         self._buffer = b""
         self._lines = None
@@ -249,20 +258,18 @@ class WorkerProcess:
         """The model sent with every following request (the worker loads it once)."""
         self.model = {"path": str(model_path) if model_path else None, "device": device}
 
-    def _volume_ref(self, volume) -> dict:
-        ref = self._written.get(volume)
-        if ref is None or not Path(ref["path"]).is_file():
-            ref = protocol.write_volume(volume, self.workdir, uuid.uuid4().hex[:20])
-            self._written[volume] = ref
-        return ref
+    @property
+    def volume_folder(self) -> Path:
+        """Where the logic exports the volumes of requests (the worker reads only inside workdir)."""
+        return self.workdir / "volumes"
 
-    def submit(self, op: str, inputs: "dict | None" = None, name: str = "") -> WorkerTask:
-        """Send a request (starting the worker if needed); returns its task at once."""
-        if op not in protocol.OPS:
-            raise ValueError(f"unknown worker operation {op!r}")
+    def submit(self, request, name: str = "") -> WorkerTask:
+        """Send an ``ops`` request, or ``"ping"`` (starting the worker if needed); returns its task at once."""
+        op = "ping" if request == "ping" else ops.operation_of(request).name
         self.start()
-        args = protocol.encode_inputs(op, inputs or {}, self._volume_ref)
-        args["model"] = dict(self.model)
+        args = {"model": dict(self.model)}
+        if op != "ping":
+            args["request"] = ops.encode_request(request)
         task = WorkerTask(self._next_id, op, name or op)
         self._next_id += 1
         self._tasks[task.id] = task
@@ -271,10 +278,8 @@ class WorkerProcess:
         return task
 
     def submit_job(self, job) -> WorkerTask:
-        """Run a prepared logic ``Job`` (its ``op`` and ``inputs``) in the worker."""
-        if not job.op:
-            raise ValueError(f"{job.name}: this job cannot run in the worker")
-        return self.submit(job.op, job.inputs, job.name)
+        """Run a prepared logic ``Job`` (its request; volumes exported) in the worker."""
+        return self.submit(job.request, job.name)
 
     def cancel(self, task: WorkerTask) -> None:
         """Ask the worker to stop ``task``; it is killed if the task has not ended after ``cancel_timeout``."""
@@ -353,7 +358,8 @@ class WorkerProcess:
                 message = protocol.decode(line)
             except ValueError:
                 continue  # not a protocol line
-            task = self._tasks.get(message.get("id"))
+            rid = message.get("id")
+            task = self._tasks.get(rid) if protocol.valid_request_id(rid) else None
             if task is None:
                 continue
             event = message.get("event")
@@ -362,13 +368,16 @@ class WorkerProcess:
                 task.progress = TaskProgress(float(message.get("fraction", 0.0)), str(message.get("message", "")))
                 continue
             if event == "result":
+                folder = protocol.result_folder(self.workdir, task.id)
                 try:
-                    task.result = protocol.decode_result(task.op, message.get("result"))
+                    data = message.get("result")
+                    task.result = data if task.op == "ping" else ops.OPERATIONS[task.op].decode_result(data, folder)
+                    task.device = str(message.get("device") or "")
                     task._finish(TaskState.DONE)
                 except Exception as exc:  # an unreadable result file: nothing partial is applied
                     task._finish(TaskState.FAILED, type(exc).__name__, f"could not read the worker's result: {exc}")
                 finally:
-                    shutil.rmtree(self.workdir / "results" / f"r{task.id}", ignore_errors=True)
+                    shutil.rmtree(folder, ignore_errors=True)
             elif event == "cancelled":
                 task._finish(TaskState.CANCELLED)
             elif event == "error":
@@ -398,9 +407,9 @@ class WorkerProcess:
             time.sleep(interval)
         return task.state
 
-    def run(self, op: str, inputs: "dict | None" = None, timeout: "float | None" = None) -> Any:
+    def run(self, request, timeout: "float | None" = None) -> Any:
         """Submit and wait; returns the result or raises RuntimeError with the worker's message."""
-        task = self.submit(op, inputs)
+        task = self.submit(request)
         self.wait(task, timeout)
         if task.state != TaskState.DONE:
             raise RuntimeError(f"{task.name} {task.state.value}: {task.error_kind}: {task.error_message}")
