@@ -1,7 +1,10 @@
 """Python dependencies of the module, installed the way Slicer users expect.
 
 * torch comes from the PyTorch extension (``PyTorchUtils``), which picks the right CUDA or
-  CPU build for the machine; without that extension the user is told to install it.
+  CPU build for the machine; without that extension the user is told to install it. torch is
+  never imported here (the GUI process must not load it): it is found with
+  ``importlib.util.find_spec`` and its version read from the package metadata, then checked
+  against :data:`TORCH_REQUIREMENT` (an older torch is offered an update).
 * everything else comes from ``requirements.txt`` next to the module: with
   ``slicer.packaging.pip_ensure`` on Slicer 5.12+ (it asks, installs with progress and
   offers a restart), else with ``slicer.util.pip_install`` after a confirmation dialog.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import re
 import subprocess
 import tempfile
@@ -27,6 +31,9 @@ from typing import Callable, Optional
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "requirements.txt"
 # Packages Slicer ships (or the PyTorch extension manages): never (re)installed from here.
 PROTECTED = ("SimpleITK", "numpy", "vtk", "torch")
+# The oldest torch the core is written for (safetensors weights, torch.load(weights_only=True));
+# only torch 2.13 (CPU) was tested by this project's test suite.
+TORCH_REQUIREMENT = ">=2.0"
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
@@ -64,12 +71,40 @@ def missing_requirements(path: "str | Path" = REQUIREMENTS_FILE) -> list[str]:
     return [line for line in read_requirements(path) if not _satisfied(line)]
 
 
-def torch_available() -> bool:
+def torch_version() -> "str | None":
+    """The installed torch version from the package metadata (None when torch is not installed);
+    torch itself is not imported."""
     try:
-        importlib.import_module("torch")
+        if importlib.util.find_spec("torch") is None:
+            return None
+        return importlib.metadata.version("torch")
+    except (ImportError, ValueError, importlib.metadata.PackageNotFoundError):
+        return None
+
+
+def torch_problem(requirement: str = TORCH_REQUIREMENT) -> "str | None":
+    """None when a torch meeting ``requirement`` is installed, else what is wrong (one sentence)."""
+    version = torch_version()
+    if version is None:
+        return "PyTorch is not installed"
+    if not _version_meets(version, requirement):
+        return f"PyTorch {version} is installed; SAMv2 needs torch{requirement}"
+    return None
+
+
+def _version_meets(version: str, requirement: str) -> bool:
+    try:
+        from packaging.specifiers import SpecifierSet  # noqa: PLC0415 - optional
+        from packaging.version import Version  # noqa: PLC0415 - optional
+
+        return Version(version.split("+")[0]) in SpecifierSet(requirement)
+    except Exception:  # packaging absent or an unusual version string: presence is enough
         return True
-    except Exception:
-        return False
+
+
+def torch_available() -> bool:
+    """True when a suitable torch is installed (checked without importing it)."""
+    return torch_problem() is None
 
 
 def _constraints_file() -> str:
@@ -87,9 +122,11 @@ def _constraints_file() -> str:
 
 
 def ensure_torch(slicer, confirm: Callable[[str], bool], report: Optional[Callable[[str], None]] = None) -> bool:
-    """Make torch importable through the PyTorch extension. Returns True when torch is ready.
-    ``installTorch`` returns None when declined and raises when the install fails."""
-    if torch_available():
+    """Make a suitable torch importable through the PyTorch extension (installed, or updated
+    when older than TORCH_REQUIREMENT). Returns True when torch is ready. ``installTorch``
+    returns None when declined and raises when the install fails."""
+    problem = torch_problem()
+    if problem is None:
         return True
     report = report or (lambda text: slicer.util.errorDisplay(text))
     try:
@@ -99,13 +136,17 @@ def ensure_torch(slicer, confirm: Callable[[str], bool], report: Optional[Callab
                "then try again.")
         return False
     torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-    if torch_logic.torchInstalled():
-        return True
-    if not confirm("SAMv2 needs PyTorch, which is not installed yet. Install it now (this can take several minutes)?"):
-        report("SAMv2 needs PyTorch, which is not installed; nothing was run.")
+    if not confirm(f"SAMv2 needs PyTorch ({problem}). Install it now (this can take several minutes)?"):
+        report(f"SAMv2 needs torch{TORCH_REQUIREMENT} ({problem}); nothing was run.")
         return False
-    if torch_logic.installTorch(askConfirmation=False) is None:  # raises when the install fails
+    # raises when the install fails (reported by ensure_all)
+    if torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
         report("PyTorch was not installed; nothing was run.")
+        return False
+    importlib.invalidate_caches()
+    problem = torch_problem()
+    if problem is not None:
+        report(f"{problem} after the install; restart Slicer and try again. Nothing was run.")
         return False
     return True
 
