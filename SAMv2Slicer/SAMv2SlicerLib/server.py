@@ -27,7 +27,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Optional
 
-from samv2core.errors import SAMv2Error
+from samv2core.errors import CheckpointError, InputError, SAMv2Error
 
 from . import ops, protocol
 from .cancellation import Cancelled
@@ -187,7 +187,10 @@ class Server:
         if not isinstance(device, str) or (path is not None and not isinstance(path, str)):
             raise ValueError("the model must be given as a path string and a device string")
         if path is not None:
-            path = str(protocol.regular_file(path, what="model file"))
+            try:
+                path = str(protocol.regular_file(path, what="model file"))
+            except InputError as exc:
+                raise CheckpointError(str(exc)) from None
         spec = (path, device)
         if self.session is None or spec != self._model:
             select_device(device)  # DeviceError (one line) for a device this machine lacks
