@@ -103,7 +103,7 @@ def test_batch_writes_points_csv_and_summary_and_reports_failures(workspace):
                                    atol=1e-3)
         assert cp["label"].endswith(" (?)") == (row["confident"] == "0")
         assert f"score {float(row['score']):.2f}" in cp["description"]
-        assert cp["locked"] == (row["confident"] == "0")
+        assert cp["locked"] is False  # flagged matches stay movable (issue 20, defect 10)
     # CSV points given in RAS come back in LPS with the same labels
     rows = list(csv.DictReader(open(out / "csv_case" / "matched.csv")))
     assert [r["label"] for r in rows] == ["A1", "A2", "A3"]
@@ -147,3 +147,44 @@ def test_batch_registration_writes_itk_transforms(workspace):
                                    [t.TransformPoint(tuple(q)) for q in p], atol=1e-4)
         report = json.loads((out / case / "registration" / "report.json").read_text())
         assert report
+
+
+def test_batch_modality_is_honoured_end_to_end(workspace):
+    """Issue 20, defect 2: --modality reaches matching (it used to be dropped and guessed again):
+    on a CT, MR preprocessing gives other embeddings and so other scores; auto and CT agree."""
+    ws = workspace
+    (ws["root"] / "one.csv").write_text("case,baseline,followup,points\none,baseline.nrrd,followup1.nrrd,points.mrk.json\n")
+    scores = {}
+    for modality in ("auto", "CT", "MR"):
+        proc = run_batch(ws, "one.csv", f"out_modality_{modality}", "--modality", modality)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        rows = list(csv.DictReader(open(ws["root"] / f"out_modality_{modality}" / "one" / "matched.csv")))
+        scores[modality] = [float(r["score"]) for r in rows]
+    assert scores["auto"] == scores["CT"]
+    assert scores["MR"] != scores["CT"]
+
+
+def test_batch_loads_the_model_once(workspace, monkeypatch):
+    """Issue 20, defect 9: the model checked before the first case is the one the cases use."""
+    import importlib.util
+
+    import samv2core.models
+    import samv2core.session
+
+    calls = []
+    original = samv2core.models.resolve_model
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(samv2core.models, "resolve_model", counting)
+    monkeypatch.setattr(samv2core.session, "resolve_model", counting)
+    spec = importlib.util.spec_from_file_location("samv2_batch_under_test", SCRIPT)
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+    ws = workspace
+    (ws["root"] / "one.csv").write_text("case,baseline,followup,points\none,baseline.nrrd,followup1.nrrd,points.mrk.json\n")
+    code = batch.main([str(ws["root"] / "one.csv"), "--output", str(ws["root"] / "out_once"), "--model",
+                       str(ws["model"]), "--device", "cpu", "--method", "nn"])
+    assert code == 0 and len(calls) == 1

@@ -12,7 +12,7 @@ folder; points as a Slicer point list .mrk.json / .fcsv, or a CSV with columns
 For every case it writes, in ``OUTPUT/<case>/``:
 
 * ``matched.mrk.json``: the matched points as a Slicer point list on the follow-up (labels
-  of the source points; flagged matches end with " (?)", are locked and unselected);
+  of the source points; flagged matches end with " (?)" and are unselected);
 * ``matched.csv``: label, source and matched positions (LPS mm), score, confident, reason;
 * with ``--register``: ``registration_linear.h5`` (ITK, fixed=baseline -> moving=follow-up)
   and, with ``--deformable``, ``registration_displacement.nii.gz`` (both written by Slicer's
@@ -71,7 +71,8 @@ def parse_args(argv):
     p.add_argument("--register", default="none", choices=["none", "rigid", "affine"],
                    help="also register follow-up (moving) onto baseline (fixed)")
     p.add_argument("--deformable", action="store_true", help="add a deformable refinement (with --register)")
-    p.add_argument("--modality", default="auto", help="CT, MR or auto")
+    p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"],
+                   help="modality of both volumes (auto: guessed from intensities); used for matching and registration")
     p.add_argument("--points-system", default="LPS", choices=["LPS", "RAS"],
                    help="coordinate system of CSV point files (x,y,z[,label]); .mrk.json files name their own")
     p.add_argument("--cache-dir", default=None, help="folder for cached embeddings")
@@ -151,9 +152,22 @@ class SlicerCaseJob:
             # the core's complete set: composite transform, resampled follow-up, JSON report
             from samv2core.registration import write_registration
 
-            write_registration(reg.result, logic.volume(base, "baseline"),
+            write_registration(_core_result(reg.result), logic.volume(base, "baseline"),
                                logic.volume(follow, "follow-up", world=False), out_dir / "registration")
         return {"points": len(outcome.results), "confident": outcome.n_confident, "message": logic.status}
+
+
+def _core_result(result):
+    """The core's RegistrationResult of the module's result (same maps: linear o (x + d(x)))."""
+    import SimpleITK as sitk
+
+    from samv2core.registration import RegistrationResult
+
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(result.linear)
+    if result.displacement is not None:  # added last: applied first
+        composite.AddTransform(sitk.DisplacementFieldTransform(sitk.Image(result.displacement)))
+    return RegistrationResult(result.linear, result.displacement, composite, dict(result.report))
 
 
 def _clear_case_nodes(scene, keep: int) -> None:
@@ -175,10 +189,10 @@ def run(argv) -> int:
     from samv2core.device import select_device
     from samv2core.models import resolve_model
 
-    # load the model once now (this imports torch): a missing package, a bad model file or a
-    # missing GPU is refused before any case, with exit code 2
+    # load the model once, now (this imports torch): a missing package, a bad model file or a
+    # missing GPU is refused before any case, with exit code 2; the logic then uses this model
     select_device(args.device)
-    resolve_model(args.model, device="cpu")
+    resolved = resolve_model(args.model, device=args.device)
     import slicer
 
     from SAMv2SlicerLib.logic import SAMv2Logic
@@ -190,7 +204,7 @@ def run(argv) -> int:
     # Inside the Slicer application use its scene; in plain Python a private one.
     scene = getattr(slicer, "mrmlScene", None) or slicer.vtkMRMLScene()
     logic = SAMv2Logic(scene, cache_dir=args.cache_dir)
-    logic.set_model(args.model, args.device)  # a bad model or missing GPU: refused before any case
+    logic.set_model(model=resolved.model, device=args.device)
     model_id = args.model and str(Path(args.model).resolve()) or "bundled"
     summary = run_cohort(cases, Path(args.output).resolve(), SlicerCaseJob(logic, args, model_id), shard=shard)
     done = sum(o.status != "failed" for o in summary.outcomes)
@@ -208,8 +222,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_USAGE
     except ImportError as exc:  # e.g. torch or slicer-core missing
-        print(f"samv2_batch: error: a required package is missing ({exc}); install it or run inside 3D Slicer",
-              file=sys.stderr)
+        print(f"samv2_batch: error: a required package is missing ({exc}); " + _install_hint(exc), file=sys.stderr)
     except KeyboardInterrupt:
         print("samv2_batch: interrupted (run again to continue: finished cases are skipped)", file=sys.stderr)
         return 130
@@ -220,15 +233,31 @@ def main(argv=None) -> int:
     return EXIT_USAGE
 
 
-def _exit(code: int) -> None:
-    """Quit with ``code``: inside Slicer the application must be told, or it keeps running."""
+def _in_slicer() -> bool:
     try:
         import slicer
-
-        in_slicer = hasattr(slicer, "app")
     except BaseException:
-        in_slicer = False
-    if in_slicer:
+        return False
+    return hasattr(slicer, "app")
+
+
+def _install_hint(exc: ImportError) -> str:
+    """How to get the missing package, where this runs."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if _in_slicer():
+        if name == "torch":
+            return "install the PyTorch extension (Extensions Manager), restart Slicer and run again"
+        return "open the SAMv2 module once (it offers to install its Python packages) and run again"
+    if name == "slicer":
+        return "install slicer-core (pip install slicer-core) or run inside 3D Slicer"
+    return f"install it (pip install {name or 'the package'}) or run inside 3D Slicer"
+
+
+def _exit(code: int) -> None:
+    """Quit with ``code``: inside Slicer the application must be told, or it keeps running."""
+    if _in_slicer():
+        import slicer
+
         slicer.util.exit(code)
     else:
         sys.exit(code)
