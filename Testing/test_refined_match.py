@@ -68,7 +68,7 @@ def test_refined_is_precise_where_fixed_point_is_not(hard_pair):
     missed = fp > 5.0
     assert missed.any() and np.median(ref[missed]) < 3.0
     # the Slicer worker's JSON protocol carries which answer was used and why
-    from SAMv2SlicerLib.protocol import match_from_dict, match_to_dict
+    from SAMv2SlicerLib.ops import match_from_dict, match_to_dict
 
     back = match_from_dict(match_to_dict(results[0]))
     assert (back.answer, back.answer_reason) == (results[0].answer, results[0].answer_reason)

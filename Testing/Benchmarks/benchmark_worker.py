@@ -5,7 +5,8 @@ Run:  python Testing/Benchmarks/benchmark_worker.py [--model PATH] [--clicks N] 
 Drives the same worker the Slicer GUI uses (SAMv2SlicerLib.worker -> SAMv2SlicerLib.server,
 JSON lines on stdin/stdout, volumes as files) and measures, per volume pair:
 
-* worker start (process up and answering), background embedding of both volumes;
+* worker start (process up and answering), background embedding of both volumes (the first
+  one includes the model load);
 * a click after both volumes are embedded: one point matched, from submit to the decoded
   result in the client (what the GUI's QTimer would see, minus its 100 ms poll period);
 * the same matching in-process (samv2core session + steps, no protocol) as the peer, click
@@ -73,15 +74,20 @@ def main(argv=None) -> int:
     print_machine_load()
     from samv2core.session import EmbeddingSession
     from samv2core.simulate import simulate_followup
-    from SAMv2SlicerLib import steps
+    from SAMv2SlicerLib import ops, protocol, steps
     from SAMv2SlicerLib.worker import TaskState, WorkerProcess
+
+    def volume_ref(volume, name):  # what the module's logic exports: a file in the private folder
+        path = worker.volume_folder / f"{name}.nrrd"
+        protocol.write_image(volume.to_sitk(), path)
+        return ops.VolumeRef(str(path), volume.modality.value, name)
 
     rows = []
     t0 = time.perf_counter()
     worker = WorkerProcess(env={"OMP_NUM_THREADS": str(args.threads)})
     worker.set_model(args.model, "cpu")
     try:
-        worker.run("set_model", timeout=600)  # process start + model load
+        worker.run("ping", timeout=600)  # process start (the model loads with the first embedding)
         start_s = time.perf_counter() - t0
         for name, rel in CASES.items():
             base = load_case(rel)
@@ -89,8 +95,9 @@ def main(argv=None) -> int:
                 print(f"skipped {name}: {SHARED / rel} not available")
                 continue
             follow = simulate_followup(base, seed=11).followup  # SIMULATED follow-up (known transform)
+            refs = (volume_ref(base, f"base-{len(rows)}"), volume_ref(follow, f"follow-{len(rows)}"))
             t = time.perf_counter()
-            embed = worker.submit("embed", {"volumes": [base, follow]})
+            embed = worker.submit(ops.EmbedRequest(refs))
             progress_events = set()
             while not embed.finished:
                 worker.poll()
@@ -107,8 +114,7 @@ def main(argv=None) -> int:
                 worker_ms, inproc_ms = [], []
                 for p in pts:
                     t = time.perf_counter()
-                    res = worker.run("match", {"template": base, "query": follow, "points_lps": p[None],
-                                               "method": method}, timeout=120)
+                    res = worker.run(ops.MatchRequest(refs[0], refs[1], p[None], method), timeout=120)
                     worker_ms.append(1000 * (time.perf_counter() - t))
                     assert len(res) == 1
                     t = time.perf_counter()
@@ -118,7 +124,7 @@ def main(argv=None) -> int:
     finally:
         worker.close()
 
-    print(f"\nworker start + model load: {start_s:.2f} s  (threads={args.threads}, {args.clicks} clicks per pair "
+    print(f"\nworker start: {start_s:.2f} s  (threads={args.threads}, {args.clicks} clicks per pair "
           "and method; follow-ups SIMULATED from real CTs)\n")
     head = ("pair", "method", "embed both + pair precompute (s)", "progress events", "click via worker ms: min/median/p90/max",
             f"> {TARGET_MS:.0f} ms", "in-process ms: median/max", "protocol overhead ms (median)",
