@@ -1,11 +1,7 @@
-"""SAMv2Slicer: find lesions and landmarks of a baseline scan on a follow-up scan with
-self-supervised anatomical embeddings (SAM / SAMv2), and register the two volumes.
-
-This file is the 3D Slicer scripted module (module, widget, logic, test). It only runs inside
-the Slicer application. The widget binds controls to the parameter node and calls the
-Qt-free controller (``SAMv2SlicerLib.controller``), which owns the worker process, the
-background embedding, cancel and the run state; heavy work runs in that worker process, so
-this process never imports torch.
+"""SAMv2Slicer, the 3D Slicer scripted module (module, widget, logic, test; Slicer application only):
+find baseline lesions and landmarks on a follow-up scan with self-supervised anatomical embeddings,
+and register the two volumes. The widget binds controls to the parameter node and calls the Qt-free
+``SAMv2SlicerLib.controller``; heavy work runs in a worker process, so this process never imports torch.
 """
 import logging
 import os
@@ -260,12 +256,11 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._ensureTimer()
 
     def _showSegmentFromParameters(self) -> None:
-        p = self._parameterNode
+        p, selector = self._parameterNode, self.ui.lesionSegmentSelector
         if p is None or self._syncingSegment:
             return
         self._syncingSegment = True
         try:
-            selector = self.ui.lesionSegmentSelector
             if selector.currentNode() is not p.lesionSegmentation:
                 selector.setCurrentNode(p.lesionSegmentation)
             if p.lesionSegmentID and selector.currentSegmentID() != p.lesionSegmentID:
@@ -319,10 +314,9 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSourcePointsChanged(self, node) -> None:
         self.ui.sourcePointsPlaceWidget.setCurrentNode(node)
-        events = (slicer.vtkMRMLMarkupsNode.PointAddedEvent, slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
-                  slicer.vtkMRMLMarkupsNode.PointModifiedEvent, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                  slicer.vtkMRMLMarkupsNode.PointPositionUndefinedEvent)
-        for event in events:
+        m = slicer.vtkMRMLMarkupsNode
+        for event in (m.PointAddedEvent, m.PointRemovedEvent, m.PointModifiedEvent, m.PointPositionDefinedEvent,
+                      m.PointPositionUndefinedEvent):
             if self._observedPoints is not None:
                 self.removeObserver(self._observedPoints, event, self._refreshLesionPoints)
             if node is not None:
@@ -332,15 +326,16 @@ class SAMv2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _refreshLesionPoints(self, *args) -> None:
         """The placed control points; each item's data is its control-point index in the node."""
+        from SAMv2SlicerLib.nodes import read_points
+
         combo = self.ui.lesionPointComboBox
         current = combo.currentText
         combo.blockSignals(True)
         combo.clear()
-        node = self._observedPoints
-        if node is not None:
-            for i in range(node.GetNumberOfControlPoints()):
-                if node.GetNthControlPointPositionStatus(i) == slicer.vtkMRMLMarkupsNode.PositionDefined:
-                    combo.addItem(node.GetNthControlPointLabel(i) or f"P{i + 1}", i)
+        if self._observedPoints is not None:
+            placed = read_points(self._observedPoints, world=False)
+            for label, i in zip(placed.labels, placed.indices):
+                combo.addItem(label, i)
         index = combo.findText(current)
         combo.currentIndex = index if index >= 0 else combo.count - 1
         combo.blockSignals(False)
@@ -454,9 +449,7 @@ class SAMv2SlicerLogic(ScriptedLoadableModuleLogic):
         from SAMv2SlicerLib.controller import Controller
         from SAMv2SlicerLib.worker import find_python
 
-        def report(text):
-            slicer.util.errorDisplay(text, windowTitle="SAMv2Slicer")
-
+        report = lambda text: slicer.util.errorDisplay(text, windowTitle="SAMv2Slicer")  # noqa: E731
         return Controller(
             slicer.mrmlScene, python=lambda: find_python(slicer.app.applicationDirPath()),
             cache_dir=os.path.join(slicer.app.cachePath, "SAMv2Slicer", "embeddings"),
@@ -507,7 +500,6 @@ class SAMv2SlicerTest(ScriptedLoadableModuleTest):
         from samv2core.volume import load_volume
         from SAMv2SlicerLib import nodes, slicer_sample_data
 
-        self.delayDisplay("Loading the sample pair")
         baseline, followup = loadSamplePair()[:2]
         slicer.util.selectModule("SAMv2Slicer")
         widget = slicer.modules.samv2slicer.widgetRepresentation().self()
@@ -530,11 +522,9 @@ class SAMv2SlicerTest(ScriptedLoadableModuleTest):
         expected = truth.map_points(points_lps)
         confident = json.loads(matched.GetAttribute("SAMv2.Confident"))
         self.assertTrue(any(confident), "no confident match on the sample pair")
-        for i in range(3):
-            if not confident[i]:
-                continue
+        for i in np.flatnonzero(confident):
             q = [0.0, 0.0, 0.0]
-            matched.GetNthControlPointPositionWorld(i, q)
+            matched.GetNthControlPointPositionWorld(int(i), q)
             self.assertLess(np.linalg.norm(ras_to_lps(np.array(q)) - expected[i]), 10.0)
 
         self.delayDisplay("Register volumes")

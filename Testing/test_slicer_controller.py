@@ -100,7 +100,8 @@ def test_whole_gui_flow_without_qt(gui):
     it (poll from a timer), with every output node made on this thread."""
     ctl, p, scene = gui["ctl"], gui["p"], gui["scene"]
     assert (p.baselineVolume, p.followupVolume) == (gui["base"], gui["follow"])  # never the label map (defect 11)
-    assert ctl.workdir.parent == gui["ctl"].workdir.parent and "slicer-temp" in str(ctl.workdir)  # defect 8
+    assert ctl.workdir.parent.name == "slicer-temp"  # under Slicer's temporary folder, not the system's (defect 8)
+    assert oct(ctl.workdir.stat().st_mode & 0o777) == "0o700"  # private: patient volumes go through it
     ctl.selection_changed(p)
     assert ctl.worker is None and ctl.active  # nothing started inside the selection event
     ctl.poll()

@@ -370,6 +370,10 @@ def test_worker_reads_only_regular_files_inside_its_private_folder(raw_server, t
         assert answer["event"] == "error" and reason in answer["message"], (path, answer)
         assert time.monotonic() - t0 < 30  # never blocks on a FIFO
         assert str(tmp_path) not in answer["message"]  # names the file, not where things are
+    answer = server.ask({"id": 50, "op": "match", "args": {"request": {
+        "template": "/etc/passwd", "query": {"volume": {"path": 1, "modality": "CT", "name": "q"}},
+        "points_lps": {"array": [[0, 0, 0]]}, "method": "nn"}}})
+    assert answer["event"] == "error" and "must be" in answer["message"]  # volumes only as checked references
     # a model file the client names must be a regular file too (a FIFO would block the load)
     os.mkfifo(tmp_path / "model.safetensors")
     request = {"volumes": {"volumes": [{"path": str(workdir / "missing.nrrd"), "modality": "CT", "name": "v"}]}}

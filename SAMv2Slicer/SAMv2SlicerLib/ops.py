@@ -287,8 +287,15 @@ def decode_request(op_name: str, args) -> Any:
     names = {f.name for f in dataclasses.fields(op.request)}
     if set(args) - names:
         raise ValueError(f"{op.name}: unknown argument(s) {', '.join(sorted(set(args) - names))}")
+    values = {k: _decode_value(v) for k, v in args.items()}
+    for f in dataclasses.fields(op.request):  # volumes must come as file references, nothing else
+        value = values.get(f.name)
+        if "VolumeRef" in str(f.type) and value is not None and not (
+                isinstance(value, VolumeRef) or (isinstance(value, tuple) and all(isinstance(v, VolumeRef)
+                                                                                  for v in value))):
+            raise ValueError(f"{op.name}: {f.name} must be a volume reference")
     try:
-        return op.request(**{k: _decode_value(v) for k, v in args.items()})
+        return op.request(**values)
     except TypeError as exc:
         raise ValueError(f"{op.name}: {exc}") from None
 
