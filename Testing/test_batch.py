@@ -188,3 +188,17 @@ def test_batch_loads_the_model_once(workspace, monkeypatch):
     code = batch.main([str(ws["root"] / "one.csv"), "--output", str(ws["root"] / "out_once"), "--model",
                        str(ws["model"]), "--device", "cpu", "--method", "nn"])
     assert code == 0 and len(calls) == 1
+
+
+def test_batch_missing_package_message_fits_where_it_runs(monkeypatch):
+    """Issue 20, defect 9: inside Slicer, torch comes from the PyTorch extension, not from pip."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("samv2_batch_hint", SCRIPT)
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+    missing = ModuleNotFoundError("No module named 'torch'", name="torch")
+    monkeypatch.setattr(batch, "_in_slicer", lambda: True)
+    assert "PyTorch extension" in batch._install_hint(missing) and "pip" not in batch._install_hint(missing)
+    monkeypatch.setattr(batch, "_in_slicer", lambda: False)
+    assert "pip install torch" in batch._install_hint(missing)
