@@ -136,9 +136,7 @@ def test_cancel_ends_the_request_and_keeps_the_worker(worker, scene_pair):
     base = nodes.volume_from_node(scene_pair["base"])
     fresh = _volume_file(worker, base.with_array(np.flip(base.array, 2).copy(), name="flipped"), "flipped")
     task = worker.submit(ops.EmbedRequest((fresh,)))  # not embedded yet
-    while task.state == TaskState.QUEUED and not task.finished:
-        worker.poll()
-        time.sleep(0.002)
+    _poll_while(worker, lambda: task.state == TaskState.QUEUED and not task.finished)
     pid = worker.pid
     worker.cancel(task)
     t0 = time.monotonic()
@@ -155,9 +153,7 @@ def test_cancel_of_a_queued_request_is_answered_at_once(worker, scene_pair):
     slow = worker.submit(ops.EmbedRequest((_volume_file(worker, base.with_array(base.array[::-1, ::-1].copy()),
                                                         "reversed"),)))
     queued = worker.submit("ping")
-    while slow.state != TaskState.RUNNING and not slow.finished:
-        worker.poll()
-        time.sleep(0.002)
+    _poll_while(worker, lambda: slow.state != TaskState.RUNNING and not slow.finished)
     pid = worker.pid
     worker.cancel(queued)
     t0 = time.monotonic()
@@ -168,6 +164,22 @@ def test_cancel_of_a_queued_request_is_answered_at_once(worker, scene_pair):
     assert info["pid"] == pid and info["model_loaded"] and info["embeddings"] >= 1
 
 
+def _poll_while(worker, condition, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while condition():
+        assert time.monotonic() < end, "the worker did not get there in time"
+        worker.poll()
+        time.sleep(0.002)
+
+
+def _wait_until_stopped(pid: int, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/stat").exists() and time.monotonic() < end:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            return
+        time.sleep(0.01)
+
+
 def test_unresponsive_worker_is_killed_after_the_cancel_timeout_and_restarted(worker):
     if not hasattr(signal, "SIGSTOP"):
         pytest.skip("not available: needs POSIX SIGSTOP to freeze the worker")
@@ -175,6 +187,7 @@ def test_unresponsive_worker_is_killed_after_the_cancel_timeout_and_restarted(wo
     pid = worker.pid or worker.run("ping", timeout=30)["pid"]
     starts = worker.starts
     os.kill(pid, signal.SIGSTOP)  # a worker stuck in a step that reports no progress
+    _wait_until_stopped(pid)  # (its reader thread would otherwise still answer the cancel at once)
     task = worker.submit("ping")
     worker.cancel(task)
     t0 = time.monotonic()
@@ -197,9 +210,7 @@ def test_crashed_worker_is_reported_and_restarted_without_partial_nodes(worker, 
     slow = worker.submit(ops.EmbedRequest((_volume_file(worker, follow.with_array(follow.array[::-1].copy()),
                                                         "upside down"),)))
     task = worker.submit_job(job)  # queued behind it
-    while slow.state != TaskState.RUNNING and not slow.finished:
-        worker.poll()
-        time.sleep(0.002)
+    _poll_while(worker, lambda: slow.state != TaskState.RUNNING and not slow.finished)
     before = scene_state(s["scene"])
     old = worker.pid
     os.kill(old, signal.SIGKILL)
@@ -373,7 +384,10 @@ def test_worker_reads_only_regular_files_inside_its_private_folder(raw_server, t
     answer = server.ask({"id": 50, "op": "match", "args": {"request": {
         "template": "/etc/passwd", "query": {"volume": {"path": 1, "modality": "CT", "name": "q"}},
         "points_lps": {"array": [[0, 0, 0]]}, "method": "nn"}}})
-    assert answer["event"] == "error" and "must be" in answer["message"]  # volumes only as checked references
+    assert answer["event"] == "error" and "volume reference" in answer["message"]  # checked references only
+    answer = server.ask({"id": 51, "op": "match", "args": {"request": {
+        "template": "/etc/passwd", "query": "/etc/passwd", "points_lps": {"array": [[0, 0, 0]]}, "method": "nn"}}})
+    assert answer["event"] == "error" and "template must be a volume reference" in answer["message"]
     # a model file the client names must be a regular file too (a FIFO would block the load)
     os.mkfifo(tmp_path / "model.safetensors")
     request = {"volumes": {"volumes": [{"path": str(workdir / "missing.nrrd"), "modality": "CT", "name": "v"}]}}
