@@ -30,8 +30,8 @@ from SAMv2SlicerLib import controller as C  # noqa: E402
 from SAMv2SlicerLib import nodes  # noqa: E402
 from SAMv2SlicerLib.worker import TaskState  # noqa: E402
 
-GUI_MODULES = ("constants", "controller", "corepath", "dependencies", "logic", "nodes", "ops", "progress",
-               "protocol", "sampledata", "worker")
+GUI_MODULES = ("cancellation", "constants", "controller", "corepath", "dependencies", "logic", "nodes", "ops",
+               "protocol", "slicer_sample_data", "worker")
 
 
 def scene_state(scene) -> dict:
