@@ -243,7 +243,7 @@ def _in_slicer() -> bool:
 
 def _install_hint(exc: ImportError) -> str:
     """How to get the missing package, where this runs."""
-    name = (getattr(exc, "name", None) or "").split(".")[0]
+    name = (getattr(exc, "name", None) or "").split(".")[0] or ("torch" if "torch" in str(exc) else "")
     if _in_slicer():
         if name == "torch":
             return "install the PyTorch extension (Extensions Manager), restart Slicer and run again"
