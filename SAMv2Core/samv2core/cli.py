@@ -1,4 +1,4 @@
-"""The ``samv2`` command: embed, match, propagate, register, info, convert-checkpoint, demo."""
+"""The ``samv2`` command: embed, match, propagate, track, register, info, convert-checkpoint, demo."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,7 @@ from .model_io import card_path_for, convert_official_checkpoint
 from .outputs import OutputSet, check_outputs, json_text
 from .propagate import propagate_lesion
 from .registration.cli import add_register_arguments, run_register
+from .track_cli import add_track_arguments, cmd_track
 from .volume import load_volume
 
 
@@ -357,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "centre in LPS and RAS, modality, DICOM series")
     add_info_arguments(i)
     i.set_defaults(func=run_info)
+
+    tr = sub.add_parser("track", help="follow-up reading of every lesion at once (one-to-one, new and vanished "
+                                      "lesions, size change): JSON, CSV and DICOM SR per follow-up")
+    add_track_arguments(tr)
+    tr.set_defaults(func=cmd_track)
 
     r = sub.add_parser("register", help="register a moving image to a fixed image")
     add_register_arguments(r)

@@ -385,15 +385,19 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     order = np.argsort(values)
     c = np.cumsum(weights[order])
     return float(values[order][np.searchsorted(c, 0.5 * c[-1])]) if c[-1] > 0 else float(np.median(values))
+
+
 # --- where neighbours put a point (lesion constellations) -------------------------------------
 def neighbour_prediction(src, dst, point, *, sigma_mm: float = 60.0, weights=None,
-                         iterations: int = 5) -> "np.ndarray | None":
-    """Where the neighbours' motion sends ``point``: a distance-weighted, Huber-robust rigid fit.
+                         iterations: int = 8) -> "np.ndarray | None":
+    """Where the neighbours' motion sends ``point``: a distance-weighted, robust rigid fit.
 
     The pairs are weighted by a Gaussian of their distance to ``point`` (``sigma_mm``) times
-    ``weights``; Huber IRLS (threshold 1.345 robust standard deviations, at least 2 mm) turns
-    down a neighbour that moved unlike the others. Three or more pairs spread wider than 5 mm
-    give a rigid map; one or two give their weighted mean translation.
+    ``weights``. The fit starts from the median displacement (weighted by ``weights`` only:
+    almost half the pairs may be wrong without moving it) and is refined by IRLS with Tukey biweights (cutoff 4.685
+    robust standard deviations, at least 4 mm), so a neighbour that moved unlike the others,
+    e.g. a swapped match, gets no weight. Three or more weighted pairs spread wider than 5 mm
+    give a rigid map, fewer a translation.
 
     Args:
         src, dst: (N, 3) the neighbours' positions before and after, LPS mm.
@@ -406,20 +410,23 @@ def neighbour_prediction(src, dst, point, *, sigma_mm: float = 60.0, weights=Non
     src = np.asarray(src, dtype=np.float64).reshape(-1, 3)
     dst = np.asarray(dst, dtype=np.float64).reshape(-1, 3)
     point = np.asarray(point, dtype=np.float64).reshape(3)
-    prior = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    prior = prior * np.exp(-0.5 * (np.linalg.norm(src - point, axis=1) / sigma_mm) ** 2)
-    use = prior > 1e-9
+    conf = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    near = np.exp(-0.5 * (np.linalg.norm(src - point, axis=1) / sigma_mm) ** 2)
+    use = conf * near > 1e-9
     if not use.any():
         return None
-    src, dst, prior = src[use], dst[use], prior[use]
-    rigid = len(src) >= 3 and _spread_ok(src, "rigid", 5.0)
-    w = prior.copy()
+    src, dst, conf, near = src[use], dst[use], conf[use], near[use]
+    # the start and the cutoff ignore distance: one wrong match next to the point must not lead
+    m, t = np.eye(3), np.array([_weighted_median(dst[:, a] - src[:, a], conf) for a in range(3)])
     for _ in range(max(1, iterations)):
-        if rigid:
-            m, t = fit_rigid(src, dst, w)
+        r = np.linalg.norm(src @ m.T + t - dst, axis=1)
+        cutoff = max(4.685 * _weighted_median(r, conf) / 0.6745, 4.0)
+        w = conf * near * np.clip(1.0 - (r / cutoff) ** 2, 0.0, None) ** 2
+        if not w.any():
+            break
+        keep = w > 0
+        if keep.sum() >= 3 and _spread_ok(src[keep], "rigid", 5.0):
+            m, t = fit_rigid(src[keep], dst[keep], w[keep])
         else:
             m, t = np.eye(3), (w @ (dst - src)) / w.sum()
-        r = np.linalg.norm(src @ m.T + t - dst, axis=1)
-        delta = max(1.345 * float(np.median(r)) / 0.6745, 2.0)
-        w = prior * np.where(r <= delta, 1.0, delta / np.maximum(r, 1e-12))
     return m @ point + t

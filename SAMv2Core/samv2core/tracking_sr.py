@@ -26,7 +26,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, generate_uid
 
 from . import __version__
-from .lesion_tracking import NOTE, TrackingResult
+from .lesion_tracking import TrackingResult
 from .volume import Volume
 
 GENERATED = "GENERATED CONTEXT: inputs were not DICOM"
@@ -79,7 +79,7 @@ def image_context(volume: Volume, patient_id: str = "SAMV2-ANON", study_uid: Opt
     ds.FrameOfReferenceUID = generate_uid()
     ds.Modality = "CT"
     ds.PatientID = patient_id
-    ds.PatientName = "Anonymous"
+    ds.PatientName = "Anonymous^"
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
     ds.StudyID = "1"
@@ -87,7 +87,7 @@ def image_context(volume: Volume, patient_id: str = "SAMV2-ANON", study_uid: Opt
     ds.ReferringPhysicianName = ""
     ds.StudyDate = datetime.now().strftime("%Y%m%d")
     ds.StudyTime = datetime.now().strftime("%H%M%S")
-    ds.SeriesDescription = f"{GENERATED} ({volume.name or 'image'})"
+    ds.SeriesDescription = GENERATED
     return ImageContext((ds,), True)
 
 
@@ -170,7 +170,11 @@ def measurement_report(result: TrackingResult, context: ImageContext, *, time_po
                                  series_instance_uid=generate_uid(), series_number=series_number,
                                  sop_instance_uid=generate_uid(), instance_number=1, manufacturer="SAMv2",
                                  series_description=description[:64], record_evidence=not context.generated)
-    sr.ContentDescription = NOTE[:64]
+    if context.generated:  # nothing real to point at: no evidence list
+        for key in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+            if key in sr:
+                delattr(sr, key)
+    sr.ContentDescription = "Measurement aid, not a diagnosis"
     return sr
 
 

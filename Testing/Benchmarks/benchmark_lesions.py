@@ -101,7 +101,7 @@ def make_case(ct: Volume, tumour: "np.ndarray | None", seed: int) -> dict:
 
     base, follow = ct, ct
     base_lab = np.zeros(ct.array.shape, np.int16)
-    follow_lab = np.zeros(ct.array.shape, np.int16)
+    follow_lab = np.zeros(ct.array.shape, np.int16)  # the tumour's follow-up extent
     sp = np.asarray(ct.spacing)[::-1]
     for v, les in enumerate(lesions, start=1):
         les["label"] = v
@@ -120,35 +120,46 @@ def make_case(ct: Volume, tumour: "np.ndarray | None", seed: int) -> dict:
         base_lab[m] = v
         les["radius"] = float(les["radii"].min())
         if les["role"] != "vanished":
-            follow, m = insert_lesion(follow, les["centre"], les["radii"] * scale.get(les["role"], 1.0), les["hu"],
+            follow, _ = insert_lesion(follow, les["centre"], les["radii"] * scale.get(les["role"], 1.0), les["hu"],
                                       seed=seed * 100 + 50 + v)
-            follow_lab[m] = v
     follow, m = insert_lesion(follow, c_new, [r_new] * 3, hu_new, seed=seed * 100 + 99)
-    follow_lab[m & (follow_lab == 0)] = NEW_LABEL
     pair = simulate_hard_followup(follow, seed=seed)
     f_vol = pair.followup
-    cand = sitk.Resample(_label_image(follow_lab, ct), f_vol.to_sitk(), pair.transform, sitk.sitkNearestNeighbor, 0)
-    cand_arr = sitk.GetArrayFromImage(cand).astype(np.float32)
+    # the user's follow-up segmentation: every follow-up voxel mapped back to the baseline side
+    # and tested against the true (analytic) ellipsoids, so thin slices lose no lesion
+    field = sitk.TransformToDisplacementField(pair.transform, sitk.sitkVectorFloat64, f_vol.size_xyz, f_vol.origin,
+                                              f_vol.spacing, tuple(f_vol.direction.ravel()))
+    k, j, i = np.indices(f_vol.array.shape)
+    back = f_vol.index_to_lps(np.stack([i, j, k], -1).reshape(-1, 3).astype(np.float64)) + \
+        sitk.GetArrayFromImage(field).reshape(-1, 3)
+    cand = np.zeros(len(back), np.float32)
+    shapes = [(les["label"], les["centre"], les["radii"] * scale.get(les["role"], 1.0)) for les in lesions
+              if les["role"] not in ("tumour", "vanished")] + [(NEW_LABEL, c_new, np.array([r_new] * 3))]
+    for v, c, radii in shapes:
+        cand[np.linalg.norm((back - c) / radii, axis=1) <= 1.0] = v
+    if tumour is not None:
+        kji = np.rint(ct.lps_to_index(back)[:, ::-1]).astype(int)
+        ok = np.all((kji >= 0) & (kji < ct.array.shape), axis=1)
+        hit = np.zeros(len(back), bool)
+        hit[ok] = follow_lab[tuple(kji[ok].T)] == 1
+        cand[hit] = 1
+    cand_arr = cand.reshape(f_vol.array.shape)
     for les in lesions:
         les["truth"] = pair.map_points(les["centre"][None])[0]
         les["inside"] = bool(f_vol.contains_lps(les["truth"], tolerance_voxels=-1.0))
-        v_f0 = float(np.count_nonzero(follow_lab == les["label"]) * np.prod(ct.spacing) / 1000)
-        les["base_ml"] = float(np.count_nonzero(base_lab == les["label"]) * np.prod(ct.spacing) / 1000)
-        les["follow_ml"] = v_f0 / _jacobian_det(pair.transform, les["truth"])
+        det = _jacobian_det(pair.transform, les["truth"])
+        if les["role"] == "tumour":
+            les["base_ml"] = float(np.count_nonzero(base_lab == les["label"]) * np.prod(ct.spacing) / 1000)
+            les["follow_ml"] = float(np.count_nonzero(follow_lab == les["label"]) * np.prod(ct.spacing) / 1000) / det
+        else:  # the ellipsoids' exact volumes
+            les["base_ml"] = float(4 / 3 * np.pi * np.prod(les["radii"]) / 1000)
+            les["follow_ml"] = les["base_ml"] * scale.get(les["role"], 1.0) ** 3 / det
     new_truth = pair.map_points(c_new[None])[0]
     return {"baseline": base.with_array(base.array, "baseline"), "followup": f_vol,
             "labels": ct.with_array(base_lab.astype(np.float32), "baseline lesions"),
             "candidates": f_vol.with_array(cand_arr, "follow-up candidates"), "lesions": lesions,
             "new": {"truth": new_truth, "inside": bool(f_vol.contains_lps(new_truth, tolerance_voxels=-2.0)),
                     "radius": r_new}}
-
-
-def _label_image(arr: np.ndarray, ref: Volume) -> sitk.Image:
-    img = sitk.GetImageFromArray(arr.astype(np.int16))
-    img.SetSpacing(ref.spacing)
-    img.SetOrigin(ref.origin)
-    img.SetDirection(tuple(ref.direction.ravel()))
-    return img
 
 
 def _jacobian_det(transform: sitk.Transform, p, h: float = 2.0) -> float:
