@@ -42,20 +42,24 @@ class FollowupSegment:
 
     ``mask``: 0/1 Volume on a crop of the follow-up lattice (None when absent or outside);
     ``contrast_ratio``: follow-up contrast / baseline contrast at the lesion's place;
-    ``present``: whether the contrast is still there; ``reason``: why not, else None.
+    ``present``: whether the contrast is still there; ``reason``: why not, else None;
+    ``partial_volume_ml``: the lesion's volume counting partial voxels across slices (each by
+    its value between the surroundings' and the lesion's median).
     """
 
     mask: Optional[Volume]
     contrast_ratio: float
     present: bool
     reason: Optional[str]
+    partial_volume_ml: Optional[float] = None
 
 
-def measure(mask: Volume) -> LesionSize:
+def measure(mask: Volume, volume_ml: Optional[float] = None) -> LesionSize:
     """Volume and longest axial diameter of the voxels above 0.5.
 
     Args:
         mask: 0/1 Volume (any lattice).
+        volume_ml: the volume when known better than by counting voxels (partial voxels).
     Returns:
         LesionSize; zeros for an empty mask. The diameter is measured between voxel centres
         plus one in-plane voxel (edge to edge).
@@ -76,7 +80,8 @@ def measure(mask: Volume) -> LesionSize:
                 pass
         if len(pts) > 1:
             best = max(best, float(pdist(pts).max()))
-    return LesionSize(n * float(np.prod(mask.spacing)) / 1000.0, best + 0.5 * (sx + sy))
+    count_ml = n * float(np.prod(mask.spacing)) / 1000.0
+    return LesionSize(count_ml if volume_ml is None else float(volume_ml), best + 0.5 * (sx + sy))
 
 
 def crop(volume: Volume, lo_kji, hi_kji) -> Volume:
@@ -169,4 +174,14 @@ def resegment(baseline: Volume, base_mask: Volume, followup: Volume, region: Opt
     if not seg.any():
         return FollowupSegment(None, ratio, False, "no voxel of the lesion's contrast at the matched place")
     mask = f_crop.with_array(seg.astype(np.float32), name="followup lesion")
-    return FollowupSegment(mask, ratio, True, None)
+    # partial volume across slices (thick slices cut lesions mid-voxel): the segment's first and
+    # last voxel along z count by their value between the two medians, the voxels just beyond
+    # them too; in-plane the midpoint threshold already splits partial voxels fairly
+    fraction = np.clip(sign * (image - ring_f) / (sign * (lesion_f - ring_f)), 0.0, 1.0)
+    along_z = np.zeros((3, 1, 1), bool)
+    along_z[:, 0, 0] = True
+    beyond_z = ndimage.binary_dilation(seg, structure=along_z) & ~seg & zone
+    ends_z = seg & ~ndimage.binary_erosion(seg, structure=along_z, border_value=1)
+    voxels = seg.sum() + fraction[beyond_z].sum() - (1.0 - fraction[ends_z]).sum()
+    volume_ml = float(voxels * np.prod(f_crop.spacing) / 1000.0)
+    return FollowupSegment(mask, ratio, True, None, volume_ml)

@@ -389,6 +389,10 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
                                          "to check that the lesion is still there)", tuple(position), matches[i],
                                          None, None, None, info))
             continue
+        if region is None:
+            tracked.append(TrackedLesion(lesion, "outside the follow-up", "the lesion falls outside the follow-up's "
+                                         "field of view", tuple(position), matches[i], base_size, None, None, info))
+            continue
         seg = resegment(baseline, base_masks[i], followup, region)
         info["contrast_ratio"] = round(seg.contrast_ratio, 3)
         if not seg.present:
@@ -397,7 +401,7 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
             continue
         if not matches[i].confident:
             reason += f"; the match is not confident ({matches[i].reason}) but the lesion's contrast is there"
-        fsize = measure(seg.mask) if lesion.mask is not None else None
+        fsize = measure(seg.mask, seg.partial_volume_ml) if lesion.mask is not None else None
         tracked.append(TrackedLesion(lesion, "found", reason, tuple(position), matches[i], base_size, fsize,
                                      seg.mask, info))
 
