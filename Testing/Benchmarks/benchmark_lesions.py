@@ -186,7 +186,7 @@ def evaluate(case: dict, result) -> list[dict]:
     rows = []
     for les in case["lesions"]:
         t = by_label[les["label"]]
-        want = ("edge" if les["edge"] else "outside the follow-up" if not les["inside"] else
+        want = (("edge, vanished" if les["role"] == "vanished" else "edge") if les["edge"] else "outside the follow-up" if not les["inside"] else
                 "not found" if les["role"] == "vanished" else "found")
         pos = None if t.position_lps is None or t.status != "found" else np.asarray(t.position_lps)
         err = None if pos is None else float(np.linalg.norm(pos - les["truth"]))
@@ -300,6 +300,9 @@ def print_tables(rows: list, timings: list) -> None:
                                                           lambda r: r["got"] == "outside the follow-up")],
         ["status: at the FOV border -> found or outside", frac([r for r in rows if r["want"] == "edge"],
                                                                 lambda r: r["got"] in ("found", "outside the follow-up"))],
+        ["status: vanished at the border -> not found or outside",
+         frac([r for r in rows if r["want"] == "edge, vanished"],
+              lambda r: r["got"] in ("not found", "outside the follow-up"))],
         ["status: new -> new", frac([r for r in rows if r["want"] == "new"], lambda r: r["got"] == "new")],
         ["false new findings (total)", str(sum(int(r["got"]) for r in rows if r["role"] == "false new"))],
         ["identity swaps", str(sum(r["swap"] for r in rows))],
@@ -323,7 +326,7 @@ def print_tables(rows: list, timings: list) -> None:
         ["embedding both scans, seconds median (loaded)", f"{np.median([t[3] for t in timings]):.1f}"],
     ]
     print("\n".join(fitted_table(head, table)))
-    wrong = [r for r in rows if r["want"] not in ("-", "edge") and r["got"] != r["want"]]
+    wrong = [r for r in rows if r["want"] not in ("-", "edge", "edge, vanished") and r["got"] != r["want"]]
     if wrong:
         print("\nwrong statuses:")
         for r in wrong:
