@@ -225,3 +225,22 @@ def test_cli_track_writes_json_csv_and_one_sr_per_followup(reading, tmp_path, ca
                  "--out-sr", str(tmp_path / "a.dcm"), str(tmp_path / "b.dcm"), "--device", "cpu"])
     assert code == 2 and "one file per follow-up" in capsys.readouterr().err
     assert not (tmp_path / "a.dcm").exists() and not list(Path(tmp_path).glob(".partial-*"))
+
+
+def test_cli_track_refuses_unusable_lesions_before_the_model_runs(tmp_path, capsys):
+    from samv2core.cli import main
+
+    ct = load_sample("lung1_ct")
+    base, empty = tmp_path / "base.nrrd", tmp_path / "empty.nrrd"
+    sitk.WriteImage(ct.to_sitk(), str(base))
+    sitk.WriteImage(sitk.Cast(ct.with_array(np.zeros(ct.array.shape, np.float32)).to_sitk(), sitk.sitkUInt8), str(empty))
+    common = ["track", "--baseline", str(base), "--followup", str(base), "--out", str(tmp_path / "r.json")]
+    for extra, message in (([], "give the baseline lesions"),
+                           (["--lesions", str(empty), "--point", "0,0,0", "--coords", "LPS"], "not --lesions and --point"),
+                           (["--lesions", str(empty)], "constant"),
+                           (["--point", "0,0,0"], "--coords"),
+                           (["--point", "0,0,0", "--coords", "LPS", "--radius-mm", "-3"], "positive")):
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
