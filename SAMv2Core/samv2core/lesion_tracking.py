@@ -389,12 +389,23 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
                                          "to check that the lesion is still there)", tuple(position), matches[i],
                                          None, None, None, info))
             continue
-        if region is None:
+        if region is None or not np.any(region.array > 0.5):
             tracked.append(TrackedLesion(lesion, "outside the follow-up", "the lesion falls outside the follow-up's "
                                          "field of view", tuple(position), matches[i], base_size, None, None, info))
             continue
         seg = resegment(baseline, base_masks[i], followup, region)
         info["contrast_ratio"] = round(seg.contrast_ratio, 3)
+        # a lesion beyond the field of view is matched onto its border: absent or unsure there means outside
+        border_mm = _border_distance_mm(followup, position)
+        info["fov_border_mm"] = round(border_mm, 1)
+        at_border = border_mm < _lesion_radius(lesion) + 5.0
+        if at_border and (not seg.present or (not matches[i].confident and q is not None
+                                              and not followup.contains_lps(q, tolerance_voxels=0.0))):
+            tracked.append(TrackedLesion(lesion, "outside the follow-up",
+                                         f"matched {border_mm:.0f} mm from the border of the follow-up's field of view "
+                                         "with no sure lesion there: probably beyond it", tuple(position), matches[i],
+                                         base_size, None, None, info))
+            continue
         if not seg.present:
             tracked.append(TrackedLesion(lesion, "not found", seg.reason, tuple(position), matches[i], base_size,
                                          None, None, info))
@@ -418,6 +429,22 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
     new = _new_findings(candidates, followup, tracked, voxels, known_new) if candidates is not None else []
     return TrackingResult(tuple(tracked), tuple(new), time.perf_counter() - t0,
                           {"match_seconds": round(t_match, 3), "method": method, "lesions": len(lesions)})
+
+
+def _border_distance_mm(volume: Volume, lps) -> float:
+    """Distance (mm) from ``lps`` to the nearest face of ``volume``'s field of view (along the index axes)."""
+    ijk = volume.lps_to_index(np.asarray(lps, dtype=np.float64))
+    size = np.asarray(volume.size_xyz, dtype=np.float64)
+    return float(np.min(np.minimum(ijk + 0.5, size - 0.5 - ijk) * np.asarray(volume.spacing)))
+
+
+def _lesion_radius(lesion: BaselineLesion) -> float:
+    """The lesion's radius (mm): given, or of the sphere of its segment's volume; 0 for a bare point."""
+    if lesion.radius_mm is not None:
+        return float(lesion.radius_mm)
+    if lesion.mask is None:
+        return 0.0
+    return float((3.0 * measure(lesion.mask).volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0))
 
 
 def _moved(region: Volume, shift_lps: np.ndarray, followup: Volume) -> Optional[Volume]:
