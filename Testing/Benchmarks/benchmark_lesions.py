@@ -148,11 +148,9 @@ def make_case(ct: Volume, tumour: "np.ndarray | None", seed: int, n_lesions: "in
     cand_arr = cand.reshape(f_vol.array.shape)
     for les in lesions:
         les["truth"] = pair.map_points(les["centre"][None])[0]
-        les["inside"] = bool(f_vol.contains_lps(les["truth"], tolerance_voxels=0.0))
-        # within a radius of the field of view's border: partly cut, found or outside both fair
-        les["edge"] = les["inside"] != bool(f_vol.contains_lps(les["truth"], tolerance_voxels=-les["radius"] / min(
-            f_vol.spacing))) or les["inside"] != bool(f_vol.contains_lps(les["truth"], tolerance_voxels=les["radius"] /
-                                                                          min(f_vol.spacing)))
+        border = _border_mm(f_vol, les["truth"])  # negative outside the field of view
+        les["inside"] = border > 0
+        les["edge"] = abs(border) < les["radius"]  # partly cut: found or outside both fair
         det = _jacobian_det(pair.transform, les["truth"])
         if les["role"] == "tumour":
             les["base_ml"] = float(np.count_nonzero(base_lab == les["label"]) * np.prod(ct.spacing) / 1000)
@@ -164,8 +162,15 @@ def make_case(ct: Volume, tumour: "np.ndarray | None", seed: int, n_lesions: "in
     return {"baseline": base.with_array(base.array, "baseline"), "followup": f_vol,
             "labels": ct.with_array(base_lab.astype(np.float32), "baseline lesions"),
             "candidates": f_vol.with_array(cand_arr, "follow-up candidates"), "lesions": lesions,
-            "new": {"truth": new_truth, "inside": bool(f_vol.contains_lps(new_truth, tolerance_voxels=-2.0)),
+            "new": {"truth": new_truth, "inside": _border_mm(f_vol, new_truth) > r_new,
                     "radius": r_new}}
+
+
+def _border_mm(volume: Volume, lps) -> float:
+    """Signed distance (mm) from ``lps`` to the nearest face of the field of view (< 0 outside)."""
+    ijk = volume.lps_to_index(np.asarray(lps, dtype=np.float64))
+    size = np.asarray(volume.size_xyz, dtype=np.float64)
+    return float(np.min(np.minimum(ijk + 0.5, size - 0.5 - ijk) * np.asarray(volume.spacing)))
 
 
 def _jacobian_det(transform: sitk.Transform, p, h: float = 2.0) -> float:
