@@ -214,7 +214,8 @@ def test_cli_writes_outputs_on_success_and_nothing_with_exit_2_on_refusal(lung, 
     code = run_register(_args("--fixed", str(flat), "--moving", str(m), "--out", str(bad_out), "--quiet"),
                         embedder=_NeverCalled())
     assert code == 2
-    assert "2D" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "73 x 73 x 1 voxels" in err and "single slice" in err and len(err.strip().splitlines()) == 1
     from samv2core.registration.cli import options_from_args
 
     assert options_from_args(_args("--fixed", "f", "--moving", "m", "--out", "o", "--features", "mind")).features == "mind"
