@@ -29,6 +29,9 @@ class ConvexAdamOptions:
     iterations: int = 80  # Adam instance optimisation steps
     learning_rate: float = 1.0  # mm per step scale of the velocity
     smoothness: float = 0.05  # weight of the velocity field's diffusion (mean squared gradient, mm per mm)
+    fine_iterations: int = 30  # then Adam on the full working grid (finer structures: ribs, vertebrae); 0: none
+    fine_smoothness: float = 0.02  # a less stiff diffusion weight at the fine level
+    fine_learning_rate: float = 0.5
     mask_weight: float = 1.0  # weight of the body-mask channel in the distance
 
     def to_dict(self) -> dict:
@@ -146,8 +149,36 @@ def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor,
     with torch.no_grad():
         final_sim = loss_of(velocity.detach())
         v_full = F.interpolate(velocity.detach(), size=grid.shape, mode="trilinear", align_corners=False)
-        u = integrate_svf(v_full, grid)
     stats = {"distance_linear": round(start_sim, 6), "distance_convex": round(convex_sim, 6),
-             "distance_final": round(float(final_sim), 6), "cost_volume_offsets": int(offsets.shape[0]),
-             "max_displacement_mm": round(float(u.norm(dim=1).max()), 2)}
+             "distance_final": round(float(final_sim), 6), "cost_volume_offsets": int(offsets.shape[0])}
+    if opt.fine_iterations > 0:
+        v_full, fine = _fine_level(fixed, moving, weight, grid, v_full, opt)
+        stats.update(fine)
+    with torch.no_grad():
+        u = integrate_svf(v_full, grid)
+    stats["max_displacement_mm"] = round(float(u.norm(dim=1).max()), 2)
     return u.detach(), stats
+
+
+def _fine_level(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor, grid: Grid,
+                velocity: torch.Tensor, opt: ConvexAdamOptions) -> tuple[torch.Tensor, dict]:
+    """Adam on the velocity at the full working resolution (the pooled level cannot see ribs or
+    vertebral borders), a less stiff diffusion weight; returns (velocity, distances at this level)."""
+    v = torch.nn.Parameter(velocity.clone())
+    adam = torch.optim.Adam([v], lr=opt.fine_learning_rate)
+    wsum = weight.sum().clamp_min(1.0)
+
+    def sim_of(vel):
+        warped = warp_on_grid(moving, integrate_svf(vel, grid), grid)
+        return ((fixed - warped).square().mean(1, keepdim=True) * weight).sum() / wsum
+
+    with torch.no_grad():
+        before = float(sim_of(v))
+    for _ in range(opt.fine_iterations):
+        adam.zero_grad()
+        loss = sim_of(v) + opt.fine_smoothness * diffusion(v, grid.spacing)
+        loss.backward()
+        adam.step()
+    with torch.no_grad():
+        after = float(sim_of(v))
+    return v.detach(), {"distance_fine_start": round(before, 6), "distance_fine_final": round(after, 6)}

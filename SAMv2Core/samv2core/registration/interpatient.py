@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from ..affine import sitk_affine
+from ..device import torch_threads
 from ..errors import RegistrationError
 from ..grid import Grid
 from ..preprocess import body_mask, normalize_intensity, resample_to_model_grid
 from ..progress import Progress
 from ..volume import Modality, Volume
 from .convex_search import ConvexAdamOptions, convex_adam, warp_on_grid
-from .interpatient_verify import InterPatientVerifyOptions, verify_interpatient
+from .interpatient_verify import InterPatientVerifyOptions, pose_gap_mm, verify_interpatient
 from .mind import mind_ssc
 from .result import RegistrationResult, displacement_image
 from .svf import jacobian_determinant, jacobian_stats
@@ -46,6 +47,7 @@ from .svf import jacobian_determinant, jacobian_stats
 PAIR_KINDS = ("same-patient", "inter-patient")
 MASK_CHANNEL = 12  # after the 12 MIND-SSC channels
 HU_WINDOW = (-150.0, 250.0)  # fat ~0.1, organs ~0.5, enhanced vessels ~0.9, bone 1
+BONE_WINDOW = (200.0, 1000.0)  # cortical / trabecular bone only: ribs and vertebrae, not contrast vessels
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,11 @@ class InterPatientOptions:
     fine_points: int = 8000  # ... and the 3 mm one
     mask_weight: float = 1.0  # body-mask channel weight among the 12 MIND-SSC channels
     ct_intensity_weight: float = 2.0  # weight of the windowed-HU channel when both images are CT
+    ct_bone_weight: float = 0.0  # weight of the bone-window channel when both images are CT
     deformable: ConvexAdamOptions = field(default_factory=ConvexAdamOptions)
     verify: InterPatientVerifyOptions = field(default_factory=InterPatientVerifyOptions)
+    prealigned_mm: float = 3.0  # scanner boxes intersect and the affine moves < this (mean): keep scanner coordinates
+    threads: int = 1  # torch CPU threads (small ops: one thread is fastest and robust on shared cores)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -101,7 +106,13 @@ class WorkImage:
         return WorkImage(self.volume, grid, feats, mask)
 
 
-def work_image(volume: Volume, spacing_mm: float, mask_weight: float, intensity_weight: float = 0.0) -> WorkImage:
+def _window(array: np.ndarray, window: tuple) -> torch.Tensor:
+    lo, hi = window
+    return torch.from_numpy(np.clip((array.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0))[None, None]
+
+
+def work_image(volume: Volume, spacing_mm: float, mask_weight: float, intensity_weight: float = 0.0,
+               bone_weight: float = 0.0) -> WorkImage:
     """Resample ``volume`` to the working grid: MIND-SSC (offsets of one voxel), the body mask and,
     with ``intensity_weight`` > 0 (two CTs), the soft-tissue window of the Hounsfield units: they
     are calibrated across scanners and people, so fat, organ, contrast and bone keep their values
@@ -114,9 +125,9 @@ def work_image(volume: Volume, spacing_mm: float, mask_weight: float, intensity_
     m = torch.from_numpy(mask.astype(np.float32))[None, None]
     channels = [mind_ssc(img, 1, 1), mask_weight * m]
     if intensity_weight > 0:
-        hu = torch.from_numpy(np.clip((mv.array.astype(np.float32) - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]),
-                                      0.0, 1.0))[None, None]
-        channels.append(intensity_weight * hu)
+        channels.append(intensity_weight * _window(mv.array, HU_WINDOW))
+    if bone_weight > 0:
+        channels.append(bone_weight * _window(mv.array, BONE_WINDOW))
     feats = torch.cat(channels, 1)
     grid = Grid(tuple(float(v) for v in mv.origin), (float(spacing_mm),) * 3, tuple(mv.array.shape))
     return WorkImage(volume, grid, feats, m)
@@ -309,15 +320,29 @@ def register_interpatient(fixed: Volume, moving: Volume, mode: str = "affine", d
     line) when the inter-patient verification fails.
     """
     opts = options or InterPatientOptions()
-    report_progress = progress or (lambda f, m: None)
+    with torch_threads(opts.threads, torch.device("cpu")):
+        return _register(fixed, moving, mode, deformable, opts, progress or (lambda f, m: None))
+
+
+def _body_distance(fixed: WorkImage, warped: torch.Tensor, inside: torch.Tensor, chance: float) -> float:
+    """Mean feature distance over the fixed body of moving features already on the fixed grid;
+    ``chance`` where the map left the moving image (as PoseDistance)."""
+    d = (fixed.features - warped).square().mean(1, keepdim=True)
+    per_voxel = inside * d + (1.0 - inside) * chance
+    return float((per_voxel * fixed.mask).sum() / fixed.mask.sum().clamp_min(1.0))
+
+
+def _register(fixed: Volume, moving: Volume, mode: str, deformable: bool, opts: InterPatientOptions,
+              report_progress) -> RegistrationResult:
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
     report_progress(0.02, "MIND-SSC descriptors")
     both_ct = fixed.modality is Modality.CT and moving.modality is Modality.CT
     iw = opts.ct_intensity_weight if both_ct else 0.0
-    fw = work_image(fixed, opts.spacing_mm, opts.mask_weight, iw)
-    mw = work_image(moving, opts.spacing_mm, opts.mask_weight, iw)
+    bw = opts.ct_bone_weight if both_ct else 0.0
+    fw = work_image(fixed, opts.spacing_mm, opts.mask_weight, iw, bw)
+    mw = work_image(moving, opts.spacing_mm, opts.mask_weight, iw, bw)
     timing["descriptors_s"] = round(time.perf_counter() - t0, 3)
 
     t = time.perf_counter()
@@ -331,10 +356,19 @@ def register_interpatient(fixed: Volume, moving: Volume, mode: str = "affine", d
     inverse = inverse_affine_error(fw, mw, chosen.matrix, opts, fine.points.numpy().astype(np.float64))
     timing["inverse_consistency_s"] = round(time.perf_counter() - t, 3)
 
+    # a pair already aligned in scanner coordinates (e.g. both affinely registered to one atlas):
+    # an affine change of a few mm between two people is below what the 3 mm grid resolves, so the
+    # scanner coordinates stay the linear part
+    pts = fine.points.numpy().astype(np.float64)
+    scanner = next((c for c in candidates if c.name == "scanner coordinates"), None)
+    linear = chosen.matrix
+    if scanner is not None and pose_gap_mm(chosen.matrix, np.eye(4), pts) < opts.prealigned_mm:
+        linear = np.eye(4)
+
     displacement = None
     det_stats: dict = {}
     deform_stats: dict = {}
-    warped_f, inside = _warp_linear(mw, fw.grid, chosen.matrix)
+    warped_f, inside = _warp_linear(mw, fw.grid, linear)
     weight = fw.mask * inside.gt(0.99).float()
     if deformable:
         t = time.perf_counter()
@@ -352,13 +386,17 @@ def register_interpatient(fixed: Volume, moving: Volume, mode: str = "affine", d
     inter = (body_fixed & body_warped & valid).sum().item()
     denom = (body_fixed & valid).sum().item() + (body_warped & valid).sum().item()
     body_dice = 2.0 * inter / max(denom, 1)
+    identity = None
+    if scanner is not None:  # the result must fit better than simply using the scanner coordinates
+        id_warped, id_inside = _warp_linear(mw, fw.grid, np.eye(4))
+        identity = {"identity": round(_body_distance(fw, id_warped, id_inside, fine.chance), 6),
+                    "result": round(_body_distance(fw, warped_f, inside, fine.chance), 6)}
     verification = verify_interpatient(candidates, inverse, det_stats, deform_stats, body_dice,
-                                       fine.inside_fraction(chosen.matrix), opts.verify,
-                                       fine.points.numpy().astype(np.float64), fine.chance)
+                                       fine.inside_fraction(linear), opts.verify, pts, fine.chance, identity)
     if not verification["passed"]:
         raise RegistrationError(f"the inter-patient registration could not be verified: {verification['reason']}")
 
-    linear_tf = sitk_affine(chosen.matrix)
+    linear_tf = sitk_affine(linear)
     composite = sitk.CompositeTransform(3)
     composite.AddTransform(linear_tf)
     disp_img = None
@@ -376,7 +414,8 @@ def register_interpatient(fixed: Volume, moving: Volume, mode: str = "affine", d
               "starts": [{"name": c.name, "start_translation_mm": np.round(c.start[:3, 3], 1).tolist(),
                           "start_distance": round(c.start_distance, 5), "affine_distance": round(c.distance, 5)}
                          for c in candidates],
-              "chosen_start": chosen.name, "linear_matrix": chosen.matrix.tolist(),
+              "chosen_start": chosen.name, "linear_matrix": linear.tolist(),
+              "linear_kept": "scanner coordinates (pre-aligned pair)" if linear is not chosen.matrix else "affine",
               "linear": {"inliers": None, "matches": None, "residual_mm_inliers": {"median": None}},
               "inverse_consistency_mm": inverse, "body_dice": round(body_dice, 4),
               "deformable_stats": deform_stats, "jacobian": det_stats,

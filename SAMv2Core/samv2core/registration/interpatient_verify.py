@@ -15,7 +15,10 @@ people there is none, so it refuses them all. Here a result is accepted only whe
   ``max_folding_percent`` of the fixed body, and the deformable step lowered the distance;
 * **the bodies overlap**: Dice of the fixed body and the warped moving body, inside the moving
   field of view, at least ``min_body_dice``; and at least ``min_inside_fraction`` of the fixed
-  body (or of the smaller field of view) maps into the moving image.
+  body (or of the smaller field of view) maps into the moving image;
+* **better than the scanner coordinates** (when the scanner boxes intersect): the final
+  distance over the fixed body is below that of the identity map by ``min_gain_over_identity``
+  (relative); otherwise the scanner coordinates already fit as well and the result is refused.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class InterPatientVerifyOptions:
     max_folding_percent: float = 0.1
     min_body_dice: float = 0.8
     min_inside_fraction: float = 0.2
+    min_gain_over_identity: float = 0.01
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,9 +51,11 @@ def pose_gap_mm(a: np.ndarray, b: np.ndarray, points: np.ndarray) -> float:
 
 def verify_interpatient(candidates: list, inverse: dict, jacobian: dict, deformable: dict, body_dice: float,
                         inside_fraction: float, opts: InterPatientVerifyOptions,
-                        points: np.ndarray | None = None, chance: float | None = None) -> dict:
+                        points: np.ndarray | None = None, chance: float | None = None,
+                        identity: dict | None = None) -> dict:
     """Apply the policy. ``candidates``: the affine results of every start, best (chosen) first
-    (objects with name, start_distance, matrix, distance). Returns {"passed", "reason", "checks"}."""
+    (objects with name, start_distance, matrix, distance); ``identity``: {"identity", "result"}
+    body distances when the scanner boxes intersect. Returns {"passed", "reason", "checks"}."""
     chosen = candidates[0]
     checks: dict = {}
     reasons: list[str] = []
@@ -89,5 +95,10 @@ def verify_interpatient(candidates: list, inverse: dict, jacobian: dict, deforma
     checks["inside_fraction"] = round(inside_fraction, 4)
     if inside_fraction < opts.min_inside_fraction:
         reasons.append(f"only {100 * inside_fraction:.0f}% of the fixed body maps into the moving image")
+    if identity is not None:
+        checks["distance_vs_scanner_coordinates"] = identity
+        if identity["result"] > identity["identity"] * (1.0 - opts.min_gain_over_identity):
+            reasons.append(f"the result fits no better than the scanner coordinates (distance {identity['result']:.4g} "
+                           f"vs {identity['identity']:.4g}): the images are already aligned, use them as they are")
     return {"policy": "inter-patient", "passed": not reasons, "reason": "; ".join(reasons) or None,
             "checks": checks, "thresholds": opts.to_dict()}
