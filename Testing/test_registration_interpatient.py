@@ -21,6 +21,17 @@ from samv2core.volume import Volume, load_volume
 OFFSET = np.array([-480.0, 310.0, 860.0])  # scanner boxes far apart, as between two patients' scans
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """As register_interpatient does (InterPatientOptions.threads): the functions tested directly
+    are many small tensor ops, 3-10x slower on two shared threads."""
+    import torch
+
+    from samv2core.device import torch_threads
+    with torch_threads(1, torch.device("cpu")):
+        yield
+
+
 @pytest.fixture(scope="module")
 def ct(shared_data):
     return load_volume(shared_data / "ct/totalseg_example/ct_3mm_30slices.nii.gz")
@@ -155,3 +166,47 @@ def test_convex_adam_recovers_a_known_shift_without_folding(ct):
     assert float(u[0, 1][body].abs().median()) < 1.5 and float(u[0, 2][body].abs().median()) < 1.5
     assert stats["distance_final"] < stats["distance_linear"]
     assert jacobian_stats(jacobian_determinant(u, fw.grid.spacing), body.numpy())["folding_percent"] == 0.0
+
+
+def test_pre_aligned_pair_keeps_scanner_coordinates_and_is_compared_with_them(ct):
+    """A pair already aligned in scanner coordinates (here exactly: the slab where it was cut from):
+    the linear part stays the identity, and the verification compares the result with it."""
+    from samv2core.registration.interpatient import register_interpatient
+
+    res = register_interpatient(ct, _moved(ct, np.zeros(3)), deformable=True)
+    assert res.report["linear_kept"].startswith("scanner coordinates")
+    assert np.allclose(res.report["linear_matrix"], np.eye(4))
+    d = res.report["verification"]["checks"]["distance_vs_scanner_coordinates"]
+    assert d["result"] < d["identity"]
+    # the rule itself: the result's distance must be below the identity's by the margin
+    cand = AffineCandidate("search 1", np.eye(4), 0.2, np.eye(4), 0.1)
+    opts = InterPatientVerifyOptions()
+    worse = verify_interpatient([cand], {"p90_mm": 1.0}, {}, {}, 0.95, 0.6, opts, None, 0.3,
+                                {"identity": 0.05, "result": 0.0499})
+    assert not worse["passed"] and "scanner coordinates" in worse["reason"]
+    better = verify_interpatient([cand], {"p90_mm": 1.0}, {}, {}, 0.95, 0.6, opts, None, 0.3,
+                                 {"identity": 0.05, "result": 0.03})
+    assert better["passed"], better["reason"]
+
+
+def test_one_shot_match_across_patients(ct, seg):
+    """SIMULATED: organ centroids of the scan found on its slab moved 1060 mm away, through the
+    inter-patient registration (samv2 match --pair inter-patient); a point outside the slab's field
+    of view is never confident."""
+    from samv2core.registration.interpatient_match import match_across_patients
+
+    moving = _moved(ct, OFFSET)
+    arr = sitk.GetArrayFromImage(seg)
+    pts, truth = [], []
+    for lab in (5, 79):  # liver, spinal cord: both span the slab (slices 6..24)
+        k = np.argwhere(arr[8:22] == lab) + [8, 0, 0]
+        c = np.array(seg.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in k.mean(0)[::-1])))
+        pts.append(c)
+        truth.append(c + OFFSET)
+    outside = np.asarray(ct.index_to_lps([60, 50, 28]))  # slice 28: beyond the slab
+    results, report = match_across_patients(ct, moving, np.array(pts + [outside]))
+    assert report["forward"]["verification"]["passed"]
+    for r, t in zip(results[:2], truth):
+        err = np.linalg.norm(np.array(r.query_point.xyz) - t)
+        assert err < 5.0 and r.confident, (err, r.reason)
+    assert not results[2].confident and "field of view" in results[2].reason

@@ -29,6 +29,7 @@ from .model_io import card_path_for, convert_official_checkpoint
 from .outputs import OutputSet, check_outputs, json_text
 from .propagate import propagate_lesion
 from .registration.cli import add_register_arguments, run_register
+from .registration.interpatient_match import match_across_patients
 from .track_cli import add_track_arguments, cmd_track
 from .volume import load_volume
 
@@ -104,6 +105,23 @@ def match_volumes(template_path, query_path, points_lps, labels, args, session=N
     return results, {"embed_seconds": round(t1 - t0, 3), "match_seconds": round(t2 - t1, 4)}
 
 
+def _match_inter_patient(args, template, query, pts):
+    """``samv2 match --pair inter-patient``: the points sent through the verified inter-patient
+    registration (registration/interpatient_match.py); returns (results, timing, model label)."""
+    if args.figure:
+        raise InputError("--figure is not available with --pair inter-patient")
+    series = getattr(args, "series", None)
+    if not hasattr(template, "array"):
+        template = load_volume(template, args.modality, series=series)
+    if not hasattr(query, "array"):
+        query = load_volume(query, args.query_modality or args.modality, series=series)
+    t0 = time.perf_counter()
+    results, report = match_across_patients(template, query, pts)
+    timing = {"registration_seconds": round(time.perf_counter() - t0, 3), "pair": "inter-patient",
+              "registration_verification": report["forward"]["verification"]["checks"]}
+    return results, timing, "mind-ssc (training-free, inter-patient registration)"
+
+
 def cmd_match(args) -> int:
     check_outputs([args.out, args.out_markups, args.out_csv],
                   [args.template, args.query, args.points, args.model],
@@ -115,9 +133,13 @@ def cmd_match(args) -> int:
             raise SAMv2Error("--figure needs matplotlib: pip install 'samv2core[figures]'")
         template = load_volume(args.template, args.modality, series=args.series)
         query = load_volume(args.query, args.query_modality or args.modality, series=args.series)
-    session = session_from_args(args)
-    results, timing = match_volumes(template, query, pts, labels, args, session)
-    doc = {"template": str(args.template), "query": str(args.query), "model": session.label,
+    if getattr(args, "pair", "same-patient") == "inter-patient":
+        results, timing, model_label = _match_inter_patient(args, template, query, pts)
+    else:
+        session = session_from_args(args)
+        results, timing = match_volumes(template, query, pts, labels, args, session)
+        model_label = session.label
+    doc = {"template": str(args.template), "query": str(args.query), "model": model_label,
            "method": args.method, "coordinate_system": out_system, **timing,
            "matches": [dict(label=l, **r.to_dict(out_system)) for l, r in zip(labels, results)]}
     text = json_text(doc)
@@ -325,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out-markups", help="also write the matched points as a Slicer .mrk.json")
     m.add_argument("--out-csv", help="also write the matched points as CSV")
     m.add_argument("--figure", metavar="DIR", help="also write a PNG per point and overview.png here (needs matplotlib)")
+    m.add_argument("--pair", default="same-patient", choices=["same-patient", "inter-patient"],
+                   help="inter-patient: the template is another subject (an atlas); points are sent through the "
+                        "verified inter-patient registration, confident only where the reverse registration agrees")
     add_model_arguments(m)
     m.set_defaults(func=cmd_match)
 

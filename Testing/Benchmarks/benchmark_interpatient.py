@@ -30,6 +30,7 @@ from repo_paths import SHARED  # noqa: E402
 
 from samv2core.errors import RegistrationError  # noqa: E402
 from samv2core.registration.interpatient import register_interpatient  # noqa: E402
+from samv2core.registration.interpatient_match import match_across_patients  # noqa: E402
 from samv2core.registration.label_overlap import dice_table, moving_fov_mask  # noqa: E402
 from samv2core.volume import load_volume  # noqa: E402
 
@@ -85,6 +86,33 @@ def centroid_errors(fixed_lab: np.ndarray, moving_lab: sitk.Image, fixed, transf
         cm = np.array(moving_lab.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in km.mean(0)[::-1])))
         out[str(lab)] = round(float(np.linalg.norm(np.array(transform.TransformPoint(tuple(cf))) - cm)), 1)
     return out
+
+
+def label_centroids(labels: sitk.Image, wanted) -> dict:
+    """{label: LPS centroid} of the labels in ``wanted`` not cut by the image's first / last slice."""
+    arr = sitk.GetArrayFromImage(labels)
+    out = {}
+    for lab in wanted:
+        k = np.argwhere(arr == lab)
+        if len(k) == 0 or k[:, 0].min() == 0 or k[:, 0].max() == arr.shape[0] - 1:
+            continue
+        out[int(lab)] = np.array(labels.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in k.mean(0)[::-1])))
+    return out
+
+
+def one_shot(fixed, moving, flab, mlab, forward) -> list[dict]:
+    """One-shot landmarks (samv2 match --pair inter-patient): each fixed-label centroid (labels
+    uncut in both maps) located on the moving subject; error against the moving label's centroid."""
+    shared = set(np.unique(sitk.GetArrayViewFromImage(flab)).tolist()) & set(
+        np.unique(sitk.GetArrayViewFromImage(mlab)).tolist()) - {0}
+    cf, cm = label_centroids(flab, shared), label_centroids(mlab, shared)
+    labs = sorted(set(cf) & set(cm))
+    if not labs:
+        return []
+    results, _ = match_across_patients(fixed, moving, np.array([cf[k] for k in labs]), forward=forward)
+    return [{"label": k, "error_mm": round(float(np.linalg.norm(np.array(r.query_point.xyz) - cm[k])), 1),
+             "confident": r.confident, "inverse_mm": r.details.get("inverse_consistency_mm"), "reason": r.reason}
+            for k, r in zip(labs, results)]
 
 
 def evaluate(name, fixed, moving, fixed_labels, moving_labels, transform, seconds, only=None, accepted=None,
@@ -165,11 +193,15 @@ def run_pair(key, spec, peers: bool) -> list[dict]:
         rows.append(evaluate("ours affine only", fixed, moving, flab, mlab, res.linear, sec, only, True))
         start = res.linear
         rows[0]["chosen_start"] = res.report["chosen_start"]
+        rows[0]["one_shot"] = one_shot(fixed, moving, flab, mlab, res)
     except RegistrationError as exc:
         rows.append({"method": "ours (affine+deformable)", "accepted": False, "refusal": str(exc),
                      "seconds": round(time.perf_counter() - t, 1)})
         start = None
     rows.append(evaluate("identity (scanner coordinates)", fixed, moving, flab, mlab, sitk.Transform(), 0.0, only))
+    if rows[0].get("accepted"):  # never silently wrong: an accepted result below the identity start is a failure
+        rows[0]["below_identity"] = bool(rows[0]["dice_mean"] < rows[-1]["dice_mean"])
+        rows[0]["timing"] = res.report["timing"]
     if not peers:
         return rows
     with tempfile.TemporaryDirectory() as tmpd:

@@ -328,7 +328,8 @@ def _body_distance(fixed: WorkImage, warped: torch.Tensor, inside: torch.Tensor,
     """Mean feature distance over the fixed body of moving features already on the fixed grid;
     ``chance`` where the map left the moving image (as PoseDistance)."""
     d = (fixed.features - warped).square().mean(1, keepdim=True)
-    per_voxel = inside * d + (1.0 - inside) * chance
+    valid = inside.gt(0.99).float()  # half-inside border voxels would compare padding, not anatomy
+    per_voxel = valid * d + (1.0 - valid) * chance
     return float((per_voxel * fixed.mask).sum() / fixed.mask.sum().clamp_min(1.0))
 
 
