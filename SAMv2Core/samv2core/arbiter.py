@@ -42,7 +42,7 @@ from .fitting import RegionalFit, regional_map
 
 _log = logging.getLogger(__name__)
 
-ANSWERS = ("refined", "sam", "arbiter")  # the values of MatchResult.answer
+ANSWERS = ("refined", "sam", "arbiter", "registration")  # the values of MatchResult.answer
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,29 @@ def arbitrate(sam_point, refined_point, refined_lncc: float, refined_missing: Op
     return Verdict(a, "arbiter", f"arbiter (unconfirmed: no two answers agree); {why_ref}", False, flag)
 
 
+def decide_with_registration(first: Verdict, candidates: dict, registered, agree_mm: float) -> Verdict:
+    """The vote once the pair's registration (an intensity-driven opinion independent of the
+    embedding matches, samv2core.pair_registration) is asked, for a click whose first vote
+    (``first``) was not agreed. ``candidates``: answer kind -> point (LPS (3,)) of the opinions
+    that exist, in order of preference (the first vote's answer first); ``registered``: where
+    the registration sends the point.
+
+    The first candidate within ``agree_mm`` of the registration is the answer, agreed (two
+    independent opinions agree); when none is, the registration's own point, not agreed.
+    """
+    reg = np.asarray(registered, float)
+    dists = {kind: float(np.linalg.norm(np.asarray(p, float) - reg)) for kind, p in candidates.items()}
+    said = ", ".join(f"{k} {d:.1f} mm" for k, d in dists.items())
+    for kind, point in candidates.items():
+        if dists[kind] <= agree_mm:
+            return Verdict(np.asarray(point, float), kind,
+                           f"{kind}: the pair registration agrees within {dists[kind]:.1f} mm (decided by the "
+                           f"registration; first vote: {first.answer_reason})", True, None)
+    return Verdict(reg, "registration", f"registration: no answer within {agree_mm:g} mm of the pair registration "
+                                        f"({said}); first vote: {first.answer_reason}", False,
+                   f"no answer agrees with the pair registration within {agree_mm:g} mm ({said})")
+
+
 # --- the pair's fixed points on disk ------------------------------------------------------------
 def pair_key(template_content: str, query_content: str, model_id: str, settings: dict) -> str:
     """The cache key of a pair: both model-grid volumes' content hashes, the model and the
@@ -222,6 +245,12 @@ class PairStore:
 
     def save(self, template_pts: np.ndarray, query_pts: np.ndarray) -> None:
         self.cache.save(self.key, template_pts, query_pts)
+
+    def registration_path(self) -> Path:
+        """Where the pair's registration opinion (samv2core.pair_registration) is kept, next to
+        its fixed points."""
+        path = self.cache.path(self.key)
+        return path.with_name("pairreg-" + path.name[len("pair-"):])
 
 
 def pair_store(template, query, settings: dict) -> Optional[PairStore]:

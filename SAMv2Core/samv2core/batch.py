@@ -32,6 +32,7 @@ from .errors import InputError
 from .lesion_files import read_lesion_mask, write_lesion_outputs
 from .markups import read_points, write_csv, write_markups
 from .matching import MatchOptions, match_points
+from .pair_registration import REGISTRATION
 from .models import resolve_model
 from .outputs import OutputSet
 from .propagate import propagate_lesion
@@ -139,7 +140,7 @@ class MatchCaseJob:
     def _match(self, case: Case, out_dir: Path, te, qe, opts) -> dict:
         """The case's points onto the query: matches.json, matched.mrk.json, matched.csv."""
         points = read_points(case.inputs["points"], self.points_system)
-        results = match_points(te, qe, points.lps, method=self.method, options=opts)
+        results = match_points(te, qe, points.lps, method=self.method, options=opts, registration=REGISTRATION)
         system = points.source_system if case.inputs["points"].endswith(".json") else self.points_system
         doc = {"case": case.name, "template": case.inputs["template"], "query": case.inputs["query"],
                "model": self.model_id, "method": self.method, "coordinate_system": system,

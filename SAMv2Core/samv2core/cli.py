@@ -25,6 +25,7 @@ from .figures import figures_available, pictures_from_matches, write_match_figur
 from .lesion_files import read_lesion_mask, write_lesion_outputs
 from .markups import parse_inline, read_points, write_csv, write_markups
 from .matching import MatchOptions, match_points
+from .pair_registration import REGISTRATION
 from .model_io import card_path_for, convert_official_checkpoint
 from .outputs import OutputSet, check_outputs, json_text
 from .propagate import propagate_lesion
@@ -100,7 +101,7 @@ def match_volumes(template_path, query_path, points_lps, labels, args, session=N
     qe = embed_with_progress(session, query)
     t1 = time.perf_counter()
     opts = MatchOptions(min_score=args.min_score)
-    results = match_points(te, qe, points_lps, method=args.method, options=opts)
+    results = match_points(te, qe, points_lps, method=args.method, options=opts, registration=REGISTRATION)
     t2 = time.perf_counter()
     return results, {"embed_seconds": round(t1 - t0, 3), "match_seconds": round(t2 - t1, 4)}
 

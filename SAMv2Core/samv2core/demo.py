@@ -20,6 +20,7 @@ from .cli_options import embed_with_progress, session_from_args
 from .figures import figures_available, pictures_from_matches, write_match_figures
 from .markups import write_markups
 from .matching import METHODS, match_points
+from .pair_registration import REGISTRATION
 from .outputs import atomic_write, check_writable, write_text_atomic
 from .preprocess import body_mask
 from .bundled_samples import load_sample
@@ -84,7 +85,7 @@ def run_demo(args) -> int:
     # pass its own checks)
     for method in DEMO_METHODS:
         t = time.perf_counter()
-        res = match_points(te, qe, pts, method=method)
+        res = match_points(te, qe, pts, method=method, registration=REGISTRATION)
         dt = (time.perf_counter() - t) / len(pts)
         err = np.linalg.norm(np.array([r.query_point.xyz for r in res]) - truth, axis=1)
         points = [dict(label=l, error_mm=round(float(e), 2), **r.to_dict("LPS")) for l, e, r in zip(labels, err, res)]

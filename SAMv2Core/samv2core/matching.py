@@ -25,11 +25,11 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from .arbiter import ArbiterOptions, PairArbiter, arbitrate, pair_store
+from .arbiter import ArbiterOptions, PairArbiter, Verdict, arbitrate, decide_with_registration, pair_store
 from .coords import PhysicalPoint
 from .embed import Embeddings, inside_source
 from .errors import InputError, MatchingError
@@ -81,18 +81,34 @@ class _PairState:
     seconds: float
     body: Optional[np.ndarray] = None  # (z, y, x) body mask of the template's model-grid volume
     arbiter: Optional[PairArbiter] = None  # the third opinion (samv2core.arbiter), None when switched off
+    # the pair's registration opinion (samv2core.pair_registration.RegistrationOpinion: ``map(point)``,
+    # ``available``, ``refused``), built on the first click that needs it; None until then
+    registration: Optional[object] = None
+    registration_seconds: float = 0.0
+
+
+# builds a pair's registration opinion from its two embeddings (samv2core.pair_registration.REGISTRATION);
+# registration sits above matching in the layer order, so callers hand it in
+RegistrationBuilder = Callable[[Embeddings, Embeddings], object]
 
 
 _PAIR_CACHE: "weakref.WeakKeyDictionary[Embeddings, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
 
 
 def prepare_pair(template: Embeddings, query: Embeddings, refine_options: Optional[RefineOptions] = None,
-                 arbiter_options: Optional[ArbiterOptions] = None) -> None:
+                 arbiter_options: Optional[ArbiterOptions] = None,
+                 registration: Optional[RegistrationBuilder] = None) -> None:
     """Run the refined match's per-pair precompute (the pair's fixed points, the arbiter and the
-    local registration's set-up) ahead of the first click, e.g. while the user places points.
-    Kept as long as both embeddings live, and on disk when they came through a session with a
-    cache folder."""
-    Matcher(template, query, refine_options=refine_options, arbiter_options=arbiter_options).pair_state()
+    local registration's set-up) ahead of the first click, e.g. while the user places points;
+    with ``registration`` (samv2core.pair_registration.REGISTRATION) also the pair's
+    registration opinion, which clicks otherwise build the first time one needs it. Kept as
+    long as both embeddings live, and on disk when they came through a session with a cache
+    folder."""
+    matcher = Matcher(template, query, refine_options=refine_options, arbiter_options=arbiter_options,
+                      registration=registration)
+    state = matcher.pair_state()
+    if registration is not None:
+        matcher.registration_opinion(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +116,8 @@ class Matcher:
     """Matches points of a template volume on a query volume (both already embedded)."""
 
     def __init__(self, template: Embeddings, query: Embeddings, options: Optional[MatchOptions] = None,
-                 refine_options: Optional[RefineOptions] = None, arbiter_options: Optional[ArbiterOptions] = None):
+                 refine_options: Optional[RefineOptions] = None, arbiter_options: Optional[ArbiterOptions] = None,
+                 registration: Optional[RegistrationBuilder] = None):
         if (template.semantic is None) != (query.semantic is None) or template.fine.shape[0] != query.fine.shape[0]:
             raise MatchingError("template and query were embedded with different models")
         self.template, self.query = template, query
@@ -109,6 +126,7 @@ class Matcher:
         self.opt = options or MatchOptions()
         self.ropt = refine_options or RefineOptions()
         self.aopt = arbiter_options or ArbiterOptions()
+        self.registration = registration
 
     def _template_index(self, points_lps: np.ndarray) -> np.ndarray:
         pts = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
@@ -249,6 +267,14 @@ class Matcher:
         per_template[self.query] = ((self.ropt, self.aopt), result)
         return result
 
+    def registration_opinion(self, state: _PairState):
+        """The pair's registration opinion, built once per pair (None without a builder)."""
+        if state.registration is None and self.registration is not None:
+            t0 = time.perf_counter()
+            state.registration = self.registration(self.template, self.query)
+            state.registration_seconds = time.perf_counter() - t0
+        return state.registration
+
     def _grid_fixed_points(self, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """NN with a sub-voxel peak from every grid point, kept when the round trip returns to the
         start voxel's neighbourhood with a high score: fixed points of the NN map, placed below
@@ -281,8 +307,39 @@ class Matcher:
         return res, "regional fixed points"
 
     def _refined_one(self, t: np.ndarray, state: _PairState) -> MatchResult:
+        """The first vote; where it is not confident, the pair's registration (when a builder
+        was given, built now if not yet) decides between the answers (samv2core.arbiter.
+        decide_with_registration); a refused registration leaves the first vote as it is."""
+        candidates: dict = {}
+        first = self._first_vote(t, state, candidates)
+        if first.confident or not candidates or self.registration is None or not self.aopt.enabled:
+            return first
+        opinion = self.registration_opinion(state)
+        details = dict(first.details)
+        if not opinion.available:
+            details["registration"] = {"refused": opinion.refused}
+            return MatchResult(first.template_point, first.query_point, first.score, False, first.reason, "refined",
+                               details, first.answer, first.answer_reason)
+        registered = opinion.map(first.template_point.as_array())
+        # the first vote's answer first: where it agrees with the registration it stays
+        order = {first.answer: first.query_point.as_array(), **candidates}
+        verdict = decide_with_registration(
+            Verdict(first.query_point.as_array(), first.answer, first.answer_reason, False, first.reason),
+            order, registered, self.aopt.agree_mm)
+        details["registration"] = {"point": [round(float(v), 2) for v in registered], "first_answer": first.answer,
+                                   "candidates": {k: [round(float(v), 2) for v in p] for k, p in order.items()}}
+        reasons = [] if verdict.agreed else [verdict.flag]
+        if verdict.agreed and first.score < self.opt.min_score:
+            reasons.append(f"similarity {first.score:.2f} below {self.opt.min_score:.2f}")
+        return MatchResult(first.template_point, PhysicalPoint(tuple(float(v) for v in verdict.point), "LPS"),
+                           first.score, not reasons, "; ".join(reasons) or None, "refined", details, verdict.answer,
+                           verdict.answer_reason)
+
+    def _first_vote(self, t: np.ndarray, state: _PairState, candidates: dict) -> MatchResult:
         """Confident only when the refined answer is used, agrees with the SAM answer and both
-        similarities (embedding at the SAM answer, local intensity after refinement) are high."""
+        similarities (embedding at the SAM answer, local intensity after refinement) are high.
+        Fills ``candidates`` (answer kind -> query LPS point) with the opinions that exist
+        (left empty for a point outside the body)."""
         sam, localiser = self._sam_answer(t, state)
         sam_q = sam.query_point.as_array()
         details = dict(sam.details, sam_point=[round(v, 2) for v in sam_q], sam_localiser=localiser)
@@ -307,6 +364,11 @@ class Matcher:
         if ref is not None:
             details["refinement"] = ref.to_dict()
         estimate = state.arbiter.estimate(sam.template_point.as_array()) if state.arbiter is not None else None
+        if ref is not None and ref.point is not None:
+            candidates["refined"] = np.asarray(ref.point, float)
+        if estimate is not None:
+            candidates["arbiter"] = np.asarray(estimate.point, float)
+        candidates["sam"] = sam_q
         if estimate is not None:  # the third opinion decides (samv2core.arbiter)
             details["arbiter"] = estimate.to_dict()
             missing = f"the local refinement cannot run: {state.local_error}" if ref is None else ref.reason
@@ -366,12 +428,16 @@ METHODS = ("refined", "fixed_point", "nn")
 def match_points(template: Embeddings, query: Embeddings, points_lps, method: str = "refined",
                  options: Optional[MatchOptions] = None,
                  refine_options: Optional[RefineOptions] = None,
-                 arbiter_options: Optional[ArbiterOptions] = None) -> list[MatchResult]:
+                 arbiter_options: Optional[ArbiterOptions] = None,
+                 registration: Optional[RegistrationBuilder] = None) -> list[MatchResult]:
     """Match template points (N, 3) LPS onto the query volume. Returns one MatchResult per point.
 
     ``method``: 'refined' (default: SAM answer made precise by a local registration and checked
-    against it), 'fixed_point' (SAMv2 fixed-point match) or 'nn' (nearest neighbour)."""
-    matcher = Matcher(template, query, options, refine_options, arbiter_options)
+    against it), 'fixed_point' (SAMv2 fixed-point match) or 'nn' (nearest neighbour).
+    ``registration``: the builder of the pair's registration opinion
+    (samv2core.pair_registration.REGISTRATION), asked once per pair when a refined click's
+    first vote is not confident; None: no registration opinion."""
+    matcher = Matcher(template, query, options, refine_options, arbiter_options, registration)
     if method == "nn":
         return matcher.nn(points_lps)
     if method in ("fixed_point", "fixed-point", "fp"):

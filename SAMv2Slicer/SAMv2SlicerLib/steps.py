@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from samv2core.matching import match_points, prepare_pair
+from samv2core.pair_registration import REGISTRATION
 from samv2core.propagate import propagate_lesion
 from samv2core.propagate import segment_samples, sphere_mask, warp_mask  # noqa: F401  (the logic's names)
 from samv2core.registration import register as core_register
@@ -32,7 +33,8 @@ def embed_volumes(session: EmbeddingSession, volumes, progress: ProgressCallback
             for i, vol in enumerate(volumes)]
     if len(embs) == 2:
         progress(2 / steps_total, "preparing the pair for matching")
-        prepare_pair(*embs)
+        # the pair's fixed points, then its registration (the clicks' independent opinion, once per pair)
+        prepare_pair(*embs, registration=REGISTRATION)
     progress(1.0, "embedded")
     return [v.name for v in volumes]
 
@@ -44,7 +46,7 @@ def match(session: EmbeddingSession, base: Volume, follow: Volume, points_lps, m
     e_base = session.embed(base, sub_progress(progress, 0.0, 0.45))
     e_follow = session.embed(follow, sub_progress(progress, 0.45, 0.9))
     progress(0.9, f"matching {len(points_lps)} point(s)")
-    results = match_points(e_base, e_follow, points_lps, method=method)
+    results = match_points(e_base, e_follow, points_lps, method=method, registration=REGISTRATION)
     progress(1.0, "matched")
     return results
 

@@ -81,6 +81,7 @@ def run_samv2(base_path, follow_path, points, truth, methods, threads, embedder)
     import torch
     from samv2core.arbiter import ArbiterOptions
     from samv2core.matching import Matcher, match_points
+    from samv2core.pair_registration import REGISTRATION
     from samv2core.volume import load_volume
 
     torch.set_num_threads(threads)
@@ -90,12 +91,17 @@ def run_samv2(base_path, follow_path, points, truth, methods, threads, embedder)
     te, qe = embedder.embed(base), embedder.embed(follow)
     t_embed = time.perf_counter() - t0 - t_load
     out = {}
+    out_reg = None
     for method in methods:
         results, clicks = [], []
         for p in points:
             t = time.perf_counter()
             if method == "refined_no_arbiter":  # the refined match before issue 21, for comparison
                 results += match_points(te, qe, p[None], arbiter_options=ArbiterOptions(enabled=False))
+            elif method == "refined_no_registration":  # issue 21's first round: no registration opinion
+                results += match_points(te, qe, p[None])
+            elif method == "refined":  # as the CLI, batch, demo and Slicer run it: with the registration opinion
+                results += match_points(te, qe, p[None], registration=REGISTRATION)
             else:
                 results += match_points(te, qe, p[None], method=method)
             clicks.append(time.perf_counter() - t)
@@ -106,6 +112,13 @@ def run_samv2(base_path, follow_path, points, truth, methods, threads, embedder)
         if method == "refined":
             state = Matcher(te, qe).pair_state()  # cached: the first click built it
             timing["precompute_s"] = state.seconds
+            timing["registration_s"] = state.registration_seconds  # 0: never needed on this pair
+            timing["registration_needed"] = float(state.registration is not None)
+            timing["registration_clicks"] = float(sum("registration" in r.details for r in results))
+            if state.registration is not None and state.registration.available:  # for the JSON only, not timed
+                out_reg = [state.registration.map(p).tolist() for p in points]
+            else:
+                out_reg = None
             if state.arbiter is not None:
                 t = time.perf_counter()
                 for p in points:
@@ -115,6 +128,9 @@ def run_samv2(base_path, follow_path, points, truth, methods, threads, embedder)
                        "timing": timing,
                        "click_ms": 1000 * float(np.median(clicks[1:] if len(clicks) > 1 else clicks)),
                        "answers": [r.answer for r in results], "reasons": [r.reason for r in results],
+                       "registration": [r.details.get("registration") for r in results],
+                       "registration_all": out_reg if method == "refined" else None,
+                       "candidates_truth": truth.tolist(),
                        "answer_reasons": [r.answer_reason for r in results]}
     return out
 
@@ -224,7 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lesion-ids", default="", help="run only these lesion-change pairs, e.g. 0,1 (default: all)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma list of {', '.join(METHODS)}, refined_no_arbiter (the refined match without its "
-                         "third opinion, as before issue 21)")
+                         "third opinion, as before issue 21), refined_no_registration (with the arbiter but without "
+                         "the pair registration opinion)")
     ap.add_argument("--threads", type=int, default=1, help="torch / ITK threads (the machine is shared)")
     ap.add_argument("--ants-timeout", type=float, default=1800.0)
     ap.add_argument("--out", default="", help="write all per-point results as JSON here")
