@@ -312,8 +312,10 @@ class Matcher:
         decide_with_registration); a refused registration leaves the first vote as it is."""
         candidates: dict = {}
         first = self._first_vote(t, state, candidates)
-        if first.confident or not candidates or self.registration is None or not self.aopt.enabled:
+        if not candidates or self.registration is None or not self.aopt.enabled:
             return first
+        if first.confident:  # never builds the registration, but a registration already built may veto
+            return self._checked_by_registration(first, state.registration)
         opinion = self.registration_opinion(state)
         details = dict(first.details)
         if not opinion.available:
@@ -334,6 +336,24 @@ class Matcher:
         return MatchResult(first.template_point, PhysicalPoint(tuple(float(v) for v in verdict.point), "LPS"),
                            first.score, not reasons, "; ".join(reasons) or None, "refined", details, verdict.answer,
                            verdict.answer_reason)
+
+    def _checked_by_registration(self, first: MatchResult, opinion) -> MatchResult:
+        """A confident first vote against the pair's registration when it is already built (the
+        Slicer worker's background, or an earlier click that needed it): it stays confident only
+        where the registration agrees within the bound; otherwise the same answer, flagged (two
+        opinions agreed on it, so the registration alone does not replace it)."""
+        if opinion is None or not opinion.available:
+            return first
+        registered = opinion.map(first.template_point.as_array())
+        d = float(np.linalg.norm(first.query_point.as_array() - registered))
+        details = dict(first.details, registration={"point": [round(float(v), 2) for v in registered],
+                                                    "first_answer": first.answer, "distance_mm": round(d, 2)})
+        if d <= self.aopt.agree_mm:
+            return MatchResult(first.template_point, first.query_point, first.score, True, None, "refined", details,
+                               first.answer, f"{first.answer_reason}; the pair registration agrees within {d:.1f} mm")
+        flag = f"the pair registration disagrees by {d:.1f} mm (more than {self.aopt.agree_mm:g} mm)"
+        return MatchResult(first.template_point, first.query_point, first.score, False, flag, "refined", details,
+                           first.answer, f"{first.answer_reason}; {flag}")
 
     def _first_vote(self, t: np.ndarray, state: _PairState, candidates: dict) -> MatchResult:
         """Confident only when the refined answer is used, agrees with the SAM answer and both

@@ -127,7 +127,7 @@ def run_samv2(base_path, follow_path, points, truth, methods, threads, embedder)
         out[method] = {"err": err.tolist(), "confident": conf.tolist(), "first_s": t_load + t_embed + clicks[0],
                        "timing": timing,
                        "click_ms": 1000 * float(np.median(clicks[1:] if len(clicks) > 1 else clicks)),
-                       "answers": [r.answer for r in results], "reasons": [r.reason for r in results],
+                       "points": q.tolist(), "answers": [r.answer for r in results], "reasons": [r.reason for r in results],
                        "registration": [r.details.get("registration") for r in results],
                        "registration_all": out_reg if method == "refined" else None,
                        "candidates_truth": truth.tolist(),
