@@ -17,7 +17,8 @@ class MatchResult:
     method: str
     details: dict = field(default_factory=dict)
     answer: str = "sam"  # which answer query_point is: 'sam' (embedding match), 'refined' (local
-    # registration) or 'arbiter' (the pair's local fixed-point fit, samv2core.arbiter)
+    # registration), 'arbiter' (the pair's local fixed-point fit, samv2core.arbiter) or 'registration'
+    # (the pair's verified registration, samv2core.pair_registration)
     answer_reason: Optional[str] = None  # why that answer was used (method 'refined')
 
     def to_dict(self, system: str = "LPS") -> dict:
