@@ -126,10 +126,32 @@ def reading(tmp_path_factory):
                              sitk.sitkNearestNeighbor, 0)
         steps.append((session.embed(pair.followup), pair.followup,
                       pair.followup.with_array(sitk.GetArrayFromImage(cand).astype(np.float32))))
-    results = track_timepoints(session.embed(base), base, steps, lesions)
+    base_emb = session.embed(base)
+    results = track_timepoints(base_emb, base, steps, lesions)
     names = {"label 1": "tumour", "label 2": "vanishing", "label 3": "merge a", "label 4": "merge b"}
     return {"results": results, "pairs": pairs, "names": names, "new_spot": new_spot, "t_c": t_c,
-            "steps": steps, "root": tmp_path_factory.mktemp("track")}
+            "steps": steps, "root": tmp_path_factory.mktemp("track"), "base": base, "base_emb": base_emb,
+            "lesions": lesions, "session": session}
+
+
+def _cut_beyond(volume, keep_out, keep_in, beyond_mm: float, inside_mm: float):
+    """A crop of ``volume`` along one index axis that leaves ``keep_out`` (LPS) ``beyond_mm`` outside
+    its field of view and every point of ``keep_in`` at least ``inside_mm`` inside; (lo, hi) z, y, x."""
+    out_ijk = volume.lps_to_index(keep_out)
+    in_ijk = volume.lps_to_index(np.asarray(keep_in))
+    shape = np.asarray(volume.array.shape)
+    for axis in (2, 1, 0):  # z first: a follow-up that stops short of the lesion's slices
+        sp = volume.spacing[axis]
+        lo, hi = np.zeros(3, int), shape.copy()
+        cut = int(np.ceil(out_ijk[axis] + beyond_mm / sp))
+        if np.all(in_ijk[:, axis] >= cut + inside_mm / sp):
+            lo[2 - axis] = cut
+            return lo, hi
+        cut = int(np.floor(out_ijk[axis] - beyond_mm / sp)) + 1
+        if np.all(in_ijk[:, axis] <= cut - 1 - inside_mm / sp):
+            hi[2 - axis] = cut
+            return lo, hi
+    return None
 
 
 def test_statuses_found_vanished_merged_new(reading):
@@ -147,6 +169,56 @@ def test_statuses_found_vanished_merged_new(reading):
     # the new finding keeps its identifier on the second follow-up
     first, second = (r.new_findings[0] for r in reading["results"])
     assert (first.tracking_uid, first.tracking_id) == (second.tracking_uid, second.tracking_id)
+
+
+def test_a_lesion_its_neighbours_put_beyond_the_followup_is_outside(reading):
+    """The follow-up stops short of the tumour (by more than its radius): its neighbours' motion
+    puts it beyond the image, so it is `outside the follow-up` whatever its own match found."""
+    from samv2core.lesion_size import crop
+
+    pair, (_, follow, cand) = reading["pairs"][0], reading["steps"][0]
+    by = {reading["names"][les.name]: les for les in reading["lesions"]}
+    truth = {k: pair.map_points(les.centre[None])[0] for k, les in by.items()}
+    box = _cut_beyond(follow, truth["tumour"], [truth[k] for k in ("vanishing", "merge a", "merge b")],
+                      beyond_mm=20.0, inside_mm=15.0)
+    if box is None:
+        pytest.fail("no crop of the follow-up leaves the tumour out and the other lesions in")
+    short = crop(follow, *box)
+    result = track_timepoints(reading["base_emb"], reading["base"],
+                              [(reading["session"].embed(short), short, crop(cand, *box))], reading["lesions"])[0]
+    got = {reading["names"][t.lesion.name]: t for t in result.lesions}
+    assert got["tumour"].status == "outside the follow-up", got["tumour"].reason
+    assert "beyond the follow-up's field of view" in got["tumour"].reason
+    assert got["vanishing"].status == "not found"
+    assert got["merge a"].status != "outside the follow-up" and got["merge b"].status != "outside the follow-up"
+
+
+def test_a_lesion_the_constellation_refuses_does_not_also_make_a_new_finding(reading, monkeypatch):
+    """The constellation gate refuses the tumour's match and its neighbours' prediction is 12 mm off
+    (as under a strong local deformation): the tumour is `not found`, and its follow-up region lies
+    within its radius + tolerance of the prediction, so it is not a `new` finding as well."""
+    from samv2core import lesion_tracking
+
+    pair, step = reading["pairs"][0], reading["steps"][0]
+    real_assign = lesion_tracking.assign
+    idx = next(n for n, les in enumerate(reading["lesions"]) if reading["names"][les.name] == "tumour")
+    truth = pair.map_points(reading["t_c"][None])[0]
+
+    def refusing(src, dst, use, **kw):
+        plan = real_assign(src, dst, use, **kw)
+        plan.taken[idx] = -1
+        plan.expected[idx] = truth + [12.0, 0.0, 0.0]
+        return plan
+
+    monkeypatch.setattr(lesion_tracking, "assign", refusing)
+    result = track_timepoints(reading["base_emb"], reading["base"], [step], reading["lesions"])[0]
+    tumour = next(t for t in result.lesions if reading["names"][t.lesion.name] == "tumour")
+    assert tumour.status == "not found"
+    near = [n for n in result.new_findings if np.linalg.norm(np.asarray(n.position_lps) - truth) < 20]
+    assert not near, [n.name for n in near]
+    # the real new finding is still reported
+    new_truth = pair.map_points(reading["new_spot"][None])[0]
+    assert any(np.linalg.norm(np.asarray(n.position_lps) - new_truth) < TOL_MM for n in result.new_findings)
 
 
 def test_sr_reads_back_with_stable_tracking_uids_and_measurements(reading):

@@ -39,6 +39,7 @@ STATUSES = ("found", "not found", "outside the follow-up", "ambiguous", "new")
 MERGE_MM = 4.0  # matches closer than this point at one place
 GATE_MM = 10.0  # a match may lie this far (plus a tenth of the nearest neighbour's distance) from the constellation's place
 MAX_GATE_MM = 25.0
+CLAIM_MM = 7.5  # a candidate region within a lesion's radius + this of its expected place is that lesion
 SIGMA_MM = 60.0  # neighbours' weight falls to exp(-1/2) at this distance
 
 
@@ -349,6 +350,7 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
     plan = assign(src, dst, in_fov)
     t_match = time.perf_counter() - t0
 
+    radii = [_lesion_radius(lesion) for lesion in lesions]
     tracked = []
     for i, lesion in enumerate(lesions):
         q = plan.expected[i]
@@ -357,7 +359,25 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
                 "match_reason": matches[i].reason}
         base_size = measure(lesion.mask) if lesion.mask is not None else None
         k = int(plan.taken[i])
-        if not in_fov[i] or (k < 0 and q is not None and not followup.contains_lps(q, tolerance_voxels=0.0)):
+        # outside is decided geometrically where the neighbours' motion places the lesion: wholly
+        # beyond the follow-up's image (by more than its radius) is outside whatever its match says
+        radius = radii[i]
+        q_border = None if q is None else _border_distance_mm(followup, q)
+        if q_border is not None:
+            info["predicted_fov_border_mm"] = round(q_border, 1)
+        if q_border is not None and q_border < -radius:
+            tracked.append(TrackedLesion(lesion, "outside the follow-up",
+                                         f"its neighbours' motion puts it {-q_border:.0f} mm beyond the follow-up's "
+                                         f"field of view (its radius is {radius:.0f} mm)", tuple(q), matches[i],
+                                         base_size, None, None, info))
+            continue
+        if not in_fov[i] and q_border is not None and q_border > radius:
+            tracked.append(TrackedLesion(lesion, "not found",
+                                         f"its match lies outside the follow-up's field of view, but its neighbours' "
+                                         f"motion puts it {q_border:.0f} mm inside", tuple(q), matches[i], base_size,
+                                         None, None, info))
+            continue
+        if not in_fov[i] or (k < 0 and q_border is not None and q_border < 0):
             where = dst[i] if not in_fov[i] else q
             tracked.append(TrackedLesion(lesion, "outside the follow-up",
                                          "its match lies outside the follow-up's field of view", tuple(where),
@@ -398,7 +418,7 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
         # a lesion beyond the field of view is matched onto its border: absent or unsure there means outside
         border_mm = _border_distance_mm(followup, position)
         info["fov_border_mm"] = round(border_mm, 1)
-        at_border = border_mm < _lesion_radius(lesion) + 5.0
+        at_border = border_mm < radius + 5.0
         if at_border and (not seg.present or (not matches[i].confident and q is not None
                                               and not followup.contains_lps(q, tolerance_voxels=0.0))):
             tracked.append(TrackedLesion(lesion, "outside the follow-up",
@@ -426,7 +446,11 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
                                          reason=f"its follow-up segment joins {tracked[y].lesion.name}'s "
                                                 "(possible merge)", details=dict(tracked[x].details,
                                                                                  rival=tracked[y].lesion.name))
-    new = _new_findings(candidates, followup, tracked, voxels, known_new) if candidates is not None else []
+    # where a lesion without a follow-up segment is expected (its neighbours' motion), with the
+    # room its own size and the prediction's error take: a candidate region there is that lesion
+    claims = [(np.asarray(q), radii[i] + CLAIM_MM) for i, (q, t) in enumerate(zip(plan.expected, tracked))
+              if q is not None and t.followup_mask is None and t.status != "outside the follow-up"]
+    new = _new_findings(candidates, followup, tracked, voxels, known_new, claims) if candidates is not None else []
     return TrackingResult(tuple(tracked), tuple(new), time.perf_counter() - t0,
                           {"match_seconds": round(t_match, 3), "method": method, "lesions": len(lesions)})
 
@@ -455,8 +479,9 @@ def _moved(region: Volume, shift_lps: np.ndarray, followup: Volume) -> Optional[
 
 
 def _new_findings(candidates: Volume, followup: Volume, tracked: list, voxels: list,
-                  known_new: Sequence[tuple]) -> list[NewFinding]:
-    """Candidate regions that no tracked lesion accounts for (by overlap or by position)."""
+                  known_new: Sequence[tuple], claims: Sequence[tuple] = ()) -> list[NewFinding]:
+    """Candidate regions that no tracked lesion accounts for: by overlap, by position, or by lying
+    within a ``claims`` sphere ((centre, radius mm): where an unplaced lesion is expected)."""
     out = []
     for name, mask in _components(candidates):
         size = measure(mask)
@@ -472,7 +497,7 @@ def _new_findings(candidates: Volume, followup: Volume, tracked: list, voxels: l
                                                  and np.linalg.norm(np.asarray(t.position_lps) - centre) < near):
                 partner = t
                 break
-        if partner is not None:
+        if partner is not None or any(np.linalg.norm(c - centre) <= r for c, r in claims):
             continue
         tid, uid = f"new {len(known_new) + len(out) + 1}", new_tracking_uid()
         why = "a candidate region with no baseline lesion"

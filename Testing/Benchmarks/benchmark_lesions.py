@@ -204,9 +204,12 @@ def evaluate(case: dict, result) -> list[dict]:
             vol_err = 100 * (t.followup_size.volume_ml / les["follow_ml"] - 1)
             truth_chg = 100 * (les["follow_ml"] / les["base_ml"] - 1)
             chg_err = t.change()["volume_ml"]["percent"] - truth_chg
+        match_err = None if t.match is None else float(np.linalg.norm(t.match.query_point.to("LPS").as_array() -
+                                                                      les["truth"]))
         rows.append({"role": les["role"], "want": want, "got": t.status, "err": err, "radius": les["radius"],
                      "swap": swap, "vol_err": vol_err, "chg_err": chg_err, "reason": t.reason,
-                     "contrast": t.details.get("contrast_ratio")})
+                     "contrast": t.details.get("contrast_ratio"), "match_err": match_err,
+                     "border_mm": _border_mm(case["followup"], les["truth"])})
     new_found = [n for n in result.new_findings if np.linalg.norm(np.asarray(n.position_lps) - case["new"]["truth"]) < 10]
     if case["new"]["inside"]:
         rows.append({"role": "new", "want": "new", "got": "new" if new_found else "missed", "err": None,
@@ -335,7 +338,9 @@ def print_tables(rows: list, timings: list) -> None:
     if wrong:
         print("\nwrong statuses:")
         for r in wrong:
-            print(f"  {r['scan']} seed {r['seed']} {r['role']}: want {r['want']}, got {r['got']} ({r['reason']})")
+            where = "" if r.get("match_err") is None else \
+                f"; match {r['match_err']:.1f} mm from truth, truth {r['border_mm']:.0f} mm from the FOV border"
+            print(f"  {r['scan']} seed {r['seed']} {r['role']}: want {r['want']}, got {r['got']} ({r['reason']}{where})")
 
 
 if __name__ == "__main__":
