@@ -173,7 +173,7 @@ def test_statuses_found_vanished_merged_new(reading):
 
 def test_a_lesion_its_neighbours_put_beyond_the_followup_is_outside(reading):
     """The follow-up stops short of the tumour (by more than its radius): its neighbours' motion
-    puts it beyond the image, so it is `outside the follow-up` whatever its own match found."""
+    puts it beyond the image, so it is `outside the follow-up`, not `not found` nor found elsewhere."""
     from samv2core.lesion_size import crop
 
     pair, (_, follow, cand) = reading["pairs"][0], reading["steps"][0]

@@ -359,24 +359,8 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
                 "match_reason": matches[i].reason}
         base_size = measure(lesion.mask) if lesion.mask is not None else None
         k = int(plan.taken[i])
-        # outside is decided geometrically where the neighbours' motion places the lesion: wholly
-        # beyond the follow-up's image (by more than its radius) is outside whatever its match says
         radius = radii[i]
         q_border = None if q is None else _border_distance_mm(followup, q)
-        if q_border is not None:
-            info["predicted_fov_border_mm"] = round(q_border, 1)
-        if q_border is not None and q_border < -radius:
-            tracked.append(TrackedLesion(lesion, "outside the follow-up",
-                                         f"its neighbours' motion puts it {-q_border:.0f} mm beyond the follow-up's "
-                                         f"field of view (its radius is {radius:.0f} mm)", tuple(q), matches[i],
-                                         base_size, None, None, info))
-            continue
-        if not in_fov[i] and q_border is not None and q_border > radius:
-            tracked.append(TrackedLesion(lesion, "not found",
-                                         f"its match lies outside the follow-up's field of view, but its neighbours' "
-                                         f"motion puts it {q_border:.0f} mm inside", tuple(q), matches[i], base_size,
-                                         None, None, info))
-            continue
         if not in_fov[i] or (k < 0 and q_border is not None and q_border < 0):
             where = dst[i] if not in_fov[i] else q
             tracked.append(TrackedLesion(lesion, "outside the follow-up",
@@ -436,6 +420,25 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
         tracked.append(TrackedLesion(lesion, "found", reason, tuple(position), matches[i], base_size, fsize,
                                      seg.mask, info))
 
+    # a lesion not found is outside when the lesions found at their match (their contrast is there)
+    # put it beyond the follow-up's image extent by more than its radius
+    anchors = np.array([t.status == "found" for t in tracked])
+    expected = list(plan.expected)
+    for i, t in enumerate(tracked):
+        if t.status not in ("not found", "outside the follow-up"):
+            continue
+        others = anchors & (np.arange(len(tracked)) != i)
+        if others.any():
+            expected[i] = neighbour_prediction(src[others], dst[others], src[i], sigma_mm=SIGMA_MM)
+        if expected[i] is None:
+            continue
+        border = _border_distance_mm(followup, expected[i])
+        info = dict(t.details, predicted_fov_border_mm=round(border, 1))
+        if border < -radii[i]:
+            tracked[i] = replace(t, status="outside the follow-up", position_lps=tuple(expected[i]), details=info,
+                                 reason=f"the lesions found put it {-border:.0f} mm beyond the follow-up's field of "
+                                        f"view (its radius is {radii[i]:.0f} mm)")
+
     # follow-up segments that join: a possible merge
     voxels = [_global_voxels(t.followup_mask, followup) for t in tracked]
     for a in range(len(tracked)):
@@ -448,7 +451,7 @@ def track_lesions(base_embedding: Embeddings, follow_embedding: Embeddings, base
                                                                                  rival=tracked[y].lesion.name))
     # where a lesion without a follow-up segment is expected (its neighbours' motion), with the
     # room its own size and the prediction's error take: a candidate region there is that lesion
-    claims = [(np.asarray(q), radii[i] + CLAIM_MM) for i, (q, t) in enumerate(zip(plan.expected, tracked))
+    claims = [(np.asarray(q), radii[i] + CLAIM_MM) for i, (q, t) in enumerate(zip(expected, tracked))
               if q is not None and t.followup_mask is None and t.status != "outside the follow-up"]
     new = _new_findings(candidates, followup, tracked, voxels, known_new, claims) if candidates is not None else []
     return TrackingResult(tuple(tracked), tuple(new), time.perf_counter() - t0,
