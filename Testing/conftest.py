@@ -53,3 +53,40 @@ def crop_volume(volume, x0, x1, y0, y1, z0, z1):
     from samv2core.volume import Volume
 
     return Volume.from_sitk(volume.to_sitk()[x0:x1, y0:y1, z0:z1], volume.modality, name=volume.name)
+
+
+@pytest.fixture(scope="session")
+def lite_model_file(tmp_path_factory):
+    """A weights file of an untrained lite network (the Slicer worker and controller load it)."""
+    from samv2core.model_io import ModelCard, save_model
+    from samv2core.network import NetConfig, build_network
+
+    torch.manual_seed(0)
+    cfg = NetConfig.lite()
+    card = ModelCard(name="lite-untrained-test", architecture=cfg.to_dict(), heads=list(cfg.heads))
+    return save_model(build_network(cfg).eval(), card, tmp_path_factory.mktemp("model") / "lite.safetensors")
+
+
+@pytest.fixture(scope="session")
+def bundled_embedder():
+    """The bundled model's embedder on the CPU."""
+    from samv2core.embed import Embedder
+    from samv2core.models import resolve_model
+
+    return Embedder(resolve_model(None).model, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hard_lung_case(bundled_embedder):
+    """The bundled lung CT, a hard simulated follow-up of it (seed 1), 24 body points whose
+    truth lies inside the follow-up, their truth, and both embeddings."""
+    from samv2core.bundled_samples import load_sample
+    from samv2core.simulate import body_points, simulate_hard_followup
+
+    lung = load_sample("lung1_ct")
+    pair = simulate_hard_followup(lung, seed=1)
+    pts = body_points(lung, 600, seed=11)
+    truth = pair.map_points(pts)
+    ok = pair.followup.contains_lps(truth, -2.0)
+    return (lung, pair, pts[ok][:24], truth[ok][:24], bundled_embedder.embed(lung),
+            bundled_embedder.embed(pair.followup))

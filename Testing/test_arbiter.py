@@ -10,28 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from samv2core.arbiter import ArbiterOptions
-from samv2core.embed import Embedder
 from samv2core.matching import Matcher, match_points, prepare_pair
-from samv2core.models import resolve_model
 from samv2core.click_refine import RefineOptions
-from samv2core.bundled_samples import load_sample
 from samv2core.session import EmbeddingSession
-from samv2core.simulate import body_points, simulate_hard_followup
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    return Embedder(resolve_model(None).model, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def case(embedder):
-    lung = load_sample("lung1_ct")
-    pair = simulate_hard_followup(lung, seed=1)
-    pts = body_points(lung, 600, seed=11)
-    truth = pair.map_points(pts)
-    ok = pair.followup.contains_lps(truth, -2.0)
-    return lung, pair, pts[ok][:24], truth[ok][:24], embedder.embed(lung), embedder.embed(pair.followup)
+def case(hard_lung_case):
+    return hard_lung_case
 
 
 def _err(results, truth):
@@ -90,10 +76,10 @@ def test_the_pair_state_is_computed_once_per_pair(case, monkeypatch):
     assert Matcher(te, qe, refine_options=options).pair_state().arbiter is first.arbiter is not None
 
 
-def test_pair_cache_round_trips_from_disk_and_a_bad_entry_is_recomputed(case, embedder, tmp_path, monkeypatch):
+def test_pair_cache_round_trips_from_disk_and_a_bad_entry_is_recomputed(case, bundled_embedder, tmp_path, monkeypatch):
     lung, pair, pts, _, _, _ = case
     folder = tmp_path / "cache"
-    s1 = EmbeddingSession(embedder, cache_dir=folder)
+    s1 = EmbeddingSession(bundled_embedder, cache_dir=folder)
     te, qe = s1.embed(lung), s1.embed(pair.followup)
     prepare_pair(te, qe)
     entries = sorted(folder.glob("pair-*.safetensors"))
@@ -102,7 +88,7 @@ def test_pair_cache_round_trips_from_disk_and_a_bad_entry_is_recomputed(case, em
     state = Matcher(te, qe).pair_state()
 
     # a new session (a new process): embeddings and the pair's fixed points come from disk
-    s2 = EmbeddingSession(embedder, cache_dir=folder)
+    s2 = EmbeddingSession(bundled_embedder, cache_dir=folder)
     te2, qe2 = s2.embed(lung), s2.embed(pair.followup)
     assert te2 is not te and te2.meta.get("from_disk_cache")
 
@@ -120,7 +106,7 @@ def test_pair_cache_round_trips_from_disk_and_a_bad_entry_is_recomputed(case, em
 
     # best effort: a corrupt entry is reported, removed and recomputed, never fatal
     entries[0].write_bytes(b"not a tensor file")
-    s3 = EmbeddingSession(embedder, cache_dir=folder)
+    s3 = EmbeddingSession(bundled_embedder, cache_dir=folder)
     third = match_points(s3.embed(lung), s3.embed(pair.followup), pts[:4])
     assert [r.query_point.xyz for r in third] == pytest.approx([r.query_point.xyz for r in first], abs=1e-4)
     assert entries[0].exists() and entries[0].read_bytes() != b"not a tensor file"  # rewritten

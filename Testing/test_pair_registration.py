@@ -11,33 +11,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from samv2core import pair_registration
-from samv2core.bundled_samples import load_sample
 from samv2core.click_refine import RefineOptions
-from samv2core.embed import Embedder
 from samv2core.matching import Matcher, match_points, prepare_pair
-from samv2core.models import resolve_model
 from samv2core.pair_registration import RegistrationSource
 from samv2core.registration import RegistrationOptions
 from samv2core.registration.verify import VerifyOptions
 from samv2core.session import EmbeddingSession
-from samv2core.simulate import body_points, simulate_hard_followup
 
 STRICT = RefineOptions(agree_mm=1.0)  # a strict SAM / refined gate: more first votes left unconfident
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    return Embedder(resolve_model(None).model, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def case(embedder):
-    lung = load_sample("lung1_ct")
-    pair = simulate_hard_followup(lung, seed=1)
-    pts = body_points(lung, 600, seed=11)
-    truth = pair.map_points(pts)
-    ok = pair.followup.contains_lps(truth, -2.0)
-    return lung, pair, pts[ok][:24], truth[ok][:24], embedder.embed(lung), embedder.embed(pair.followup)
+def case(hard_lung_case):
+    return hard_lung_case
 
 
 class Counting:
@@ -96,17 +82,17 @@ def test_prepare_pair_builds_the_registration_in_the_background(case):
     assert builder.calls == 1
 
 
-def test_registration_round_trips_from_disk_and_a_bad_entry_is_recomputed(case, embedder, tmp_path, monkeypatch):
+def test_registration_round_trips_from_disk_and_a_bad_entry_is_recomputed(case, bundled_embedder, tmp_path, monkeypatch):
     lung, pair, pts, _, _, _ = case
     folder = tmp_path / "cache"
-    s1 = EmbeddingSession(embedder, cache_dir=folder)
+    s1 = EmbeddingSession(bundled_embedder, cache_dir=folder)
     te, qe = s1.embed(lung), s1.embed(pair.followup)
     opinion = RegistrationSource()(te, qe)
     assert opinion.available
     entries = sorted(folder.glob("pairreg-*.safetensors"))
     assert len(entries) == 1
 
-    s2 = EmbeddingSession(embedder, cache_dir=folder)  # a new process: the registration comes from disk
+    s2 = EmbeddingSession(bundled_embedder, cache_dir=folder)  # a new process: the registration comes from disk
     te2, qe2 = s2.embed(lung), s2.embed(pair.followup)
 
     def never(*args, **kwargs):
@@ -127,11 +113,11 @@ def test_registration_round_trips_from_disk_and_a_bad_entry_is_recomputed(case, 
     assert entries[0].exists() and entries[0].read_bytes() != b"not a tensor file"
 
 
-def test_a_refused_registration_gives_no_opinion(case, embedder, tmp_path):
+def test_a_refused_registration_gives_no_opinion(case, bundled_embedder, tmp_path):
     lung, pair, pts, _, _, _ = case
     # no verification can pass (it needs more overlapping sample points than the images have)
     refusing = RegistrationSource(RegistrationOptions(verify_options=VerifyOptions(min_points=10 ** 9)))
-    session = EmbeddingSession(embedder, cache_dir=tmp_path)
+    session = EmbeddingSession(bundled_embedder, cache_dir=tmp_path)
     te, qe = session.embed(lung), session.embed(pair.followup)
     opinion = refusing(te, qe)
     assert not opinion.available and opinion.refused and opinion.map(pts[0]) is None

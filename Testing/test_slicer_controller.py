@@ -38,19 +38,6 @@ def scene_state(scene) -> dict:
     return {scene.GetNthNode(i).GetID(): scene.GetNthNode(i).GetMTime() for i in range(scene.GetNumberOfNodes())}
 
 
-@pytest.fixture(scope="module")
-def lite_model_file(tmp_path_factory):
-    import torch
-
-    from samv2core.model_io import ModelCard, save_model
-    from samv2core.network import NetConfig, build_network
-
-    torch.manual_seed(0)
-    cfg = NetConfig.lite()
-    card = ModelCard(name="lite-untrained-controller-test", architecture=cfg.to_dict(), heads=list(cfg.heads))
-    return save_model(build_network(cfg).eval(), card, tmp_path_factory.mktemp("model") / "lite.safetensors")
-
-
 def _int16_node(volume: Volume, scene, name: str):
     """A volume node holding int16 voxels, as a CT loaded in Slicer does."""
     from vtk.util import numpy_support

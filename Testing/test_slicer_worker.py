@@ -39,19 +39,6 @@ def scene_state(scene) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lite_model_file(tmp_path_factory):
-    import torch
-
-    from samv2core.model_io import ModelCard, save_model
-    from samv2core.network import NetConfig, build_network
-
-    torch.manual_seed(0)
-    cfg = NetConfig.lite()
-    card = ModelCard(name="lite-untrained-worker-test", architecture=cfg.to_dict(), heads=list(cfg.heads))
-    return save_model(build_network(cfg).eval(), card, tmp_path_factory.mktemp("model") / "lite.safetensors")
-
-
-@pytest.fixture(scope="module")
 def scene_pair(lung_crop):
     """A scene with a small real CT crop (baseline), its simulated follow-up and lesion points."""
     from samv2core.simulate import simulate_followup

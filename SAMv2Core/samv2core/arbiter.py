@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checked_tensors import CorruptFileError, load_checked, save_checked
+from .checked_tensors import CorruptFileError, discard_cache_entry, load_checked, save_checked
 from .fitting import RegionalFit, regional_map
 
 _log = logging.getLogger(__name__)
@@ -216,11 +216,7 @@ class PairDiskCache:
                 raise CorruptFileError(f"{path}: the stored points are malformed")
             return tp, qp
         except (CorruptFileError, KeyError, TypeError, ValueError, OSError) as exc:
-            _log.warning("samv2: warning: pair cache entry ignored and recomputed: %s", exc)
-            try:
-                path.unlink(missing_ok=True)
-            except OSError:
-                pass
+            discard_cache_entry(path, "pair cache entry", exc)
             return None
 
     def save(self, key: str, template_pts: np.ndarray, query_pts: np.ndarray) -> None:

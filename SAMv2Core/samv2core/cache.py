@@ -7,7 +7,6 @@ the cache never fails a command.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ from typing import Callable, Hashable, Optional, TypeVar
 
 from safetensors import safe_open
 
-from .checked_tensors import CorruptFileError, load_checked, save_checked
+from .checked_tensors import CorruptFileError, discard_cache_entry, load_checked, save_checked
 from .embed import Embeddings, source_geometry
 from .grid import Grid
 from .preprocess import resample_to_model_grid
@@ -145,9 +144,7 @@ class EmbeddingDiskCache:
                     or tuple(coarse.shape[1:]) != grids[1].shape:
                 raise CorruptFileError(f"{path}: tensor shapes do not match the entry's grids")
         except (CorruptFileError, KeyError, TypeError, ValueError) as exc:
-            _log.warning("samv2: warning: embedding cache entry ignored and recomputed: %s", exc)
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
+            discard_cache_entry(path, "embedding cache entry", exc)
             return None
         except OSError as exc:  # unreadable folder or entry: recompute
             self._warn("the embedding cache cannot be read (%s); computing instead", exc)

@@ -8,7 +8,9 @@ left intact over corrupted data is caught too). Used for the embedding disk cach
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from safetensors.torch import save_file
 
 from .errors import SAMv2Error
 from .outputs import atomic_write
+
+_log = logging.getLogger(__name__)
 
 CHECKSUM_KEY = "tensors_sha256"
 
@@ -59,3 +63,11 @@ def load_checked(path: "str | os.PathLike") -> tuple[dict, dict]:
     if tensors_sha256(tensors) != expected:
         raise CorruptFileError(f"{path}: checksum mismatch (the file is corrupt)")
     return tensors, meta
+
+
+def discard_cache_entry(path: Path, what: str, exc: Exception) -> None:
+    """Drop a cache entry that failed its checks: one warning naming ``what`` and why, then the
+    file is removed so the value is recomputed. Never raises: a cache never fails a command."""
+    _log.warning("samv2: warning: %s ignored and recomputed: %s", what, exc)
+    with contextlib.suppress(OSError):
+        Path(path).unlink(missing_ok=True)

@@ -44,7 +44,7 @@ from typing import Callable, Optional, Protocol
 
 from .errors import InputError, SAMv2Error, os_error_message
 from .image_files import check_regular_file
-from .outputs import atomic_write, check_writable, write_text_atomic
+from .outputs import atomic_write, check_writable, pid_alive, write_text_atomic
 
 MANIFEST = "manifest.json"
 SUMMARY_FIELDS = ["case", "status", "seconds", "attempts", "message", "outputs"]
@@ -276,7 +276,7 @@ def _remove_stale(out_root: Path, case_name: Optional[str] = None) -> int:
         if not m or not p.is_dir() or (case_name is not None and m.group(3) != case_name):
             continue
         if m.group(2) == _HOST:
-            stale = not _pid_alive(int(m.group(1)))
+            stale = not pid_alive(int(m.group(1)))
         else:
             try:
                 stale = time.time() - p.stat().st_mtime > STALE_ELSEWHERE_S
@@ -292,17 +292,6 @@ def _remove_earlier_attempts(out_root: Path, case_name: str) -> int:
     """Earlier attempts at this case whose worker died mid-case (their staging folders)."""
     return _remove_stale(out_root, case_name)
 
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_inputs_outside(cases: list, out_root: Path) -> None:

@@ -52,7 +52,8 @@ def temp_path_for(target: "str | os.PathLike") -> Path:
     return target.parent / f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{_extension(target.name)}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when process ``pid`` exists on this machine (ours, or another user's)."""
     if pid == os.getpid():
         return True
     try:
@@ -74,7 +75,7 @@ def clean_leftovers(folder: "str | os.PathLike") -> list[Path]:
         return removed
     for entry in entries:
         m = _LEFTOVER.match(entry.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _remove(Path(entry.path))
             removed.append(Path(entry.path))
     return removed

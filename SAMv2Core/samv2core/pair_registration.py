@@ -30,7 +30,7 @@ import torch
 
 from .affine import sitk_affine
 from .arbiter import pair_store
-from .checked_tensors import CorruptFileError, load_checked, save_checked
+from .checked_tensors import CorruptFileError, discard_cache_entry, load_checked, save_checked
 from .embed import Embeddings
 from .errors import SAMv2Error
 from .registration import RegistrationOptions, register
@@ -150,11 +150,7 @@ def load_opinion(path, key: str) -> Optional[RegistrationOpinion]:
             raise CorruptFileError(f"{path}: the stored registration is malformed")
         return RegistrationOpinion(matrix, disp, origin, spacing)
     except (CorruptFileError, KeyError, TypeError, ValueError, OSError) as exc:
-        _log.warning("samv2: warning: pair registration ignored and recomputed: %s", exc)
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:
-            pass
+        discard_cache_entry(path, "pair registration", exc)
         return None
 
 
