@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checked_tensors import CorruptFileError, discard_cache_entry, load_checked, save_checked
+from .checked_tensors import CorruptFileError, discard_cache_entry, load_keyed_entry, save_checked
 from .fitting import RegionalFit, regional_map
 
 _log = logging.getLogger(__name__)
@@ -205,11 +205,10 @@ class PairDiskCache:
         (a bad entry is removed)."""
         path = self.path(key)
         try:
-            if not path.exists():
+            entry = load_keyed_entry(path, key)
+            if entry is None:
                 return None
-            t, meta = load_checked(path)
-            if meta.get("key") != key:
-                raise CorruptFileError(f"{path}: entry is for another pair or settings")
+            t = entry[0]
             tp, qp = t["template_pts"].double().numpy(), t["query_pts"].double().numpy()
             if tp.ndim != 2 or tp.shape[1:] != (3,) or tp.shape != qp.shape or not np.isfinite(tp).all() \
                     or not np.isfinite(qp).all():

@@ -71,3 +71,16 @@ def discard_cache_entry(path: Path, what: str, exc: Exception) -> None:
     _log.warning("samv2: warning: %s ignored and recomputed: %s", what, exc)
     with contextlib.suppress(OSError):
         Path(path).unlink(missing_ok=True)
+
+
+def load_keyed_entry(path: Path, key: str):
+    """(tensors, metadata) of the cache entry at ``path`` written for ``key``; None when absent.
+
+    Raises CorruptFileError when the checksum fails or the entry was written for another key."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    tensors, meta = load_checked(path)
+    if meta.get("key") != key:
+        raise CorruptFileError(f"{path}: entry is for another pair or settings")
+    return tensors, meta

@@ -30,7 +30,7 @@ import torch
 
 from .affine import sitk_affine
 from .arbiter import pair_store
-from .checked_tensors import CorruptFileError, discard_cache_entry, load_checked, save_checked
+from .checked_tensors import CorruptFileError, discard_cache_entry, load_keyed_entry, save_checked
 from .embed import Embeddings
 from .errors import SAMv2Error
 from .registration import RegistrationOptions, register
@@ -134,11 +134,10 @@ def save_opinion(path, opinion: RegistrationOpinion, key: str) -> None:
 def load_opinion(path, key: str) -> Optional[RegistrationOpinion]:
     """The opinion stored at ``path`` for ``key``; None when absent or untrustworthy (removed)."""
     try:
-        if not path.exists():
+        entry = load_keyed_entry(path, key)
+        if entry is None:
             return None
-        t, meta = load_checked(path)
-        if meta.get("key") != key:
-            raise CorruptFileError(f"{path}: entry is for another pair or settings")
+        t, meta = entry
         if "refused" in t:
             return RegistrationOpinion(None, None, refused=meta.get("refused") or "refused")
         matrix = t["matrix"].double().numpy()
