@@ -202,11 +202,7 @@ def test_click_on_baseline_finds_the_tumour_on_the_simulated_followup(scans, tmp
             _shot(page, tmp_path, "view_error.png")
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 def test_token_allowed_files_and_one_tab_at_a_time(scans, tmp_path):
@@ -273,8 +269,13 @@ def test_token_allowed_files_and_one_tab_at_a_time(scans, tmp_path):
             assert not _view_is_blank(second, 0), "the second tab's baseline view shows nothing"
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a `samv2 view` server started by a test (killed if it does not exit in 10 s)."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
