@@ -14,7 +14,7 @@ import numpy as np
 from samv2core.matching import match_points, prepare_pair
 from samv2core.pair_registration import REGISTRATION
 from samv2core.propagate import propagate_lesion
-from samv2core.propagate import segment_samples, sphere_mask, warp_mask  # noqa: F401  (the logic's names)
+from samv2core.propagate import segment_samples  # noqa: F401 - ops calls it through steps (worker side)
 from samv2core.registration import register as core_register
 from samv2core.session import EmbeddingSession
 from samv2core.volume import Volume
