@@ -41,6 +41,7 @@ from ..volume import Modality, Volume
 from .convex_search import ConvexAdamOptions, convex_adam, warp_on_grid
 from .interpatient_verify import InterPatientVerifyOptions, pose_gap_mm, verify_interpatient
 from .mind import mind_ssc
+from .preflight import scanner_gap_mm
 from .result import RegistrationResult, displacement_image
 from .svf import jacobian_determinant, jacobian_stats
 
@@ -263,11 +264,6 @@ class AffineCandidate:
     distance: float  # on the working grid
 
 
-def _boxes_intersect(a: Volume, b: Volume) -> bool:
-    ca, cb = a.corners_lps(), b.corners_lps()
-    return bool(np.all(ca.max(0) >= cb.min(0)) and np.all(cb.max(0) >= ca.min(0)))
-
-
 def affine_candidates(fixed: WorkImage, moving: WorkImage, opts: InterPatientOptions) -> tuple[list, PoseDistance]:
     """Every start refined to an affine on the coarse then the working grid; best first."""
     k = max(1, int(round(opts.search_step_mm / opts.spacing_mm)))
@@ -275,7 +271,7 @@ def affine_candidates(fixed: WorkImage, moving: WorkImage, opts: InterPatientOpt
     coarse = PoseDistance(cf, cm, opts.coarse_points, opts.seed)
     fine = PoseDistance(fixed, moving, opts.fine_points, opts.seed)
     centre = fixed.centroid
-    starts = search_starts(coarse, cf, cm, opts, _boxes_intersect(fixed.volume, moving.volume))
+    starts = search_starts(coarse, cf, cm, opts, scanner_gap_mm(fixed.volume, moving.volume) == 0.0)
     out = []
     for name, m0, _ in starts:
         with torch.no_grad():  # the start's distance on the grid the result is measured on
